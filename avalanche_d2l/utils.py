@@ -1,0 +1,87 @@
+"""Small shared helpers: seeding, module lookup by name, feature hooks."""
+
+from __future__ import annotations
+
+import random
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["seed_everything", "get_module", "FeatureHook", "capture_features", "resolve_device"]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch (CPU and CUDA) generators."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """Return the sub-module of ``model`` at dotted path ``name``.
+
+    Raises:
+        ValueError: when no such module exists; the message lists the valid names.
+    """
+    modules = dict(model.named_modules())
+    if name in modules and name != "":
+        return modules[name]
+    valid = [n for n in modules if n]
+    shown = ", ".join(valid[:60]) + (" ..." if len(valid) > 60 else "")
+    raise ValueError(
+        f"feature_layer={name!r} is not a module of {type(model).__name__}. "
+        f"Pass one of its module names (model.named_modules()): {shown}"
+    )
+
+
+class FeatureHook:
+    """Forward hook that keeps the latest output of one named module.
+
+    The hook keeps the graph (no detach) so losses on the features reach the inputs.
+    """
+
+    def __init__(self, model: nn.Module, name: str):
+        self.name = name
+        self.module = get_module(model, name)
+        self.output: torch.Tensor | None = None
+        self._handle = self.module.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, inputs, output) -> None:
+        if isinstance(output, (tuple, list)):
+            output = output[0]
+        self.output = output
+
+    def pop(self) -> torch.Tensor:
+        """Return the stored features and clear them."""
+        if self.output is None:
+            raise RuntimeError(
+                f"layer {self.name!r} produced no output: was the model called after the hook "
+                "was attached?"
+            )
+        out, self.output = self.output, None
+        return out
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+@contextmanager
+def capture_features(model: nn.Module, name: str) -> Iterator[FeatureHook]:
+    """Context manager: ``with capture_features(m, "layer3") as h: m(x); f = h.pop()``."""
+    hook = FeatureHook(model, name)
+    try:
+        yield hook
+    finally:
+        hook.remove()
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/"auto" -> CUDA when available else CPU; otherwise ``torch.device(device)``."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
