@@ -93,3 +93,102 @@ def build_strategy(name: str, *, model: nn.Module, optimizer: torch.optim.Optimi
     factory = get_strategy_factory(name)
     return factory(model=model, optimizer=optimizer, criterion=criterion, benchmark=benchmark,
                    run=run, evaluator=evaluator, device=device, plugins=plugins)
+
+
+# --------------------------------------------------------------------------------------------
+# Avalanche's built-in strategies, with the settings of the comparison.
+# --------------------------------------------------------------------------------------------
+def _common(*, model, optimizer, criterion, run: RunConfig, evaluator, device, plugins):
+    return dict(
+        model=model,
+        optimizer=optimizer,
+        criterion=criterion,
+        train_mb_size=run.train_mb_size,
+        train_epochs=run.epochs,
+        eval_mb_size=run.eval_mb_size,
+        device=device,
+        plugins=list(plugins or []),
+        evaluator=evaluator,
+        eval_every=-1,
+    )
+
+
+def _naive(*, benchmark, **kw):
+    from avalanche.training import Naive
+
+    return Naive(**_common(**kw))
+
+
+def _cumulative(*, benchmark, **kw):
+    from avalanche.training import Cumulative
+
+    return Cumulative(**_common(**kw))
+
+
+def _lwf(*, benchmark, **kw):
+    from avalanche.training import LwF
+
+    return LwF(alpha=1.0, temperature=2.0, **_common(**kw))
+
+
+def _ewc(*, benchmark, **kw):
+    from avalanche.training import EWC
+
+    return EWC(ewc_lambda=100.0, mode="separate", **_common(**kw))
+
+
+def _replay(*, benchmark, **kw):
+    from avalanche.training import Replay
+
+    return Replay(mem_size=kw["run"].mem_size, **_common(**kw))
+
+
+def _der(*, benchmark, **kw):
+    from avalanche.training import DER
+
+    return DER(mem_size=kw["run"].mem_size, alpha=0.1, beta=0.5, **_common(**kw))
+
+
+def _er_ace(*, benchmark, **kw):
+    from avalanche.training import ER_ACE
+
+    return ER_ACE(mem_size=kw["run"].mem_size, batch_size_mem=kw["run"].train_mb_size,
+                  **_common(**kw))
+
+
+def _generative_replay(*, benchmark, **kw):
+    """Avalanche's deep generative replay with its MLP VAE sized to the benchmark's images
+    (Avalanche's default VAE assumes 28x28 MNIST)."""
+    from avalanche.models.generator import MlpVAE, VAE_loss
+    from avalanche.training import GenerativeReplay, VAETraining
+    from avalanche.training.plugins import GenerativeReplayPlugin
+
+    run: RunConfig = kw["run"]
+    device = kw["device"]
+    vae = MlpVAE(benchmark_image_shape(benchmark), nhid=16, n_classes=benchmark.n_classes,
+                 device=device)
+    vae_strategy = VAETraining(
+        model=vae,
+        optimizer=torch.optim.Adam(vae.parameters(), lr=0.01, weight_decay=1e-4),
+        criterion=VAE_loss,
+        train_mb_size=run.train_mb_size,
+        train_epochs=run.epochs,
+        eval_mb_size=run.eval_mb_size,
+        device=device,
+        plugins=[GenerativeReplayPlugin()],
+        evaluator=None,
+    )
+    return GenerativeReplay(generator_strategy=vae_strategy, **_common(**kw))
+
+
+for _name, _factory in {
+    "naive": _naive,
+    "cumulative": _cumulative,
+    "lwf": _lwf,
+    "ewc": _ewc,
+    "replay": _replay,
+    "der": _der,
+    "er_ace": _er_ace,
+    "generative_replay": _generative_replay,
+}.items():
+    register_strategy(_name, _factory, overwrite=True)

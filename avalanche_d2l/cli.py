@@ -1,0 +1,371 @@
+"""Command line: ``avalanche-d2l compare ...`` and ``avalanche-d2l pretrain-dreamer ...``.
+
+``compare`` runs registered strategies on one benchmark with the same model, optimiser and epochs,
+for several seeds, and writes ``results.json`` (every run), ``results.md`` (mean ± std over seeds)
+and ``accuracy.png`` (accuracy on the classes seen so far after each experience). Each run is
+checkpointed after every experience with Avalanche's checkpointing, and finished runs are stored in
+``results.json`` as soon as they end, so a killed comparison resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from avalanche_d2l.registry import RunConfig, build_strategy, get_strategy_factory, strategy_names
+from avalanche_d2l.utils import seed_everything
+
+__all__ = ["BENCHMARKS", "run_compare", "write_report", "main"]
+
+
+def _split_digits(seed: int):
+    from avalanche_d2l.scenarios import split_digits
+
+    return split_digits(n_experiences=5, image_size=16, channels=1, seed=seed)
+
+
+def _split_digits_rgb(seed: int):
+    from avalanche_d2l.scenarios import split_digits
+
+    return split_digits(n_experiences=5, image_size=16, channels=3, seed=seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkSpec:
+    """How the command line builds a benchmark and its classifier."""
+
+    build: Callable[[int], object]
+    model: str
+    feature_layer: str
+    in_channels: int
+    n_classes: int
+
+
+BENCHMARKS: dict[str, BenchmarkSpec] = {
+    "split_digits": BenchmarkSpec(_split_digits, "small_cnn", "block3", 1, 10),
+    "split_digits_rgb": BenchmarkSpec(_split_digits_rgb, "small_cnn", "block3", 3, 10),
+}
+
+DEFAULT_STRATEGIES = "naive,lwf,ewc,replay,der,er_ace,generative_replay,cumulative"
+QUICK_EPOCHS = 2
+
+
+def _make_model(spec: BenchmarkSpec) -> torch.nn.Module:
+    from avalanche_d2l.models import resnet18_cifar, small_cnn
+
+    if spec.model == "small_cnn":
+        return small_cnn(spec.n_classes, spec.in_channels)
+    if spec.model == "resnet18_cifar":
+        return resnet18_cifar(spec.n_classes, spec.in_channels)
+    raise ValueError(f"unknown model {spec.model!r}")
+
+
+class _PeakRSS:
+    """Peak resident memory of this process while a run lasts (sampled in a thread)."""
+
+    def __init__(self, interval: float = 0.05):
+        import psutil
+
+        self._proc = psutil.Process()
+        self._interval = interval
+        self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        while not self._stop.wait(self._interval):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+class _EpochBar:
+    """Avalanche plugin: a tqdm bar over the training iterations of each experience."""
+
+    def __init__(self, desc: str, enabled: bool = True):
+        self.desc = desc
+        self.enabled = enabled
+        self._bar = None
+
+    def before_training_exp(self, strategy, **kwargs):
+        if self.enabled:
+            total = strategy.train_epochs * len(strategy.dataloader)
+            k = strategy.experience.current_experience
+            self._bar = tqdm(total=total, desc=f"{self.desc} exp {k}", leave=False, unit="it")
+
+    def after_training_iteration(self, strategy, **kwargs):
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def after_training_exp(self, strategy, **kwargs):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __getstate__(self):  # tqdm bars do not pickle; checkpoints happen between experiences
+        return {"desc": self.desc, "enabled": self.enabled, "_bar": None}
+
+
+def _summarise_run(strategy, benchmark, accuracy_matrix, seen_accuracy) -> dict:
+    from avalanche_d2l.evaluation import AIA, FWT_STREAM
+
+    last = strategy.evaluator.get_last_metrics()
+    n = len(benchmark.train_stream)
+    return {
+        "final_accuracy": seen_accuracy[-1],
+        "avg_incremental_accuracy": float(last[AIA]),
+        "forgetting": float(last.get("StreamForgetting/eval_phase/test_stream", 0.0)),
+        "bwt": float(last.get("StreamBWT/eval_phase/test_stream", 0.0)),
+        "forward_transfer": float(last[FWT_STREAM]) if n > 1 else 0.0,
+        "accuracy_matrix": accuracy_matrix,
+        "seen_accuracy": seen_accuracy,
+    }
+
+
+def _train_one(name: str, seed: int, run: RunConfig, spec: BenchmarkSpec, ckpt: Path,
+               progress: bool) -> dict:
+    """Train ``name`` on the benchmark for one seed; checkpoint after each experience."""
+    from avalanche_d2l.checkpointing import load_strategy, save_strategy
+    from avalanche_d2l.evaluation import SEEN_ACC, make_evaluator
+
+    seed_everything(seed)
+    benchmark = spec.build(seed)
+    model = _make_model(spec)
+    optimizer = torch.optim.Adam(model.parameters(), lr=run.lr)
+    evaluator = make_evaluator(benchmark, interactive=False, eval_mb_size=run.eval_mb_size)
+    strategy = build_strategy(
+        name, model=model, optimizer=optimizer, criterion=torch.nn.CrossEntropyLoss(),
+        benchmark=benchmark, run=run, evaluator=evaluator, device=torch.device(run.device),
+        plugins=[_EpochBar(f"{name} s{seed}", enabled=progress)],
+    )
+    strategy, start = load_strategy(strategy, ckpt, map_location=run.device)
+    # Bookkeeping that must survive a resume travels with the strategy object in the checkpoint.
+    book = getattr(strategy, "_compare_book", None) or {"acc": [], "seen": [], "wall_s": 0.0}
+    n_exp = len(benchmark.train_stream)
+    for exp in benchmark.train_stream[start:]:
+        t0 = time.perf_counter()
+        seed_everything(seed * 1000 + exp.current_experience)
+        strategy.train(exp, eval_streams=[])
+        results = strategy.eval(benchmark.test_stream)
+        book["wall_s"] += time.perf_counter() - t0
+        book["acc"].append([
+            float(results[f"Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{j:03d}"])
+            for j in range(n_exp)
+        ])
+        book["seen"].append(float(results[SEEN_ACC]))
+        strategy._compare_book = book
+        save_strategy(strategy, ckpt)
+    summary = _summarise_run(strategy, benchmark, book["acc"], book["seen"])
+    summary["wall_s"] = book["wall_s"]
+    return summary
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+METRICS = [
+    ("final_accuracy", "Final acc."),
+    ("avg_incremental_accuracy", "Avg. incr. acc."),
+    ("forgetting", "Forgetting"),
+    ("bwt", "BWT"),
+    ("forward_transfer", "FWT"),
+    ("wall_s", "Wall s"),
+]
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def write_report(results: dict, out: Path) -> None:
+    """Write ``results.md`` (mean ± std over seeds) and ``accuracy.png`` from ``results``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    order = [s for s in results["config"]["strategies"] if any(r["strategy"] == s for r in runs)]
+    lines = [
+        f"Benchmark `{results['config']['benchmark']}`, seeds "
+        f"{sorted({r['seed'] for r in runs})}, {results['config']['epochs']} epochs, "
+        f"buffer {results['config']['mem_size']} (rehearsal methods). Mean ± std over seeds.",
+        "",
+        "| Strategy | " + " | ".join(label for _, label in METRICS) + " | Seeds |",
+        "|---" * (len(METRICS) + 2) + "|",
+    ]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in order:
+        mine = [r for r in runs if r["strategy"] == name]
+        cells = []
+        for key, _ in METRICS:
+            m, s = _mean_std([float(r[key]) for r in mine])
+            cells.append(f"{m:.1f} ± {s:.1f}" if key == "wall_s" else f"{m:.3f} ± {s:.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(mine)} |")
+        curves = torch.tensor([r["seen_accuracy"] for r in mine])
+        x = range(1, curves.shape[1] + 1)
+        mean = curves.mean(0)
+        ax.plot(x, mean, marker="o", label=name)
+        if len(mine) > 1:
+            std = curves.std(0)
+            ax.fill_between(x, mean - std, mean + std, alpha=0.15)
+    ax.set_xlabel("experiences trained")
+    ax.set_ylabel("accuracy on classes seen so far")
+    ax.set_title(results["config"]["benchmark"])
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=120)
+    plt.close(fig)
+    _atomic_write(out / "results.md", "\n".join(lines) + "\n")
+
+
+def run_compare(
+    benchmark: str = "split_digits",
+    strategies: Sequence[str] | str = DEFAULT_STRATEGIES,
+    seeds: Sequence[int] = (0, 1, 2),
+    out: str | os.PathLike = "results",
+    epochs: int | None = None,
+    mem_size: int | None = None,
+    quick: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Run the comparison and write ``results.json``, ``results.md`` and ``accuracy.png``.
+
+    Finished (strategy, seed) runs already in ``out/results.json`` are skipped; an interrupted run
+    resumes from its last experience checkpoint in ``out/checkpoints/``.
+
+    Args:
+        benchmark: a name of :data:`BENCHMARKS`.
+        strategies: registered strategy names (list or comma-separated string).
+        seeds: one run per seed and strategy.
+        out: output folder.
+        epochs: training epochs per experience (default 10; 2 with ``quick``).
+        mem_size: rehearsal buffer size (default 100).
+        quick: small settings for smoke tests and CI.
+        device: torch device.
+        progress: show progress bars.
+    """
+    if isinstance(strategies, str):
+        strategies = [s.strip() for s in strategies.split(",") if s.strip()]
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {benchmark!r}; valid names: {', '.join(BENCHMARKS)}")
+    unknown = [s for s in strategies if s not in strategy_names()]
+    if unknown:
+        raise ValueError(
+            f"unknown strategy name(s) {', '.join(map(repr, unknown))}; valid names: "
+            f"{', '.join(strategy_names())}"
+        )
+    for s in strategies:
+        get_strategy_factory(s)  # import errors surface before any training
+    if not seeds:
+        raise ValueError("give at least one seed")
+    spec = BENCHMARKS[benchmark]
+    run = RunConfig(
+        benchmark=benchmark, model=spec.model, feature_layer=spec.feature_layer,
+        epochs=epochs if epochs is not None else (QUICK_EPOCHS if quick else 10),
+        mem_size=mem_size if mem_size is not None else 100, quick=quick, device=device,
+    )
+    out = Path(out)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    config = {**dataclasses.asdict(run), "strategies": list(strategies), "seeds": list(seeds)}
+    config.pop("seed")
+    results = {"config": config, "runs": []}
+    if results_path.exists():
+        previous = json.loads(results_path.read_text())
+        old = {k: v for k, v in previous["config"].items() if k not in ("strategies", "seeds")}
+        new = {k: v for k, v in config.items() if k not in ("strategies", "seeds")}
+        if old != new:
+            raise ValueError(
+                f"{results_path} was written with different settings ({old}); use another --out "
+                f"or the same settings ({new})"
+            )
+        results["runs"] = previous["runs"]
+    done = {(r["strategy"], r["seed"]) for r in results["runs"]}
+    todo = [(s, seed) for seed in seeds for s in strategies if (s, seed) not in done]
+    bar = tqdm(todo, desc="compare", unit="run", disable=not progress)
+    for name, seed in bar:
+        bar.set_postfix_str(f"{name} seed {seed}")
+        ckpt = out / "checkpoints" / f"{name}_seed{seed}.pkl"
+        with _PeakRSS() as rss:
+            summary = _train_one(name, seed, dataclasses.replace(run, seed=seed), spec, ckpt,
+                                 progress)
+        results["runs"].append({"strategy": name, "seed": seed, **summary,
+                                "peak_rss_mb": rss.peak / 2**20})
+        _atomic_write(results_path, json.dumps(results, indent=1))
+        ckpt.unlink(missing_ok=True)
+    _atomic_write(results_path, json.dumps(results, indent=1))
+    write_report(results, out)
+    return results
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="avalanche-d2l", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    cmp_ = sub.add_parser("compare", help="compare strategies on a benchmark")
+    cmp_.add_argument("--benchmark", default="split_digits",
+                      help=f"one of: {', '.join(BENCHMARKS)}")
+    cmp_.add_argument("--strategies", default=DEFAULT_STRATEGIES,
+                      help="comma-separated strategy names; valid: " + ", ".join(strategy_names()))
+    cmp_.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    cmp_.add_argument("--out", default="results", help="output folder (resumes if it exists)")
+    cmp_.add_argument("--epochs", type=int, default=None)
+    cmp_.add_argument("--mem-size", type=int, default=None)
+    cmp_.add_argument("--quick", action="store_true", help="small settings for smoke tests")
+    cmp_.add_argument("--device", default="cpu")
+    cmp_.add_argument("--no-progress", action="store_true")
+    sub.add_parser("pretrain-dreamer", add_help=False,
+                   help="pretrain the offline glyph dreamer used by D2L on CPU")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["pretrain-dreamer"]:
+        from avalanche_d2l.dreaming.pretrain import main as pretrain_main
+
+        return pretrain_main(argv[1:])
+    args = _parser().parse_args(argv)
+    try:
+        results = run_compare(
+            benchmark=args.benchmark, strategies=args.strategies, seeds=args.seeds,
+            out=args.out, epochs=args.epochs, mem_size=args.mem_size, quick=args.quick,
+            device=args.device, progress=not args.no_progress,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        print(f"avalanche-d2l: error: {err}", file=sys.stderr)
+        return 2
+    print((Path(args.out) / "results.md").read_text())
+    print(f"wrote {args.out}/results.json, results.md, accuracy.png "
+          f"({len(results['runs'])} runs)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

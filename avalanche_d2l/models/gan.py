@@ -1,0 +1,382 @@
+"""Genifer's GAN: a class-conditional style-based generator and a discriminator on features.
+
+* :class:`StyleGenerator` -- StyleGAN2-like, class-conditional: a mapping network turns
+  ``z`` + a label embedding into a style ``w``; synthesis starts from a learned 4x4 constant and
+  applies style-modulated 3x3 convolutions with weight demodulation, per-layer noise and 2x
+  upsamplings up to ``resolution``. Every layer uses the equalised learning rate (weights stored
+  at unit variance, scaled by ``1/sqrt(fan_in)`` at run time).
+* :class:`FeatureDiscriminator` -- never sees pixels: it reads the classifier's hidden feature map
+  (or feature vector), reduces it with convolutions and average pools to 2x2, appends the
+  minibatch standard deviation and conditions on the label by projection.
+
+Both are configured by typed dataclasses (:class:`GeneratorConfig`, :class:`DiscriminatorConfig`)
+kept on the module as ``.config`` so that they can be rebuilt from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = [
+    "EqualLinear",
+    "EqualConv2d",
+    "ModulatedConv2d",
+    "GeneratorConfig",
+    "StyleGenerator",
+    "DiscriminatorConfig",
+    "FeatureDiscriminator",
+]
+
+_LRELU_GAIN = math.sqrt(2.0)
+
+
+def _lrelu(x: torch.Tensor) -> torch.Tensor:
+    # Leaky ReLU rescaled so that unit-variance inputs keep unit variance (StyleGAN convention).
+    return F.leaky_relu(x, 0.2) * _LRELU_GAIN
+
+
+def _normalize_2nd_moment(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    return x * (x.square().mean(dim=1, keepdim=True) + eps).rsqrt()
+
+
+class EqualLinear(nn.Module):
+    """Linear layer with equalised learning rate.
+
+    The stored weight has unit variance (divided by ``lr_mul``); the forward pass multiplies it by
+    ``lr_mul / sqrt(in_features)`` so that every layer learns at the same speed under Adam.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
+                 bias_init: float = 0.0, lr_mul: float = 1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_mul)
+        self.bias = nn.Parameter(torch.full((out_features,), float(bias_init))) if bias else None
+        self.weight_gain = lr_mul / math.sqrt(in_features)
+        self.lr_mul = lr_mul
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.bias * self.lr_mul if self.bias is not None else None
+        return F.linear(x, self.weight * self.weight_gain, b)
+
+
+class EqualConv2d(nn.Module):
+    """2-D convolution with equalised learning rate (runtime weight scale ``1/sqrt(fan_in)``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *,
+                 bias: bool = True, padding: int | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.weight_gain = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
+        self.padding = kernel_size // 2 if padding is None else padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight * self.weight_gain, self.bias, padding=self.padding)
+
+
+class ModulatedConv2d(nn.Module):
+    """Style-modulated convolution (StyleGAN2) with optional demodulation, upsampling, noise.
+
+    The modulation is applied to the activations rather than to a per-sample weight copy
+    (mathematically identical, and much cheaper on CPU than a grouped convolution).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, w_dim: int, *, kernel_size: int = 3,
+                 demodulate: bool = True, upsample: bool = False, use_noise: bool = True,
+                 activation: bool = True):
+        super().__init__()
+        self.affine = EqualLinear(w_dim, in_channels, bias_init=1.0)
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
+        self.weight_gain = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.noise_strength = nn.Parameter(torch.zeros(())) if use_noise else None
+        self.demodulate = demodulate
+        self.upsample = upsample
+        self.activation = activation
+        self.padding = kernel_size // 2
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
+        styles = self.affine(w)  # (N, Cin)
+        weight = self.weight * self.weight_gain
+        if self.upsample:
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        # 1. modulate the input channels by the style
+        x = x * styles[:, :, None, None].to(x.dtype)
+        x = F.conv2d(x, weight.to(x.dtype), padding=self.padding)
+        # 2. demodulate: rescale every output channel back to unit expected variance
+        if self.demodulate:
+            dcoefs = ((weight[None] * styles[:, None, :, None, None]).square().sum(dim=[2, 3, 4])
+                      + 1e-8).rsqrt()
+            x = x * dcoefs[:, :, None, None].to(x.dtype)
+        # 3. per-pixel noise, scaled by a learned strength (starts at zero)
+        if self.noise_strength is not None:
+            if noise is None:
+                noise = torch.randn(x.shape[0], 1, x.shape[2], x.shape[3], device=x.device,
+                                    dtype=x.dtype)
+            x = x + noise.to(x.dtype) * self.noise_strength
+        x = x + self.bias[None, :, None, None].to(x.dtype)
+        return _lrelu(x) if self.activation else x
+
+
+@dataclass
+class GeneratorConfig:
+    """Architecture of :class:`StyleGenerator`.
+
+    Attributes:
+        num_classes: size of the one-hot label (all classes of the benchmark).
+        resolution: output side in pixels; a power of two >= 4 (8/16 px CPU, 32 CIFAR, 128 CUB).
+        img_channels: output channels (equal to the data's channels).
+        z_dim: latent size.
+        embed_dim: label-embedding size (concatenated with the normalised ``z``).
+        w_dim: style size.
+        mapping_layers: depth of the mapping network.
+        mapping_lr_mul: learning-rate multiplier of the mapping network (StyleGAN uses 0.01).
+        channel_base: channels at resolution ``r`` are ``min(channel_base // r, channel_max)``.
+        channel_max: cap on the channels of any layer.
+        output_activation: ``"sigmoid"`` or ``"tanh"`` map to ``output_range``; ``"none"`` leaves
+            the last layer linear (then ``output_range`` only documents the expected range).
+        output_range: value range of the classifier's input images.
+    """
+
+    num_classes: int = 10
+    resolution: int = 16
+    img_channels: int = 1
+    z_dim: int = 64
+    embed_dim: int = 32
+    w_dim: int = 64
+    mapping_layers: int = 2
+    mapping_lr_mul: float = 0.01
+    channel_base: int = 512
+    channel_max: int = 64
+    output_activation: str = "sigmoid"
+    output_range: tuple[float, float] = (0.0, 1.0)
+
+    def channels(self, res: int) -> int:
+        return max(1, min(self.channel_base // res, self.channel_max))
+
+    def validate(self) -> None:
+        r = self.resolution
+        if r < 4 or r & (r - 1):
+            raise ValueError(
+                f"GeneratorConfig.resolution must be a power of two >= 4, got {r}; resize the "
+                "benchmark's images (e.g. split_digits(image_size=16)) or set the resolution."
+            )
+        if self.output_activation not in ("sigmoid", "tanh", "none"):
+            raise ValueError(
+                f"output_activation must be 'sigmoid', 'tanh' or 'none', got "
+                f"{self.output_activation!r}"
+            )
+        if self.num_classes < 1 or self.img_channels < 1:
+            raise ValueError("num_classes and img_channels must be positive")
+
+
+class StyleGenerator(nn.Module):
+    """Class-conditional style-based generator (see module docstring).
+
+    ``generate(n, condition)`` is the contract shared with the other generators of the package:
+    it returns ``n`` images in the classifier's input range.
+    """
+
+    def __init__(self, *, config: GeneratorConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        c = config
+        # Mapping network: one-hot label -> embedding; [norm(z), norm(embed)] -> MLP -> w.
+        self.embed = EqualLinear(c.num_classes, c.embed_dim)
+        layers: list[nn.Module] = []
+        dim = c.z_dim + c.embed_dim
+        for _ in range(c.mapping_layers):
+            layers.append(EqualLinear(dim, c.w_dim, lr_mul=c.mapping_lr_mul))
+            dim = c.w_dim
+        self.mapping = nn.ModuleList(layers)
+        # Synthesis network: learned 4x4 constant, then two convs per 2x upsampling.
+        ch4 = c.channels(4)
+        self.const = nn.Parameter(torch.randn(ch4, 4, 4))
+        convs = [ModulatedConv2d(ch4, ch4, c.w_dim)]
+        self.noise_sizes = [4]
+        prev, res = ch4, 8
+        while res <= c.resolution:
+            ch = c.channels(res)
+            convs.append(ModulatedConv2d(prev, ch, c.w_dim, upsample=True))
+            convs.append(ModulatedConv2d(ch, ch, c.w_dim))
+            self.noise_sizes += [res, res]
+            prev, res = ch, res * 2
+        self.convs = nn.ModuleList(convs)
+        self.to_img = ModulatedConv2d(prev, c.img_channels, c.w_dim, kernel_size=1,
+                                      demodulate=False, use_noise=False, activation=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.const.device
+
+    def mapping_forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Style ``w`` for latents ``z`` (N, z_dim) and integer ``labels`` (N,)."""
+        if z.shape[-1] != self.config.z_dim:
+            raise ValueError(f"z must have {self.config.z_dim} features, got shape {tuple(z.shape)}")
+        onehot = F.one_hot(labels.long(), self.config.num_classes).to(z.dtype)
+        h = torch.cat([_normalize_2nd_moment(z), _normalize_2nd_moment(self.embed(onehot))], 1)
+        for layer in self.mapping:
+            h = _lrelu(layer(h))
+        return h
+
+    def make_noise(self, n: int, *, generator: torch.Generator | None = None,
+                   device: torch.device | str | None = None) -> list[torch.Tensor]:
+        """Per-layer noise inputs; pass the same list to two generators to compare them."""
+        gen_device = generator.device if generator is not None else None
+        noise = [torch.randn(n, 1, s, s, generator=generator, device=gen_device)
+                 for s in self.noise_sizes]
+        return [t.to(device or self.device) for t in noise]
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor,
+                noise: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Images for latents ``z`` and ``labels``; ``noise`` from :meth:`make_noise` (else fresh)."""
+        if noise is not None and len(noise) != len(self.convs):
+            raise ValueError(f"expected {len(self.convs)} noise tensors, got {len(noise)}")
+        w = self.mapping_forward(z, labels)
+        x = self.const[None].expand(z.shape[0], -1, -1, -1)
+        for i, conv in enumerate(self.convs):
+            x = conv(x, w, None if noise is None else noise[i])
+        x = self.to_img(x, w)
+        lo, hi = self.config.output_range
+        if self.config.output_activation == "sigmoid":
+            x = lo + (hi - lo) * torch.sigmoid(x)
+        elif self.config.output_activation == "tanh":
+            x = lo + (hi - lo) * (torch.tanh(x) + 1) / 2
+        return x
+
+    @torch.no_grad()
+    def generate(self, n: int, condition: torch.Tensor | Sequence[int] | None = None, *,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` images (no grad) in the classifier's input range.
+
+        Args:
+            n: number of images.
+            condition: ``n`` labels (tensor), or a list of classes to draw labels from uniformly,
+                or ``None`` for all classes.
+            generator: torch RNG for ``z``, labels and noise (CPU generator recommended).
+        """
+        labels = self.sample_labels(n, condition, generator=generator)
+        z = torch.randn(n, self.config.z_dim, generator=generator,
+                        device=generator.device if generator is not None else None)
+        noise = self.make_noise(n, generator=generator)
+        return self(z.to(self.device), labels.to(self.device), noise)
+
+    def sample_labels(self, n: int, condition: torch.Tensor | Sequence[int] | None = None, *,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """Labels for :meth:`generate`: ``condition`` as given, or drawn uniformly from it."""
+        if isinstance(condition, torch.Tensor) and condition.dim() == 1 and len(condition) == n:
+            return condition.long()
+        classes = torch.arange(self.config.num_classes) if condition is None else \
+            torch.as_tensor(list(condition), dtype=torch.long)
+        if classes.numel() == 0:
+            raise ValueError("condition lists no class to generate")
+        gen_device = generator.device if generator is not None else None
+        idx = torch.randint(len(classes), (n,), generator=generator, device=gen_device)
+        return classes[idx.cpu()]
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in asdict(self.config).items())
+
+
+@dataclass
+class DiscriminatorConfig:
+    """Architecture of :class:`FeatureDiscriminator`.
+
+    Attributes:
+        feature_shape: shape of one sample's features at the hooked layer: ``(C, H, W)`` for a
+            map or ``(D,)`` for a vector.
+        num_classes: number of labels for the projection conditioning.
+        channels: width of every layer.
+        mbstd_group: group size of the minibatch standard-deviation layer.
+        cmap_dim: size of the projection space (defaults to ``channels``).
+    """
+
+    feature_shape: tuple[int, ...] = (64, 4, 4)
+    num_classes: int = 10
+    channels: int = 64
+    mbstd_group: int = 4
+    cmap_dim: int | None = None
+
+
+class _MinibatchStd(nn.Module):
+    """Appends the standard deviation of features over small groups of the batch (one channel)."""
+
+    def __init__(self, group_size: int):
+        super().__init__()
+        self.group_size = group_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        g = min(self.group_size, n)
+        while n % g:  # the largest group size <= group_size that divides the batch
+            g -= 1
+        y = x.reshape(g, -1, *x.shape[1:]).float()
+        y = (y.var(dim=0, unbiased=False) + 1e-8).sqrt()
+        y = y.reshape(y.shape[0], -1).mean(dim=1)  # one value per group
+        y = y.reshape(-1, *([1] * (x.dim() - 1))).repeat(g, *([1] * (x.dim() - 1)))
+        shape = (n, 1, *x.shape[2:])
+        return torch.cat([x, y.to(x.dtype).expand(shape)], dim=1)
+
+
+class FeatureDiscriminator(nn.Module):
+    """Discriminator on classifier features with projection label conditioning.
+
+    ``forward(features, labels)`` returns one logit per sample. Inputs whose shape is not the
+    configured ``feature_shape`` raise a ``ValueError``: this network never reads pixels.
+    """
+
+    def __init__(self, *, config: DiscriminatorConfig):
+        super().__init__()
+        self.config = config
+        shape = tuple(int(s) for s in config.feature_shape)
+        if len(shape) not in (1, 3):
+            raise ValueError(f"feature_shape must be (C, H, W) or (D,), got {shape}")
+        self.feature_shape = shape
+        ch = config.channels
+        cmap = config.cmap_dim or ch
+        self.mbstd = _MinibatchStd(config.mbstd_group)
+        if len(shape) == 3:
+            c, h, w = shape
+            self.from_features = EqualConv2d(c, ch, 1)
+            blocks = []
+            while max(h, w) > 2:  # conv + 2x average pool until the map is (at most) 2x2
+                blocks.append(EqualConv2d(ch, ch, 3))
+                h, w = (h + 1) // 2, (w + 1) // 2
+            self.blocks = nn.ModuleList(blocks)
+            self.final_conv = EqualConv2d(ch + 1, ch, 3)
+            self.fc = EqualLinear(ch * h * w, ch)
+        else:
+            self.from_features = EqualLinear(shape[0], ch)
+            self.blocks = nn.ModuleList()
+            self.final_conv = EqualLinear(ch + 1, ch)
+            self.fc = EqualLinear(ch, ch)
+        self.out = EqualLinear(ch, cmap)
+        self.label_embed = EqualLinear(config.num_classes, cmap)
+        self.cmap_dim = cmap
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if tuple(features.shape[1:]) != self.feature_shape:
+            raise ValueError(
+                f"FeatureDiscriminator expects classifier features of shape (N, "
+                f"{', '.join(map(str, self.feature_shape))}) and never reads pixels; got "
+                f"{tuple(features.shape)}. Pass the output of the hooked feature layer."
+            )
+        x = _lrelu(self.from_features(features))
+        for conv in self.blocks:
+            x = F.avg_pool2d(_lrelu(conv(x)), 2, ceil_mode=True)
+        x = self.mbstd(x)
+        x = _lrelu(self.final_conv(x))
+        x = _lrelu(self.fc(x.flatten(1)))
+        h = self.out(x)
+        # Projection conditioning: <h, embed(label)> / sqrt(dim).
+        emb = _normalize_2nd_moment(
+            self.label_embed(F.one_hot(labels.long(), self.config.num_classes).to(h.dtype)))
+        return (h * emb).sum(dim=1) / math.sqrt(self.cmap_dim)
