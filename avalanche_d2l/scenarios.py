@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from avalanche.benchmarks import nc_benchmark
+from avalanche.benchmarks import NCScenario, nc_benchmark
 from avalanche.benchmarks.utils import (
     _make_taskaware_classification_dataset,
     _make_taskaware_tensor_classification_dataset,
@@ -289,7 +289,8 @@ def _read_class_folders(split_dir: Path, *, source: _Source, classes: Sequence[s
             raise source.error(ValueError, f"no class folders in {split_dir}", hint)
         classes = subdirs
     else:
-        missing = [c for c in classes if c not in set(subdirs)]
+        present = set(subdirs)
+        missing = [c for c in classes if c not in present]
         if missing:
             loose = _list_images(split_dir, extensions)
             hint = (f"{split_dir} holds {len(loose)} loose image files: sort them into one folder "
@@ -320,9 +321,10 @@ def _read_train_test_folders(train_dir: Path, test_dir: Path, *, source: _Source
     """Both splits with one label order: the train split's classes (or ``classes``)."""
     train = _read_class_folders(train_dir, source=source, classes=classes)
     if classes is None:
+        known = set(train.classes)
         with os.scandir(test_dir) as entries:
             extra = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith(".")
-                           and e.name not in set(train.classes))
+                           and e.name not in known)
         if extra:
             raise source.error(ValueError, f"{test_dir} has class folders that {train_dir} lacks: "
                                f"{', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''}",
@@ -436,7 +438,7 @@ def default_image_transforms(image_size: int, *, normalize: bool = False,
 
 def _build_benchmark(train: Dataset, test: Dataset, *, n_experiences: int, seed: int,
                      class_order: list[int] | None, per_exp_classes: dict[int, int] | None,
-                     train_transform, eval_transform):
+                     train_transform, eval_transform) -> NCScenario:
     """Wrap both datasets as Avalanche classification datasets and split them by class."""
     return nc_benchmark(
         _make_taskaware_classification_dataset(train, task_labels=0),
@@ -472,7 +474,7 @@ def split_cifar100(
     eval_transform=None,
     normalize: bool = False,
     expected_classes: int | None = None,
-):
+) -> NCScenario:
     """Split CIFAR-100 (Genifer's protocol by default: 50 base classes, then 5 tasks of 10).
 
     Expected layout (torchvision's, read with ``torchvision.datasets.CIFAR100``)::
@@ -575,7 +577,7 @@ def split_cub200(
     eval_transform=None,
     normalize: bool = False,
     expected_classes: int | None = None,
-):
+) -> NCScenario:
     """Split CUB-200-2011 (200 bird species) with the official train/test split.
 
     Expected layout (the official archive, extracted)::
@@ -602,6 +604,12 @@ def split_cub200(
         eval_transform: replaces its eval transform.
         normalize: append ImageNet mean/std normalisation to the default transforms.
         expected_classes: number of classes the files must hold (default 200).
+
+    Raises:
+        FileNotFoundError: missing root, folder or files; the message names the root and draws
+            the expected layout.
+        ValueError: malformed contents, a class count other than expected, or an
+            ``n_experiences`` that does not divide the classes.
     """
     name = "split_cub200"
     root = Path(root).expanduser()
@@ -662,7 +670,7 @@ def split_cub200(
 
 def _folder_benchmark(train: ImagePathDataset, test: ImagePathDataset, *, n_experiences: int,
                       image_size: int, seed: int, order: list[int] | None, normalize: bool,
-                      train_transform, eval_transform):
+                      train_transform, eval_transform) -> NCScenario:
     default_train, default_eval = default_image_transforms(image_size, normalize=normalize)
     return _build_benchmark(
         train, test, n_experiences=n_experiences, seed=seed, class_order=order,
@@ -683,7 +691,7 @@ def split_mini_imagenet(
     eval_transform=None,
     normalize: bool = False,
     expected_classes: int | None = None,
-):
+) -> NCScenario:
     """Split Mini-ImageNet (100 classes, 84 px) with a per-class train/test split.
 
     Expected layout (``val/`` is accepted in place of ``test/``)::
@@ -710,6 +718,12 @@ def split_mini_imagenet(
         eval_transform: replaces its eval transform.
         normalize: append ImageNet mean/std normalisation to the default transforms.
         expected_classes: number of classes the folders must hold (default 100).
+
+    Raises:
+        FileNotFoundError: missing root, folder or files; the message names the root and draws
+            the expected layout.
+        ValueError: malformed contents, a class count other than expected, or an
+            ``n_experiences`` that does not divide the classes.
     """
     name = "split_mini_imagenet"
     root = Path(root).expanduser()
@@ -743,7 +757,7 @@ def split_imagenet_r(
     eval_transform=None,
     normalize: bool = False,
     expected_classes: int | None = None,
-):
+) -> NCScenario:
     """Split ImageNet-R (renditions of 200 ImageNet classes).
 
     Expected layout (the official ``imagenet-r.tar`` extracted into ``root``)::
@@ -774,6 +788,12 @@ def split_imagenet_r(
         eval_transform: replaces its eval transform.
         normalize: append ImageNet mean/std normalisation to the default transforms.
         expected_classes: number of classes the folders must hold (default 200).
+
+    Raises:
+        FileNotFoundError: missing root, folder or files; the message names the root and draws
+            the expected layout.
+        ValueError: malformed contents, a class count other than expected, or an
+            ``n_experiences`` that does not divide the classes.
     """
     name = "split_imagenet_r"
     root = Path(root).expanduser()
@@ -822,7 +842,7 @@ def split_fg_imagenet(
     train_transform=None,
     eval_transform=None,
     normalize: bool = False,
-):
+) -> NCScenario:
     """Split FG-ImageNet: 100 fine-grained ImageNet-1k classes, 20 experiences of 5 (D2L/WSCL).
 
     The classes are the wnids of :func:`fg_imagenet_wnids` (line order = label order); only
@@ -848,6 +868,12 @@ def split_fg_imagenet(
         train_transform: replaces :func:`default_image_transforms`' train transform.
         eval_transform: replaces its eval transform.
         normalize: append ImageNet mean/std normalisation to the default transforms.
+
+    Raises:
+        FileNotFoundError: missing root, split folder or wnid folders; the message names the root
+            and draws the expected layout (and spots a flat, unsorted ``val/``).
+        ValueError: repeated wnids, empty class folders, or an ``n_experiences`` that does not
+            divide the classes.
     """
     name = "split_fg_imagenet"
     root = Path(root).expanduser()

@@ -31,7 +31,8 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
     modules = dict(model.named_modules())
     if name in modules and name != "":
         return modules[name]
-    valid = [n for n in modules if n]
+    # Shallow names first: the layers users usually want (layer3, features, ...) must not be cut.
+    valid = sorted((n for n in modules if n), key=lambda n: n.count("."))
     shown = ", ".join(valid[:60]) + (" ..." if len(valid) > 60 else "")
     raise ValueError(
         f"feature_layer={name!r} is not a module of {type(model).__name__}. "
