@@ -17,6 +17,7 @@ import statistics
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -35,10 +36,10 @@ def _split_digits(seed: int):
     return split_digits(n_experiences=5, image_size=16, channels=1, seed=seed)
 
 
-def _split_digits_rgb(seed: int):
-    from avalanche_d2l.scenarios import split_digits
+def _split_color_digits(seed: int):
+    from avalanche_d2l.scenarios import split_color_digits
 
-    return split_digits(n_experiences=5, image_size=16, channels=3, seed=seed)
+    return split_color_digits(n_experiences=5, image_size=16, seed=seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +55,7 @@ class BenchmarkSpec:
 
 BENCHMARKS: dict[str, BenchmarkSpec] = {
     "split_digits": BenchmarkSpec(_split_digits, "small_cnn", "block3", 1, 10),
-    "split_digits_rgb": BenchmarkSpec(_split_digits_rgb, "small_cnn", "block3", 3, 10),
+    "split_color_digits": BenchmarkSpec(_split_color_digits, "small_cnn", "block3", 3, 10),
 }
 
 DEFAULT_STRATEGIES = "naive,lwf,ewc,replay,der,er_ace,generative_replay,cumulative"
@@ -254,6 +255,7 @@ def run_compare(
     quick: bool = False,
     device: str = "cpu",
     progress: bool = True,
+    threads: int | None = 1,
 ) -> dict:
     """Run the comparison and write ``results.json``, ``results.md`` and ``accuracy.png``.
 
@@ -270,6 +272,9 @@ def run_compare(
         quick: small settings for smoke tests and CI.
         device: torch device.
         progress: show progress bars.
+        threads: torch intra-op threads (``None`` keeps torch's default). The default models are
+            tiny; one thread avoids OpenMP contention, which slows them down many times on a
+            loaded machine.
     """
     if isinstance(strategies, str):
         strategies = [s.strip() for s in strategies.split(",") if s.strip()]
@@ -286,6 +291,9 @@ def run_compare(
     if not seeds:
         raise ValueError("give at least one seed")
     spec = BENCHMARKS[benchmark]
+    if threads is not None:
+        torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore", message="Call to deprecated function update")
     run = RunConfig(
         benchmark=benchmark, model=spec.model, feature_layer=spec.feature_layer,
         epochs=epochs if epochs is not None else (QUICK_EPOCHS if quick else 10),
@@ -340,6 +348,8 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--quick", action="store_true", help="small settings for smoke tests")
     cmp_.add_argument("--device", default="cpu")
     cmp_.add_argument("--no-progress", action="store_true")
+    cmp_.add_argument("--threads", type=int, default=1,
+                      help="torch CPU threads (default 1: the default models are tiny)")
     sub.add_parser("pretrain-dreamer", add_help=False,
                    help="pretrain the offline glyph dreamer used by D2L on CPU")
     return parser
@@ -356,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = run_compare(
             benchmark=args.benchmark, strategies=args.strategies, seeds=args.seeds,
             out=args.out, epochs=args.epochs, mem_size=args.mem_size, quick=args.quick,
-            device=args.device, progress=not args.no_progress,
+            device=args.device, progress=not args.no_progress, threads=args.threads,
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"avalanche-d2l: error: {err}", file=sys.stderr)

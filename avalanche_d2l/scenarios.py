@@ -39,6 +39,7 @@ __all__ = [
     "fg_imagenet_wnids",
     "icarl_class_order",
     "split_cifar100",
+    "split_color_digits",
     "split_cub200",
     "split_digits",
     "split_fg_imagenet",
@@ -81,6 +82,37 @@ def tensor_benchmark(
     )
 
 
+def _digits_tensors(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits as (N, 1, image_size, image_size) in [0, 1] and their labels."""
+    from sklearn.datasets import load_digits
+
+    if image_size < 8:
+        raise ValueError(f"image_size must be >= 8 (the digits are 8x8), got {image_size}")
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    if image_size != 8:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True,
+                          align_corners=False).clamp(0, 1)
+    return x, torch.tensor(digits.target, dtype=torch.long)
+
+
+def _split_digit_tensors(x: torch.Tensor, y: torch.Tensor, *, n_experiences: int, seed: int,
+                         class_order: Sequence[int] | None, test_size: float):
+    """Stratified, seeded train/test split of digit tensors into a class-incremental benchmark."""
+    from sklearn.model_selection import train_test_split
+
+    if class_order is not None and sorted(class_order) != list(range(10)):
+        raise ValueError(f"class_order must be a permutation of 0..9, got {list(class_order)}")
+    idx_train, idx_test = train_test_split(
+        np.arange(len(y)), test_size=test_size, stratify=y.numpy(), random_state=seed
+    )
+    idx_train, idx_test = torch.as_tensor(idx_train), torch.as_tensor(idx_test)
+    return tensor_benchmark(
+        x[idx_train], y[idx_train], x[idx_test], y[idx_test],
+        n_experiences=n_experiences, seed=seed, class_order=class_order,
+    )
+
+
 def split_digits(
     n_experiences: int = 5,
     image_size: int = 16,
@@ -103,31 +135,47 @@ def split_digits(
         class_order: explicit order of the 10 classes.
         test_size: fraction of each class held out for the test stream.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    if image_size < 8:
-        raise ValueError(f"image_size must be >= 8 (the digits are 8x8), got {image_size}")
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    if image_size != 8:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True,
-                          align_corners=False).clamp(0, 1)
+    x, y = _digits_tensors(image_size)
     if channels == 3:
         x = x.repeat(1, 3, 1, 1)
-    y = torch.tensor(digits.target, dtype=torch.long)
-    idx_train, idx_test = train_test_split(
-        np.arange(len(y)), test_size=test_size, stratify=y.numpy(), random_state=seed
-    )
-    idx_train, idx_test = torch.as_tensor(idx_train), torch.as_tensor(idx_test)
-    if class_order is not None and sorted(class_order) != list(range(10)):
-        raise ValueError(f"class_order must be a permutation of 0..9, got {list(class_order)}")
-    return tensor_benchmark(
-        x[idx_train], y[idx_train], x[idx_test], y[idx_test],
-        n_experiences=n_experiences, seed=seed, class_order=class_order,
-    )
+    return _split_digit_tensors(x, y, n_experiences=n_experiences, seed=seed,
+                                class_order=class_order, test_size=test_size)
+
+
+def split_color_digits(
+    n_experiences: int = 5,
+    image_size: int = 16,
+    seed: int = 0,
+    class_order: Sequence[int] | None = None,
+    test_size: float = 0.3,
+):
+    """A second offline stream: the digits in colour, shifted and rescaled.
+
+    Each image gets its own random stroke colour and a darker random background colour (RGB),
+    a random isotropic scale in [0.75, 1.1] and a random shift of up to 1/8 of the side. The
+    distortions are drawn once per image from a generator seeded by ``seed``, so the benchmark is
+    fixed for a seed. Harder than :func:`split_digits` (colour is a nuisance, position varies),
+    with the same classes; images (3, ``image_size``, ``image_size``) in [0, 1].
+
+    Args: as :func:`split_digits`.
+    """
+    x, y = _digits_tensors(image_size)
+    g = torch.Generator().manual_seed(10_007 + seed)
+    n = x.shape[0]
+    scale = torch.empty(n).uniform_(0.75, 1.1, generator=g)
+    shift = torch.empty(n, 2).uniform_(-0.25, 0.25, generator=g)  # grid units: 1/8 of the side
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0 / scale
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, padding_mode="zeros", align_corners=False).clamp(0, 1)
+    fg = torch.empty(n, 3, 1, 1).uniform_(0.5, 1.0, generator=g)
+    bg = torch.empty(n, 3, 1, 1).uniform_(0.0, 0.35, generator=g)
+    x = bg + (fg - bg) * x
+    return _split_digit_tensors(x, y, n_experiences=n_experiences, seed=seed,
+                                class_order=class_order, test_size=test_size)
 
 
 # ---------------------------------------------------------------------------------------------

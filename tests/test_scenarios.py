@@ -509,3 +509,18 @@ def test_split_fg_imagenet_errors(tmp_path):
         split_fg_imagenet(tmp_path, wnids=chosen, n_experiences=3)
     with pytest.raises(ValueError, match="without repeats"):
         split_fg_imagenet(tmp_path, wnids=[chosen[0], chosen[0]], n_experiences=1)
+
+
+def test_split_color_digits_is_coloured_seeded_and_class_incremental():
+    from avalanche_d2l.scenarios import split_color_digits
+
+    a, b = split_color_digits(seed=3), split_color_digits(seed=3)
+    xa = a.train_stream[0].dataset[0][0]
+    assert xa.shape == (3, 16, 16) and 0.0 <= float(xa.min()) and float(xa.max()) <= 1.0
+    assert torch.equal(xa, b.train_stream[0].dataset[0][0])
+    # colour differs between channels (not a repeated grey image)
+    assert not torch.allclose(xa[0], xa[1])
+    classes = [set(e.classes_in_this_experience) for e in a.train_stream]
+    assert set().union(*classes) == set(range(10)) and sum(map(len, classes)) == 10
+    assert split_color_digits(seed=4).classes_order != a.classes_order or not torch.equal(
+        split_color_digits(seed=4).train_stream[0].dataset[0][0], xa)
