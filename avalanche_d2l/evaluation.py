@@ -9,9 +9,9 @@ two metrics of ours:
 * :class:`ForwardTransferAtStart` -- accuracy on experience k measured at the start of its training,
   *after* the strategy's own start-of-experience step (D2L assigns heads there) and before the first
   update, minus the accuracy of a random-initialised copy of the model on the same experience; the
-  stream value is the mean over k >= 1 (0-based). For a strategy with no start-of-experience step it
-  equals Avalanche's forward transfer, but it evaluates the test experience itself, so the user needs
-  no periodic evaluation on the test stream.
+  stream value is the mean over k >= 1 (0-based). For a strategy with no start-of-experience step
+  it equals Avalanche's forward transfer, but it evaluates the test experience itself, so the user
+  needs no periodic evaluation on the test stream.
 
 Both read the benchmark's test stream passed to :func:`make_evaluator`.
 """
@@ -21,11 +21,11 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
-from avalanche.evaluation.metric_results import MetricValue
 from avalanche.evaluation.metric_definitions import PluginMetric
+from avalanche.evaluation.metric_results import MetricValue
 from avalanche.evaluation.metrics import (
     accuracy_metrics,
     bwt_metrics,

@@ -16,21 +16,21 @@ kept on the module as ``.config`` so that they can be rebuilt from a checkpoint.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 __all__ = [
-    "EqualLinear",
-    "EqualConv2d",
-    "ModulatedConv2d",
-    "GeneratorConfig",
-    "StyleGenerator",
     "DiscriminatorConfig",
+    "EqualConv2d",
+    "EqualLinear",
     "FeatureDiscriminator",
+    "GeneratorConfig",
+    "ModulatedConv2d",
+    "StyleGenerator",
 ]
 
 _LRELU_GAIN = math.sqrt(2.0)
