@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["AugmentConfig", "augment", "AdaptiveAugment"]
+__all__ = ["AdaptiveAugment", "AugmentConfig", "augment"]
 
 
 @dataclass

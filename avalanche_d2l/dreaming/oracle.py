@@ -71,8 +71,9 @@ class Oracle(Protocol):
         knows whether to keep the current prompt or to restore the previous one.
     """
 
-    def should_stop(self, images: Tensor, classifier_probs: Tensor, step: int) -> tuple[bool, str]:
-        ...
+    def should_stop(
+        self, images: Tensor, classifier_probs: Tensor, step: int
+    ) -> tuple[bool, str]: ...
 
 
 class ReferenceOracle:
@@ -131,7 +132,7 @@ class ReferenceOracle:
         self.last_stats: dict[str, float] = {}
 
     @classmethod
-    def from_dreamer(cls, dreamer, **kwargs) -> "ReferenceOracle":
+    def from_dreamer(cls, dreamer, **kwargs) -> ReferenceOracle:
         """Oracle using ``dreamer.reference_network()`` (``None`` -> threshold + cap only)."""
         return cls(reference=dreamer.reference_network(), **kwargs)
 

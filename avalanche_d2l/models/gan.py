@@ -220,7 +220,8 @@ class StyleGenerator(nn.Module):
     def mapping_forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Style ``w`` for latents ``z`` (N, z_dim) and integer ``labels`` (N,)."""
         if z.shape[-1] != self.config.z_dim:
-            raise ValueError(f"z must have {self.config.z_dim} features, got shape {tuple(z.shape)}")
+            raise ValueError(
+                f"z must have {self.config.z_dim} features, got shape {tuple(z.shape)}")
         onehot = F.one_hot(labels.long(), self.config.num_classes).to(z.dtype)
         h = torch.cat([_normalize_2nd_moment(z), _normalize_2nd_moment(self.embed(onehot))], 1)
         for layer in self.mapping:
@@ -237,7 +238,7 @@ class StyleGenerator(nn.Module):
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor,
                 noise: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-        """Images for latents ``z`` and ``labels``; ``noise`` from :meth:`make_noise` (else fresh)."""
+        """Images for latents ``z`` and ``labels``; ``noise`` from :meth:`make_noise`."""
         if noise is not None and len(noise) != len(self.convs):
             raise ValueError(f"expected {len(self.convs)} noise tensors, got {len(noise)}")
         w = self.mapping_forward(z, labels)

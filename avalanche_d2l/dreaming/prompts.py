@@ -1,0 +1,577 @@
+"""Soft-prompt dreaming: optimise one prompt per dream class through the frozen dreamer.
+
+A dream class is a soft prompt ``(L, D)`` in the dreamer's prompt (text-embedding) space. The
+prompt is optimised with Adam through :meth:`Dreamer.sample` (differentiable DDIM, truncated
+backprop), with a loss computed by the **continual learner itself** on the generated images:
+
+* ``target``: cross-entropy of the learner's head-space output towards the dream's head, i.e. the
+  learner recognises the images as one coherent new class (classifier-driven);
+* ``seen``: ``-log(1 - p_seen)``, the probability mass on the heads of classes already observed
+  -- the dream must match no observed class;
+* ``distinct``: hinge on the cosine similarity between the mean feature of a dream class and the
+  mean features of the other dream classes (features of the learner's feature layer);
+* ``consistency``: ``1 - cos(f_i, mean_f)`` inside a dream class (the images of one dream form one
+  concept, not a bag of unrelated images);
+* ``norm``: ``(|P| / |concept| - 1)^2``, the prompt's norm relative to the mean norm of the
+  dreamer's concept embeddings, so the prompt stays in the region the dreamer knows.
+
+The head space seen by these losses is *seen heads + dream heads* -- the same space the learner
+trains on (see :class:`avalanche_d2l.strategies.d2l.DreamHeads`). The stop rule is an
+:class:`~avalanche_d2l.dreaming.oracle.Oracle`, checked per class and step; a class that stops is
+frozen while the others continue. Initialisation (notes, section C): a random convex mix of
+concept embeddings plus noise (:meth:`Dreamer.random_prompt`), or, when the head already hosted a
+dream, that dream's previous prompt refined against the updated learner.
+
+After optimisation ``samples_per_class`` images per class are generated without a graph: the
+dream set, as tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from .oracle import HALT_REASONS, STEP_CAP, Oracle, ReferenceOracle
+
+__all__ = [
+    "DreamConfig",
+    "DreamResult",
+    "HeadClassifier",
+    "init_prompts",
+    "dream_losses",
+    "dream_classes",
+]
+
+_INITS = ("mix", "random")
+
+
+@dataclass
+class DreamConfig:
+    """Settings of D2L's dreaming phase and of training with dreams.
+
+    Attributes:
+        max_dream_classes: at most this many free heads host a dream (``None``: all free heads).
+        steps: step cap of the prompt optimisation (the oracle may stop a class earlier).
+        lr: Adam learning rate on the prompts.
+        batch_per_class: images generated per dream class per optimisation step.
+        samples_per_class: images per dream class in the dream set used for training.
+        num_inference_steps: DDIM steps while optimising (``None``: the dreamer's default).
+        backprop_steps: DDIM steps that keep a graph while optimising (``None``: the dreamer's).
+        generate_inference_steps: DDIM steps when generating the dream set (``None``: default).
+        generate_batch_size: images per sampling call when generating the dream set.
+        init: ``"mix"`` (random convex mix of concept embeddings + noise, the dreamer's
+            ``random_prompt``) or ``"random"`` (Gaussian with the concepts' per-dim std).
+        refine: start from the previous prompt of a head that already hosted a dream.
+        w_target: weight of the cross-entropy towards the dream head.
+        w_seen: weight of ``-log(1 - p_seen)``.
+        w_distinct: weight of the inter-dream cosine hinge.
+        distinct_margin: cosine similarity allowed between the mean features of two dreams.
+        w_consistency: weight of the intra-class feature consistency term.
+        w_norm: weight of the prompt-norm penalty.
+        oracle_threshold: the default oracle stops a class when the learner's mean target
+            probability reaches this value.
+        oracle_max_entropy: reference-network degeneration bound (normalised entropy).
+        oracle_collapse: reference-network collapse bound (top-concept probability).
+        oracle_min_steps: first step at which the reference checks apply.
+        dream_weight: weight of the dream cross-entropy added to the training loss.
+        dream_batch_size: dream samples per training minibatch (``None``: ``train_mb_size``).
+        dream_after_last: also dream once every class of the stream has a head (only useful with
+            extra dream-only heads; normally nothing can benefit from those dreams).
+        fixed_noise: reuse one initial-noise draw per dream class for every optimisation step
+            (a deterministic, lower-variance objective); ``False`` draws fresh noise each step
+            (the prompt must work for any noise). The dream set always uses fresh noise.
+        seed: seeds initialisation and sampling noise (the experience index is added).
+        progress: show tqdm progress bars.
+    """
+
+    max_dream_classes: int | None = None
+    steps: int = 30
+    lr: float = 0.05
+    batch_per_class: int = 8
+    samples_per_class: int = 64
+    num_inference_steps: int | None = None
+    backprop_steps: int | None = None
+    generate_inference_steps: int | None = None
+    generate_batch_size: int = 128
+    init: str = "mix"
+    refine: bool = True
+    w_target: float = 1.0
+    w_seen: float = 1.0
+    w_distinct: float = 0.5
+    distinct_margin: float = 0.5
+    w_consistency: float = 0.1
+    w_norm: float = 0.01
+    oracle_threshold: float = 0.9
+    oracle_max_entropy: float | None = 0.95
+    oracle_collapse: float | None = 0.98
+    oracle_min_steps: int = 1
+    dream_weight: float = 1.0
+    dream_batch_size: int | None = None
+    dream_after_last: bool = False
+    fixed_noise: bool = False
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.init not in _INITS:
+            raise ValueError(f"DreamConfig.init must be one of {_INITS}, got {self.init!r}")
+        for name in ("batch_per_class", "samples_per_class", "generate_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DreamConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps < 0:
+            raise ValueError(f"DreamConfig.steps must be >= 0, got {self.steps}")
+        if self.max_dream_classes is not None and self.max_dream_classes < 0:
+            raise ValueError(
+                f"DreamConfig.max_dream_classes must be None or >= 0, got {self.max_dream_classes}"
+            )
+
+    # ---- (de)serialisation -----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DreamConfig:
+        """Build from a dict; unknown keys are an error (typos are never silently ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown DreamConfig fields {unknown}; valid fields: {sorted(names)}")
+        return cls(**dict(d))
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> DreamConfig:
+        """Load a JSON file: either a flat DreamConfig dict, or an experiment file whose
+        ``"dream"`` entry is one (as in ``benchmarks/configs/d2l_*.json``)."""
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        if "dream" in data:
+            data = data["dream"]
+        try:
+            return cls.from_dict(data)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
+
+    def to_json(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+    def fingerprint(self) -> str:
+        """Hash of the fields that change the dreams (``progress`` excluded)."""
+        d = self.to_dict()
+        d.pop("progress")
+        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class DreamResult:
+    """Output of one dreaming phase.
+
+    Attributes:
+        heads: ``(K,)`` head index hosting each dream class.
+        prompts: ``(K, L, D)`` final prompts (CPU).
+        images: ``(K * samples_per_class, C, H, W)`` dream set (CPU, classifier input space).
+        labels: ``(N,)`` head index of each dream image.
+        history: per-step losses (``"loss"`` and one list per term), ``"target_prob"``,
+            ``"active"``, per-class ``"stop"`` ``{head: {"step", "reason"}}``, ``"steps"``,
+            ``"optim_seconds"``, ``"generate_seconds"``, and ``"final_target_prob"`` /
+            ``"final_seen_mass"`` per head measured on the generated dream set.
+    """
+
+    heads: Tensor
+    prompts: Tensor
+    images: Tensor
+    labels: Tensor
+    history: dict[str, Any] = field(default_factory=dict)
+
+
+class HeadClassifier(Protocol):
+    """What dreaming needs from the learner: head-space logits and features, differentiable."""
+
+    def forward_heads(self, x: Tensor, *, return_features: bool = False) -> Any: ...
+
+
+def _concept_stats(dreamer) -> tuple[Tensor, float]:
+    table = dreamer.concept_embeddings().detach().float()
+    norms = table.flatten(1).norm(dim=1)
+    return table, float(norms.mean())
+
+
+def init_prompts(
+    dreamer,
+    heads: Sequence[int],
+    *,
+    config: DreamConfig,
+    generator: torch.Generator,
+    previous: Mapping[int, Tensor] | None = None,
+) -> tuple[Tensor, list[str]]:
+    """Initial prompts ``(K, L, D)`` for ``heads`` and how each was initialised.
+
+    A head with a prompt in ``previous`` starts from it when ``config.refine`` (the learner has
+    changed since, so the prompt is refined); others start from ``config.init``.
+    """
+    k = len(heads)
+    if config.init == "mix":
+        fresh = dreamer.random_prompt(k, generator=generator).float().cpu()
+    else:
+        table, _ = _concept_stats(dreamer)
+        std = table.std(0) if table.shape[0] > 1 else table.abs().mean().expand_as(table[0])
+        noise = torch.randn((k, *table.shape[1:]), generator=generator)
+        fresh = table.mean(0).cpu() + std.cpu() * noise
+    out, how = [], []
+    for i, h in enumerate(heads):
+        if config.refine and previous is not None and int(h) in previous:
+            out.append(previous[int(h)].detach().float().cpu())
+            how.append("refine")
+        else:
+            out.append(fresh[i])
+            how.append(config.init)
+    return torch.stack(out), how
+
+
+def _pool(f: Tensor) -> Tensor:
+    return f.flatten(2).mean(2) if f.dim() > 2 else f
+
+
+def dream_losses(
+    logits: Tensor,
+    feats: Tensor,
+    *,
+    targets: Tensor,
+    n_seen: int,
+    class_index: Tensor,
+    n_active: int,
+    other_means: Tensor | None,
+    prompts: Tensor,
+    concept_norm: float,
+    config: DreamConfig,
+) -> dict[str, Tensor]:
+    """The dream loss terms (see the module docstring) on one generated batch.
+
+    Args:
+        logits: ``(B, S + K)`` learner logits over seen heads (first ``n_seen``) + dream heads.
+        feats: ``(B, F)`` learner features.
+        targets: ``(B,)`` column of each image's dream head.
+        n_seen: number of seen-head columns.
+        class_index: ``(B,)`` index ``0..n_active-1`` of each image's prompt in ``prompts``.
+        n_active: number of prompts being optimised.
+        other_means: ``(M, F)`` normalised mean features of dreams not in this batch, or None.
+        prompts: ``(n_active, L, D)`` prompts being optimised.
+        concept_norm: mean norm of the dreamer's concept embeddings.
+        config: weights and margin.
+
+    Returns:
+        dict of scalar terms (``target``, ``seen``, ``distinct``, ``consistency``, ``norm``) and
+        their weighted sum ``loss``.
+    """
+    terms: dict[str, Tensor] = {}
+    terms["target"] = F.cross_entropy(logits, targets)
+    if n_seen > 0:
+        p_seen = logits.softmax(dim=1)[:, :n_seen].sum(1)
+        terms["seen"] = -torch.log1p(-p_seen.clamp(max=1 - 1e-6)).mean()
+    else:
+        terms["seen"] = logits.new_zeros(())
+    f = F.normalize(_pool(feats).float(), dim=1)
+    one_hot = F.one_hot(class_index, n_active).float()  # (B, A)
+    counts = one_hot.sum(0).clamp_min(1)
+    means = F.normalize((one_hot.t() @ f) / counts[:, None], dim=1)  # (A, F)
+    terms["consistency"] = (1 - (f * means[class_index]).sum(1)).mean()
+    pool = (
+        means
+        if other_means is None or other_means.numel() == 0
+        else torch.cat([means, other_means.to(means)])
+    )
+    if pool.shape[0] > 1:
+        sim = means @ pool.t()  # (A, A + M)
+        self_mask = torch.zeros_like(sim, dtype=torch.bool)
+        self_mask[:, :n_active] = torch.eye(n_active, dtype=torch.bool, device=sim.device)
+        hinge = F.relu(sim - config.distinct_margin).masked_fill(self_mask, 0.0)
+        terms["distinct"] = hinge.sum() / max(int((~self_mask).sum()), 1)
+    else:
+        terms["distinct"] = logits.new_zeros(())
+    rel = prompts.flatten(1).norm(dim=1) / max(concept_norm, 1e-12)
+    terms["norm"] = ((rel - 1.0) ** 2).mean()
+    terms["loss"] = (
+        config.w_target * terms["target"]
+        + config.w_seen * terms["seen"]
+        + config.w_distinct * terms["distinct"]
+        + config.w_consistency * terms["consistency"]
+        + config.w_norm * terms["norm"]
+    )
+    return terms
+
+
+class _FrozenClassifier:
+    """Context: eval mode and no parameter grads for the learner while dreaming; restores both."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.modes = {n: m.training for n, m in self.model.named_modules()}
+        self.flags = {n: p.requires_grad for n, p in self.model.named_parameters()}
+        self.model.eval()
+        self.model.requires_grad_(False)
+        return self.model
+
+    def __exit__(self, *exc):
+        for n, m in self.model.named_modules():
+            m.training = self.modes[n]
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(self.flags[n])
+        return False
+
+
+def dream_classes(
+    *,
+    dreamer,
+    classifier: HeadClassifier,
+    heads: Sequence[int],
+    seen_heads: Sequence[int],
+    config: DreamConfig,
+    oracle: Oracle | None = None,
+    previous_prompts: Mapping[int, Tensor] | None = None,
+    seed_offset: int = 0,
+    progress: bool | None = None,
+) -> DreamResult:
+    """Optimise one soft prompt per dream head, then generate the dream set.
+
+    Args:
+        dreamer: a :class:`~avalanche_d2l.dreaming.Dreamer` (frozen).
+        classifier: the learner (``forward_heads(x, return_features=True) -> (logits, feats)``
+            with logits over all heads); put in eval mode without parameter grads meanwhile.
+        heads: heads that host the dream classes (free heads).
+        seen_heads: heads of the classes observed so far.
+        config: the :class:`DreamConfig`.
+        oracle: stop rule; default :class:`ReferenceOracle` with the dreamer's reference network
+            and ``config.oracle_*`` settings, capped at ``config.steps``.
+        previous_prompts: ``{head: prompt}`` of the previous dreaming phase (refinement).
+        seed_offset: added to ``config.seed`` (e.g. the experience index).
+        progress: show progress bars (default ``config.progress``).
+
+    Returns:
+        a :class:`DreamResult`.
+    """
+    heads = [int(h) for h in heads]
+    seen_heads = [int(h) for h in seen_heads]
+    if set(heads) & set(seen_heads):
+        raise ValueError(f"dream heads {heads} overlap the seen heads {seen_heads}")
+    show = config.progress if progress is None else progress
+    K, b = len(heads), config.batch_per_class
+    L, D = dreamer.prompt_shape
+    C, H, W = dreamer.output_shape
+    if K == 0:
+        return DreamResult(
+            heads=torch.empty(0, dtype=torch.long),
+            prompts=torch.empty(0, L, D),
+            images=torch.empty(0, C, H, W),
+            labels=torch.empty(0, dtype=torch.long),
+            history={"steps": 0, "stop": {}},
+        )
+    if oracle is None:
+        oracle = ReferenceOracle.from_dreamer(
+            dreamer,
+            threshold=config.oracle_threshold,
+            max_steps=config.steps,
+            min_steps=config.oracle_min_steps,
+            max_entropy=config.oracle_max_entropy,
+            collapse_prob=config.oracle_collapse,
+        )
+    seed = int(config.seed) + int(seed_offset)
+    g_init = torch.Generator().manual_seed(seed)
+    g_noise = torch.Generator().manual_seed(seed + 7919)  # CPU draws: same noise on any device
+    dev = dreamer.device
+    model_dev = next((p.device for p in classifier.parameters()), dev)  # type: ignore[attr-defined]
+    _, concept_norm = _concept_stats(dreamer)
+
+    init, how = init_prompts(
+        dreamer, heads, config=config, generator=g_init, previous=previous_prompts
+    )
+    params = [torch.nn.Parameter(p.clone().to(dev)) for p in init]
+    opt = torch.optim.Adam(params, lr=config.lr)
+    last_good = [p.detach().clone() for p in params]
+    cfg_d = dreamer.config
+    noise_shape = (cfg_d.latent_channels, cfg_d.latent_size, cfg_d.latent_size)
+    fixed = torch.randn((K * b, *noise_shape), generator=g_noise) if config.fixed_noise else None
+    visible = torch.tensor(seen_heads + heads, dtype=torch.long, device=model_dev)
+    n_seen = len(seen_heads)
+    active = list(range(K))
+    means_cache: list[Tensor | None] = [None] * K
+    stop: dict[int, dict[str, Any]] = {}
+    hist: dict[str, Any] = {
+        k: []
+        for k in (
+            "loss",
+            "target",
+            "seen",
+            "distinct",
+            "consistency",
+            "norm",
+            "target_prob",
+            "active",
+        )
+    }
+    hist["init"] = {h: how[i] for i, h in enumerate(heads)}
+
+    t0 = time.perf_counter()
+    step = 0
+    with (
+        _FrozenClassifier(classifier),
+        tqdm(total=config.steps, desc="dreaming (prompts)", disable=not show, leave=False) as bar,
+    ):
+        while active:
+            final = step >= config.steps
+            A = len(active)
+            prompts = torch.stack([params[i] for i in active])  # (A, L, D)
+            emb = prompts.repeat_interleave(b, dim=0)
+            noise = None
+            if fixed is not None:
+                noise = fixed.view(K, b, *noise_shape)[active].flatten(0, 1)
+            with torch.set_grad_enabled(not final):
+                images = (
+                    dreamer.sample(
+                        emb,
+                        generator=g_noise,
+                        noise=noise,
+                        num_inference_steps=config.num_inference_steps,
+                        backprop_steps=config.backprop_steps,
+                        grad=not final,
+                    )
+                    .float()
+                    .to(model_dev)
+                )
+                logits, feats = classifier.forward_heads(images, return_features=True)
+                logits = logits[:, visible].float()
+            class_index = torch.arange(A, device=model_dev).repeat_interleave(b)
+            targets = n_seen + torch.tensor(active, device=model_dev).repeat_interleave(b)
+            p_target = logits.detach().softmax(1).gather(1, targets[:, None]).squeeze(1)
+
+            # 1. oracle, per class, on the images of the current prompts
+            still = []
+            for j, i in enumerate(active):
+                sl = slice(j * b, (j + 1) * b)
+                done, reason = oracle.should_stop(images[sl].detach(), p_target[sl], step)
+                if not done and final:
+                    done, reason = True, STEP_CAP
+                if done:
+                    if reason in HALT_REASONS:
+                        params[i].data.copy_(last_good[i])
+                    stop[heads[i]] = {
+                        "step": step,
+                        "reason": reason,
+                        "target_prob": float(p_target[sl].mean()),
+                    }
+                else:
+                    last_good[i] = params[i].detach().clone()
+                    still.append(j)
+            # cache (detached) mean features of every class seen in this batch
+            with torch.no_grad():
+                fm = F.normalize(_pool(feats.detach()).float(), dim=1)
+                for j, i in enumerate(active):
+                    means_cache[i] = F.normalize(fm[j * b : (j + 1) * b].mean(0), dim=0)
+            hist["target_prob"].append(float(p_target.mean()))
+            hist["active"].append(A)
+            if not still:
+                active = []
+                break
+
+            # 2. loss on the classes that continue, 3. Adam step on their prompts
+            keep = torch.tensor(still, device=model_dev)
+            rows = (keep[:, None] * b + torch.arange(b, device=model_dev)).flatten()
+            cont = [active[j] for j in still]
+            others = [
+                means_cache[i] for i in range(K) if i not in cont and means_cache[i] is not None
+            ]
+            remap = torch.full((A,), -1, dtype=torch.long, device=model_dev)
+            remap[keep] = torch.arange(len(still), device=model_dev)
+            terms = dream_losses(
+                logits[rows],
+                feats[rows],
+                targets=targets[rows],
+                n_seen=n_seen,
+                class_index=remap[class_index[rows]],
+                n_active=len(still),
+                other_means=torch.stack(others) if others else None,
+                prompts=prompts[keep.to(prompts.device)],
+                concept_norm=concept_norm,
+                config=config,
+            )
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            opt.step()
+            for name in ("loss", "target", "seen", "distinct", "consistency", "norm"):
+                hist[name].append(float(terms[name].detach()))
+            bar.set_postfix(
+                loss=f"{hist['loss'][-1]:.3f}", p=f"{hist['target_prob'][-1]:.2f}", active=len(cont)
+            )
+            bar.update(1)
+            active = cont
+            step += 1
+    optim_s = time.perf_counter() - t0
+
+    # 4. generate the dream set (no graph)
+    t1 = time.perf_counter()
+    final_prompts = torch.stack([p.detach() for p in params])
+    n = config.samples_per_class
+    cond = final_prompts.repeat_interleave(n, dim=0)
+    chunks = []
+    starts = range(0, cond.shape[0], config.generate_batch_size)
+    with torch.no_grad():
+        for s in tqdm(starts, desc="dreaming (samples)", disable=not show, leave=False):
+            chunks.append(
+                dreamer.sample(
+                    cond[s : s + config.generate_batch_size],
+                    generator=g_noise,
+                    num_inference_steps=config.generate_inference_steps,
+                    grad=False,
+                )
+                .float()
+                .cpu()
+            )
+    images = torch.cat(chunks)
+    labels = torch.tensor(heads, dtype=torch.long).repeat_interleave(n)
+    gen_s = time.perf_counter() - t1
+
+    # 5. how the learner sees the final dream set
+    with _FrozenClassifier(classifier), torch.no_grad():
+        probs = []
+        for s in range(0, images.shape[0], 256):
+            lg, _ = classifier.forward_heads(
+                images[s : s + 256].to(model_dev), return_features=True
+            )
+            probs.append(lg[:, visible].float().softmax(1).cpu())
+        probs = torch.cat(probs)
+    cols = n_seen + torch.arange(K).repeat_interleave(n)
+    p_t = probs.gather(1, cols[:, None]).squeeze(1)
+    seen_mass = probs[:, :n_seen].sum(1) if n_seen else torch.zeros(len(probs))
+    hist["final_target_prob"] = {
+        h: float(p_t[i * n : (i + 1) * n].mean()) for i, h in enumerate(heads)
+    }
+    hist["final_seen_mass"] = {
+        h: float(seen_mass[i * n : (i + 1) * n].mean()) for i, h in enumerate(heads)
+    }
+    hist.update(
+        stop=stop, steps=step, optim_seconds=optim_s, generate_seconds=gen_s, oracle=repr(oracle)
+    )
+    return DreamResult(
+        heads=torch.tensor(heads, dtype=torch.long),
+        prompts=final_prompts.cpu(),
+        images=images,
+        labels=labels,
+        history=hist,
+    )

@@ -1,0 +1,150 @@
+"""Genifer speed/memory benchmark: generator throughput, GAN steps/s, peak memory.
+
+Measures, for the 16 px CPU setting (split_digits defaults) and the 32 px CIFAR setting
+(``benchmarks/configs/genifer_cifar100_b50.json``):
+
+* generator throughput (images/s, no grad, batch 64),
+* GAN training steps/s (one D + one G step, batch ``gan_batch_size``, classifier features at the
+  configured layer, t > 0 so the previous generator and the self-distillation are included),
+* peak memory (process peak RSS on CPU; ``torch.cuda.max_memory_allocated`` on CUDA).
+
+Writes ``benchmarks/results/bench_genifer.json`` and ``.md`` (with the exact configs).
+
+    python benchmarks/bench_genifer.py [--device cpu] [--steps 20] [--threads 2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from avalanche_d2l.models.classifiers import resnet18_cifar, small_cnn
+from avalanche_d2l.scenarios import tensor_benchmark
+from avalanche_d2l.strategies.genifer import GeniferConfig, GeniferPlugin, _frozen_copy
+from avalanche_d2l.utils import resolve_device, seed_everything
+
+HERE = Path(__file__).resolve().parent
+
+
+def _peak_rss_mb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+def _setting(name: str, quick: bool):
+    """(config, classifier, feature layer, image shape, classes) of one setting."""
+    if name == "cpu16":
+        cfg = GeniferConfig(num_classes=10, resolution=16, progress=False)
+        return cfg, small_cnn(num_classes=10, in_channels=1), "block3", (1, 16, 16), 10
+    cfg = GeniferConfig.from_json(HERE / "configs" / "genifer_cifar100_b50.json")
+    cfg = replace(cfg, progress=False)
+    if quick:  # smaller widths so that CI can run the script
+        cfg = replace(cfg, z_dim=64, w_dim=64, embed_dim=32, g_channel_base=512,
+                      g_channel_max=64, d_channels=64)
+    width = 16 if quick else 64
+    return cfg, resnet18_cifar(num_classes=100, width=width), "layer3", (3, 32, 32), 100
+
+
+def bench_setting(name: str, *, device: torch.device, steps: int, quick: bool) -> dict:
+    seed_everything(0)
+    cfg, model, layer, shape, n_classes = _setting(name, quick)
+    model = model.to(device)
+    plugin = GeniferPlugin(feature_layer=layer, config=cfg)
+    plugin.teacher = _frozen_copy(model)
+    plugin.build_models(image_shape=shape, num_classes=n_classes, classifier=plugin.teacher)
+    g = plugin.generator_ema.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    # 1. generator throughput (images/s, no grad)
+    n_batches = max(2, steps // 2)
+    g.generate(64, generator=torch.Generator().manual_seed(0))
+    sync()
+    t0 = time.perf_counter()
+    for i in range(n_batches):
+        g.generate(64, generator=torch.Generator().manual_seed(i))
+    sync()
+    gen_ips = 64 * n_batches / (time.perf_counter() - t0)
+
+    # 2. GAN steps/s on a synthetic "experience" (t > 0: previous generator + distillation)
+    per_class = max(cfg.gan_batch_size, 64)
+    x = torch.rand(2 * per_class, *shape)
+    y = torch.arange(2).repeat_interleave(per_class) + 2
+    bench = tensor_benchmark(x, y, x, y, n_experiences=1)
+    exp = bench.train_stream[0]
+    plugin.generated_classes = [0, 1]  # pretend classes 0, 1 were learnt before
+    plugin.train_gan(experience=exp, device=device, steps=2)  # warm-up
+    sync()
+    summary = plugin.train_gan(experience=exp, device=device, steps=steps)
+    sync()
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+            else _peak_rss_mb())
+    return {
+        "setting": name,
+        "image_shape": list(shape),
+        "feature_layer": layer,
+        "generator_params": sum(p.numel() for p in plugin.generator.parameters()),
+        "discriminator_params": sum(p.numel() for p in plugin.discriminator.parameters()),
+        "generator_images_per_s": gen_ips,
+        "gan_steps_per_s": summary["steps_per_s"],
+        "gan_batch_size": cfg.gan_batch_size,
+        "gan_images_per_s": summary["steps_per_s"] * cfg.gan_batch_size,
+        "peak_memory_mb": peak,
+        "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_rss",
+        "config": cfg.to_dict(),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    ap.add_argument("--quick", action="store_true", help="small CIFAR widths, few steps")
+    ap.add_argument("--settings", nargs="+", default=["cpu16", "cifar32"])
+    ap.add_argument("--out", default=str(HERE / "results"))
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    rows = [bench_setting(s, device=device, steps=args.steps, quick=args.quick)
+            for s in args.settings]
+    result = {
+        "benchmark": "genifer_speed", "device": str(device), "threads": torch.get_num_threads(),
+        "steps": args.steps, "quick": args.quick, "torch": torch.__version__,
+        "platform": platform.platform(), "seed": 0, "rows": rows,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_genifer.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        f"# Genifer speed ({device}, {torch.get_num_threads()} threads, torch {torch.__version__})",
+        "",
+        ("| setting | image | G params | D params | G images/s | GAN steps/s | GAN images/s "
+         "| peak MB |"),
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['setting']} | {'x'.join(map(str, r['image_shape']))} | "
+            f"{r['generator_params']:,} | {r['discriminator_params']:,} | "
+            f"{r['generator_images_per_s']:.0f} | {r['gan_steps_per_s']:.2f} | "
+            f"{r['gan_images_per_s']:.0f} | {r['peak_memory_mb']:.0f} ({r['peak_memory_kind']}) |")
+    lines += ["", (f"Steps measured: {args.steps} (after 2 warm-up steps); quick={args.quick}. "
+                   "Configs are in bench_genifer.json.")]
+    (out / "bench_genifer.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return result
+
+
+if __name__ == "__main__":
+    main()
