@@ -304,6 +304,7 @@ def run_compare(
     results_path = out / "results.json"
     config = {**dataclasses.asdict(run), "strategies": list(strategies), "seeds": list(seeds)}
     config.pop("seed")
+    config.pop("work_dir")
     results = {"config": config, "runs": []}
     if results_path.exists():
         previous = json.loads(results_path.read_text())
@@ -322,8 +323,10 @@ def run_compare(
         bar.set_postfix_str(f"{name} seed {seed}")
         ckpt = out / "checkpoints" / f"{name}_seed{seed}.pkl"
         with _PeakRSS() as rss:
-            summary = _train_one(name, seed, dataclasses.replace(run, seed=seed), spec, ckpt,
-                                 progress)
+            work_dir = out / "work" / f"{name}_seed{seed}"
+            summary = _train_one(name, seed,
+                                 dataclasses.replace(run, seed=seed, work_dir=str(work_dir)),
+                                 spec, ckpt, progress)
         results["runs"].append({"strategy": name, "seed": seed, **summary,
                                 "peak_rss_mb": rss.peak / 2**20})
         _atomic_write(results_path, json.dumps(results, indent=1))

@@ -44,6 +44,8 @@ class RunConfig:
     seed: int = 0
     quick: bool = False
     device: str = "cpu"
+    #: folder a strategy may use for files of this run (e.g. D2L's dream cache); None = none
+    work_dir: str | None = None
 
 
 Factory = Callable[..., Any]

@@ -28,9 +28,10 @@ import dataclasses
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -40,12 +41,12 @@ from torch.utils.checkpoint import checkpoint
 from ..utils import resolve_device
 
 __all__ = [
-    "DreamerConfig",
-    "Dreamer",
-    "ReferenceNetwork",
     "DEFAULT_SD_CAPTIONS",
-    "to_classifier_space",
+    "Dreamer",
+    "DreamerConfig",
+    "ReferenceNetwork",
     "from_classifier_space",
+    "to_classifier_space",
 ]
 
 CONFIG_NAME = "dreamer_config.json"
@@ -56,12 +57,29 @@ TRAINING_INFO_NAME = "training_info.json"
 #: Captions whose CLIP embeddings span the prompt space for a Stable-Diffusion dreamer when the
 #: user gives none (used by :meth:`Dreamer.concept_embeddings` / :meth:`Dreamer.random_prompt`).
 DEFAULT_SD_CAPTIONS: tuple[str, ...] = (
-    "a photo of a dog", "a photo of a cat", "a photo of a bird", "a photo of a fish",
-    "a photo of a flower", "a photo of a tree", "a photo of a car", "a photo of a boat",
-    "a photo of an airplane", "a photo of a house", "a photo of a chair", "a photo of a cup",
-    "a photo of a fruit", "a photo of a mushroom", "a photo of an insect", "a photo of a snake",
-    "a photo of a shoe", "a photo of a clock", "a photo of a musical instrument",
-    "a photo of a tool", "a photo of a mountain", "a photo of food", "a photo of a toy",
+    "a photo of a dog",
+    "a photo of a cat",
+    "a photo of a bird",
+    "a photo of a fish",
+    "a photo of a flower",
+    "a photo of a tree",
+    "a photo of a car",
+    "a photo of a boat",
+    "a photo of an airplane",
+    "a photo of a house",
+    "a photo of a chair",
+    "a photo of a cup",
+    "a photo of a fruit",
+    "a photo of a mushroom",
+    "a photo of an insect",
+    "a photo of a snake",
+    "a photo of a shoe",
+    "a photo of a clock",
+    "a photo of a musical instrument",
+    "a photo of a tool",
+    "a photo of a mountain",
+    "a photo of food",
+    "a photo of a toy",
     "a photo of a building",
 )
 
@@ -140,7 +158,10 @@ class DreamerConfig:
         if self.output_mean is not None:
             self.output_mean = tuple(float(v) for v in self.output_mean)
             self.output_std = tuple(float(v) for v in self.output_std)
-            if len(self.output_mean) != self.out_channels or len(self.output_std) != self.out_channels:
+            if (
+                len(self.output_mean) != self.out_channels
+                or len(self.output_std) != self.out_channels
+            ):
                 raise ValueError(
                     f"output_mean/output_std need {self.out_channels} values (one per output "
                     f"channel), got {len(self.output_mean)}/{len(self.output_std)}"
@@ -168,11 +189,13 @@ class DreamerConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DreamerConfig":
+    def from_dict(cls, d: dict[str, Any]) -> DreamerConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown DreamerConfig fields {unknown}; valid fields: {sorted(names)}")
+            raise ValueError(
+                f"unknown DreamerConfig fields {unknown}; valid fields: {sorted(names)}"
+            )
         return cls(**d)
 
 
@@ -232,7 +255,7 @@ def from_classifier_space(
 
 
 class ReferenceNetwork(nn.Module):
-    """A frozen classifier fed with images in the *dreamer's output space* (what ``sample`` returns).
+    """A frozen classifier fed with images in the dreamer's output space (what ``sample`` returns).
 
     It undoes the dreamer's output normalisation, converts to the network's own input (size,
     channels, normalisation) and returns the network's logits. Used by D2L's oracle, it is
@@ -274,7 +297,7 @@ class ReferenceNetwork(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def train(self, mode: bool = True) -> "ReferenceNetwork":
+    def train(self, mode: bool = True) -> ReferenceNetwork:
         # Frozen: always in eval mode (BatchNorm statistics never move).
         return super().train(False)
 
@@ -345,10 +368,12 @@ class Dreamer(nn.Module):
                 f"concept_table has shape {tuple(concept_table.shape)}, expected (K, {L}, {D})"
             )
         if null_prompt is not None and tuple(null_prompt.shape) != (L, D):
-            raise ValueError(f"null_prompt has shape {tuple(null_prompt.shape)}, expected ({L}, {D})")
+            raise ValueError(
+                f"null_prompt has shape {tuple(null_prompt.shape)}, expected ({L}, {D})"
+            )
         self.register_buffer(
-            "concept_table", concept_table.detach().float().clone() if concept_table is not None
-            else None
+            "concept_table",
+            concept_table.detach().float().clone() if concept_table is not None else None,
         )
         self.register_buffer(
             "null_prompt", null_prompt.detach().float().clone() if null_prompt is not None else None
@@ -360,7 +385,7 @@ class Dreamer(nn.Module):
 
     # ---- nn.Module behaviour: frozen, eval-only ------------------------------------------------
 
-    def train(self, mode: bool = True) -> "Dreamer":
+    def train(self, mode: bool = True) -> Dreamer:
         # The dreamer is never trained here: keep every sub-module in eval mode.
         return super().train(False)
 
@@ -383,7 +408,7 @@ class Dreamer(nn.Module):
         s = self.config.out_size
         return (self.config.out_channels, s, s)
 
-    def to(self, *args, **kwargs) -> "Dreamer":
+    def to(self, *args, **kwargs) -> Dreamer:
         out = super().to(*args, **kwargs)  # the reference network is a sub-module: moved too
         self._text_concepts = None
         return out
@@ -484,7 +509,10 @@ class Dreamer(nn.Module):
                 x_in = self.scheduler.scale_model_input(x, t)
                 with self._autocast():
                     eps = self._predict_noise(
-                        x_in.to(dtype), t, prompt, use_ckpt=keep_graph and cfg.gradient_checkpointing
+                        x_in.to(dtype),
+                        t,
+                        prompt,
+                        use_ckpt=keep_graph and cfg.gradient_checkpointing,
                     )
                 # 2. DDIM step x_t -> x_{t-1}, in float32 for accuracy
                 x = self.scheduler.step(
@@ -499,8 +527,11 @@ class Dreamer(nn.Module):
             # 4. [-1, 1] -> [0, 1] -> the classifier's input space
             x01 = ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
             return to_classifier_space(
-                x01, size=cfg.out_size, channels=cfg.out_channels,
-                mean=cfg.output_mean, std=cfg.output_std,
+                x01,
+                size=cfg.out_size,
+                channels=cfg.out_channels,
+                mean=cfg.output_mean,
+                std=cfg.output_std,
             )
 
     @torch.no_grad()
@@ -551,7 +582,7 @@ class Dreamer(nn.Module):
             return torch.empty((0, *self.output_shape), device=self.device)
         return torch.cat(out)
 
-    # ---- the prompt space --------------------------------------------------------------------------
+    # ---- the prompt space ------------------------------------------------------------------------
 
     def encode_text(self, prompts: list[str]) -> Tensor:
         """CLIP-encode captions to ``(len(prompts), L, D)`` prompt embeddings (latent kind only)."""
@@ -564,8 +595,11 @@ class Dreamer(nn.Module):
         if isinstance(prompts, str):
             prompts = [prompts]
         tok = self.tokenizer(
-            list(prompts), padding="max_length", max_length=self.config.prompt_len,
-            truncation=True, return_tensors="pt",
+            list(prompts),
+            padding="max_length",
+            max_length=self.config.prompt_len,
+            truncation=True,
+            return_tensors="pt",
         )
         dev = next(self.text_encoder.parameters()).device
         with torch.no_grad():
@@ -631,7 +665,9 @@ class Dreamer(nn.Module):
 
     # ---- persistence ---------------------------------------------------------------------------
 
-    def save_pretrained(self, path: str | os.PathLike, *, training_info: dict | None = None) -> Path:
+    def save_pretrained(
+        self, path: str | os.PathLike, *, training_info: dict | None = None
+    ) -> Path:
         """Save config, weights, scheduler, concepts and reference network to a directory.
 
         The layout: ``dreamer_config.json``, ``unet/``, ``scheduler/``, (``vae/``,
@@ -663,8 +699,11 @@ class Dreamer(nn.Module):
             torch.save({k: v.cpu() for k, v in ref.net.state_dict().items()}, ref_dir / "model.pt")
             spec = dict(ref._saveable)
             spec.update(
-                in_size=ref.in_size, in_channels=ref.in_channels,
-                in_mean=ref.in_mean, in_std=ref.in_std, class_names=ref.class_names,
+                in_size=ref.in_size,
+                in_channels=ref.in_channels,
+                in_mean=ref.in_mean,
+                in_std=ref.in_std,
+                class_names=ref.class_names,
             )
             (ref_dir / "reference.json").write_text(json.dumps(spec, indent=2))
         info = training_info if training_info is not None else getattr(self, "training_info", None)
@@ -683,7 +722,7 @@ class Dreamer(nn.Module):
         scheduler_config: dict | None = None,
         vae_config: dict | None = None,
         seed: int = 0,
-    ) -> "Dreamer":
+    ) -> Dreamer:
         """Randomly initialised dreamer (tests, or the start of pretraining).
 
         Args:
@@ -703,8 +742,10 @@ class Dreamer(nn.Module):
             u = dict(default_unet_config(config))
             u.update(unet_config or {})
             u.update(
-                sample_size=config.latent_size, in_channels=config.latent_channels,
-                out_channels=config.latent_channels, cross_attention_dim=config.prompt_dim,
+                sample_size=config.latent_size,
+                in_channels=config.latent_channels,
+                out_channels=config.latent_channels,
+                cross_attention_dim=config.prompt_dim,
             )
             unet = UNet2DConditionModel(**u)
             sched = DDIMScheduler(**_default_scheduler_config(scheduler_config))
@@ -726,8 +767,14 @@ class Dreamer(nn.Module):
             null = torch.zeros(L, D) if config.has_null_prompt else None
         finally:
             torch.random.set_rng_state(gen_state)
-        return cls(config=config, unet=unet, scheduler=sched, vae=vae, concept_table=table,
-                   null_prompt=null)
+        return cls(
+            config=config,
+            unet=unet,
+            scheduler=sched,
+            vae=vae,
+            concept_table=table,
+            null_prompt=null,
+        )
 
     @classmethod
     def from_pretrained(
@@ -738,7 +785,7 @@ class Dreamer(nn.Module):
         device: str | torch.device | None = None,
         local_files_only: bool | None = None,
         **overrides: Any,
-    ) -> "Dreamer":
+    ) -> Dreamer:
         """Load a dreamer.
 
         Args:
@@ -765,13 +812,15 @@ class Dreamer(nn.Module):
             dreamer = cls._load_ours(path, torch_dtype=torch_dtype, overrides=overrides)
         else:
             dreamer = cls._load_diffusers(
-                str(path_or_id), torch_dtype=torch_dtype, overrides=overrides,
+                str(path_or_id),
+                torch_dtype=torch_dtype,
+                overrides=overrides,
                 local_files_only=local_files_only,
             )
         return dreamer.to(resolve_device(device))
 
     @classmethod
-    def _load_ours(cls, path: Path, *, torch_dtype, overrides: dict) -> "Dreamer":
+    def _load_ours(cls, path: Path, *, torch_dtype, overrides: dict) -> Dreamer:
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
         cfg_dict = json.loads((path / CONFIG_NAME).read_text())
@@ -785,9 +834,15 @@ class Dreamer(nn.Module):
         concepts = torch.load(path / CONCEPTS_NAME, map_location="cpu", weights_only=True)
         reference = _load_reference(path / REFERENCE_DIR, config)
         dreamer = cls(
-            config=config, unet=unet, scheduler=sched, vae=vae, text_encoder=text_encoder,
-            tokenizer=tokenizer, concept_table=concepts.get("concept_table"),
-            null_prompt=concepts.get("null_prompt"), reference=reference,
+            config=config,
+            unet=unet,
+            scheduler=sched,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            concept_table=concepts.get("concept_table"),
+            null_prompt=concepts.get("null_prompt"),
+            reference=reference,
         )
         info_path = path / TRAINING_INFO_NAME
         if info_path.is_file():
@@ -797,7 +852,7 @@ class Dreamer(nn.Module):
     @classmethod
     def _load_diffusers(
         cls, path_or_id: str, *, torch_dtype, overrides: dict, local_files_only: bool | None
-    ) -> "Dreamer":
+    ) -> Dreamer:
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
         kw: dict[str, Any] = {}
@@ -811,7 +866,7 @@ class Dreamer(nn.Module):
             sched_kw = {k: v for k, v in kw.items() if k != "torch_dtype"}
             # any SD scheduler config (PNDM, DDIM, Euler...) becomes DDIM with the same betas
             sched = DDIMScheduler.from_pretrained(path_or_id, subfolder="scheduler", **sched_kw)
-        except (OSError, EnvironmentError, ValueError) as err:
+        except (OSError, ValueError) as err:
             raise OSError(
                 f"could not load a dreamer from {path_or_id!r}: it is neither a directory written "
                 "by Dreamer.save_pretrained (no dreamer_config.json) nor a loadable diffusers "
@@ -837,8 +892,14 @@ class Dreamer(nn.Module):
                 **overrides,
             }
         )
-        dreamer = cls(config=config, unet=unet, scheduler=sched, vae=vae,
-                      text_encoder=text_encoder, tokenizer=tokenizer)
+        dreamer = cls(
+            config=config,
+            unet=unet,
+            scheduler=sched,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+        )
         if text_encoder is not None:
             dreamer.null_prompt = dreamer.encode_text([""])[0].float()
         elif config.guidance_scale != 1.0:
@@ -860,8 +921,8 @@ class Dreamer(nn.Module):
 # helpers
 
 
-def default_unet_config(config: DreamerConfig) -> dict[str, Any]:
-    """A small pixel-space ``UNet2DConditionModel`` config sized for ``config`` (offline default)."""
+def default_unet_config(config: DreamerConfig | None = None) -> dict[str, Any]:
+    """A small pixel-space ``UNet2DConditionModel`` config (the offline glyph dreamer's)."""
     return {
         "block_out_channels": (32, 64, 64),
         "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -896,13 +957,17 @@ def _load_text(src, kw: dict, local_files_only: bool | None, *, subfolders: bool
         if not (src / "text_encoder").is_dir():
             return None, None
         enc = CLIPTextModel.from_pretrained(src / "text_encoder", **kw)
-        tok = AutoTokenizer.from_pretrained(src / "tokenizer") if (src / "tokenizer").is_dir() else None
+        tok = (
+            AutoTokenizer.from_pretrained(src / "tokenizer")
+            if (src / "tokenizer").is_dir()
+            else None
+        )
         return enc, tok
     tkw = {"local_files_only": local_files_only} if local_files_only is not None else {}
     try:
         enc = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **kw)
         tok = AutoTokenizer.from_pretrained(src, subfolder="tokenizer", **tkw)
-    except (OSError, EnvironmentError, ValueError) as err:
+    except (OSError, ValueError) as err:
         warnings.warn(
             f"{src!r}: no loadable text_encoder/ + tokenizer/ ({err}); the dreamer works with "
             "prompt tensors only (no encode_text, concept_embeddings or CFG).",
@@ -921,8 +986,9 @@ def _load_reference(ref_dir: Path, config: DreamerConfig) -> ReferenceNetwork | 
         raise ValueError(f"{ref_dir}: unknown reference architecture {arch!r} (expected small_cnn)")
     from ..models.classifiers import small_cnn
 
-    net = small_cnn(num_classes=spec["num_classes"], in_channels=spec["in_channels"],
-                    width=spec["width"])
+    net = small_cnn(
+        num_classes=spec["num_classes"], in_channels=spec["in_channels"], width=spec["width"]
+    )
     net.load_state_dict(torch.load(ref_dir / "model.pt", map_location="cpu", weights_only=True))
     return make_reference(net, spec=spec, config=config)
 
@@ -934,9 +1000,13 @@ def make_reference(net: nn.Module, *, spec: dict, config: DreamerConfig) -> Refe
     optionally ``in_mean``/``in_std``/``class_names``.
     """
     ref = ReferenceNetwork(
-        net=net, in_size=spec["in_size"], in_channels=spec["in_channels"],
-        in_mean=spec.get("in_mean"), in_std=spec.get("in_std"),
-        src_mean=config.output_mean, src_std=config.output_std,
+        net=net,
+        in_size=spec["in_size"],
+        in_channels=spec["in_channels"],
+        in_mean=spec.get("in_mean"),
+        in_std=spec.get("in_std"),
+        src_mean=config.output_mean,
+        src_std=config.output_std,
         class_names=spec.get("class_names"),
     )
     ref._saveable = {k: spec[k] for k in ("arch", "num_classes", "width")}
@@ -963,8 +1033,13 @@ def _load_imagenet_reference(config: DreamerConfig, device: torch.device):
     net = resnet50()
     net.load_state_dict(torch.load(cached, map_location="cpu", weights_only=True))
     ref = ReferenceNetwork(
-        net=net, in_size=224, in_channels=3, in_mean=(0.485, 0.456, 0.406),
-        in_std=(0.229, 0.224, 0.225), src_mean=config.output_mean, src_std=config.output_std,
+        net=net,
+        in_size=224,
+        in_channels=3,
+        in_mean=(0.485, 0.456, 0.406),
+        in_std=(0.229, 0.224, 0.225),
+        src_mean=config.output_mean,
+        src_std=config.output_std,
         class_names=list(weights.meta["categories"]),
     )
     return ref.to(device)

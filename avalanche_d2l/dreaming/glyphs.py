@@ -11,7 +11,7 @@ giving 8x8 images with 17 grey levels) and how :func:`avalanche_d2l.scenarios.sp
 upsamples them:
 
 1. random affine (rotation, anisotropic scale, shear, translation) + elastic displacement,
-2. stroke width: random dilation/erosion, then a random binarisation threshold,
+2. stroke width: binarise, then dilate/erode towards a random target pen width,
 3. low resolution: ``avg_pool`` to ``lowres`` (8x8), quantised to ``base_size/lowres``^2 + 1
    levels,
 4. bilinear antialiased upsampling to ``image_size``, optional Gaussian blur, random contrast.
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-__all__ = ["GlyphConfig", "GlyphBank", "DEFAULT_GLYPHS", "GREEK_GLYPHS", "glyph_fonts"]
+__all__ = ["DEFAULT_GLYPHS", "GREEK_GLYPHS", "GlyphBank", "GlyphConfig", "glyph_fonts"]
 
 _LATIN = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _SYMBOLS = "?!&%@#$*+=<>/\\()[]{}~^|"
@@ -40,13 +40,23 @@ DEFAULT_GLYPHS = _LATIN + _SYMBOLS + GREEK_GLYPHS
 
 # Computer Modern fonts in matplotlib use TeX encodings outside the letters: letters only there.
 _FONTS = (
-    ("DejaVuSans.ttf", None), ("DejaVuSans-Bold.ttf", None), ("DejaVuSans-Oblique.ttf", None),
-    ("DejaVuSans-BoldOblique.ttf", None), ("DejaVuSerif.ttf", None),
-    ("DejaVuSerif-Bold.ttf", None), ("DejaVuSerif-Italic.ttf", None),
-    ("DejaVuSansMono.ttf", None), ("DejaVuSansMono-Bold.ttf", None),
-    ("STIXGeneral.ttf", None), ("STIXGeneralBol.ttf", None), ("STIXGeneralItalic.ttf", None),
-    ("cmr10.ttf", _LATIN), ("cmss10.ttf", _LATIN), ("cmtt10.ttf", _LATIN),
-    ("cmb10.ttf", _LATIN), ("cmti10.ttf", _LATIN),
+    ("DejaVuSans.ttf", None),
+    ("DejaVuSans-Bold.ttf", None),
+    ("DejaVuSans-Oblique.ttf", None),
+    ("DejaVuSans-BoldOblique.ttf", None),
+    ("DejaVuSerif.ttf", None),
+    ("DejaVuSerif-Bold.ttf", None),
+    ("DejaVuSerif-Italic.ttf", None),
+    ("DejaVuSansMono.ttf", None),
+    ("DejaVuSansMono-Bold.ttf", None),
+    ("STIXGeneral.ttf", None),
+    ("STIXGeneralBol.ttf", None),
+    ("STIXGeneralItalic.ttf", None),
+    ("cmr10.ttf", _LATIN),
+    ("cmss10.ttf", _LATIN),
+    ("cmtt10.ttf", _LATIN),
+    ("cmb10.ttf", _LATIN),
+    ("cmti10.ttf", _LATIN),
 )
 
 
@@ -55,8 +65,11 @@ def glyph_fonts() -> list[tuple[str, str | None]]:
     import matplotlib
 
     root = os.path.join(matplotlib.get_data_path(), "fonts", "ttf")
-    return [(os.path.join(root, f), allowed) for f, allowed in _FONTS
-            if os.path.isfile(os.path.join(root, f))]
+    return [
+        (os.path.join(root, f), allowed)
+        for f, allowed in _FONTS
+        if os.path.isfile(os.path.join(root, f))
+    ]
 
 
 @dataclass
@@ -75,7 +88,9 @@ class GlyphConfig:
         shear: max shear.
         translate: max translation as a fraction of the image side.
         elastic: std of the elastic displacement in base pixels.
-        stroke: (min, max) dilation radius in base pixels (negative: erosion).
+        stroke: (min, max) dilation radius in base pixels (negative: erosion) tried per sample.
+        stroke_width: (min, max) target stroke width in base pixels; the radius whose result is
+            closest to a random target in this range is kept.
         threshold: (min, max) binarisation threshold of the jittered base bitmap.
         blur: (min, max) Gaussian blur sigma at ``image_size``.
         contrast: (min, max) peak intensity.
@@ -86,13 +101,14 @@ class GlyphConfig:
     base_size: int = 32
     chars: str = DEFAULT_GLYPHS
     render_px: int = 64
-    fill: tuple[float, float] = (0.75, 0.95)
+    fill: tuple[float, float] = (0.8, 1.0)
     rotation: float = 12.0
     scale_jitter: float = 0.15
     shear: float = 0.2
     translate: float = 0.06
     elastic: float = 1.2
-    stroke: tuple[int, int] = (-1, 2)
+    stroke: tuple[int, int] = (-2, 3)
+    stroke_width: tuple[float, float] = (3.0, 5.5)
     threshold: tuple[float, float] = (0.3, 0.6)
     blur: tuple[float, float] = (0.0, 0.6)
     contrast: tuple[float, float] = (0.85, 1.0)
@@ -113,10 +129,8 @@ class GlyphConfig:
             )
 
 
-def _render(path: str, ch: str, px: int) -> np.ndarray | None:
-    from matplotlib.ft2font import FT2Font
-
-    font = FT2Font(path)
+def _render(font, ch: str, px: int) -> np.ndarray | None:
+    """Render one character with an open ``FT2Font``; cropped to its ink, or ``None``."""
     if font.get_char_index(ord(ch)) == 0:
         return None
     font.set_size(px, 72)
@@ -162,12 +176,15 @@ class GlyphBank:
             raise RuntimeError("no matplotlib fonts found; is matplotlib installed correctly?")
         bases, labels, used = [], [], set()
         self.class_names: list[str] = []
+        from matplotlib.ft2font import FT2Font
+
+        opened = [(FT2Font(path), path, allowed) for path, allowed in fonts]
         for ch in config.chars:
             found = []
-            for path, allowed in fonts:
+            for font, path, allowed in opened:
                 if allowed is not None and ch not in allowed:
                     continue
-                img = _render(path, ch, config.render_px)
+                img = _render(font, ch, config.render_px)
                 if img is not None:
                     found.append(_fit(img, config.base_size))
                     used.add(os.path.basename(path))
@@ -182,7 +199,9 @@ class GlyphBank:
         self.num_classes = len(self.class_names)
         config.fonts = sorted(used)
         # index of the base glyphs of each concept, for class-balanced sampling
-        self._by_class = [torch.nonzero(self.labels == k).flatten() for k in range(self.num_classes)]
+        self._by_class = [
+            torch.nonzero(self.labels == k).flatten() for k in range(self.num_classes)
+        ]
 
     def __len__(self) -> int:
         return len(self.base)
@@ -254,19 +273,28 @@ class GlyphBank:
             disp = F.interpolate(disp, size=(s, s), mode="bicubic", align_corners=False)
             grid = grid + disp.permute(0, 2, 3, 1)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        # 2. stroke width: per-sample dilation (max-pool) or erosion (min-pool), then binarise
-        lo, hi = c.stroke
-        radius = torch.randint(lo, hi + 1, (n,), generator=g)
-        out = x.clone()
-        for r in range(lo, hi + 1):
-            sel = radius == r
-            if r == 0 or not sel.any():
-                continue
-            k = 2 * abs(r) + 1
-            xs = x[sel]
-            out[sel] = F.max_pool2d(xs, k, 1, abs(r)) if r > 0 else -F.max_pool2d(-xs, k, 1, abs(r))
+        # 2. stroke width: binarise, then per sample pick the dilation/erosion radius whose
+        #    estimated stroke width (2 * area / perimeter) is closest to a random target, so
+        #    thin serif fonts and bold fonts all end up with pen-like strokes
         thr = self._rand(n, *c.threshold, g).view(n, 1, 1, 1)
-        x = (out > thr).float()
+        lo, hi = c.stroke
+        target = self._rand(n, *c.stroke_width, g)
+        best = torch.full((n,), float("inf"))
+        out = torch.zeros_like(x)
+        for r in range(lo, hi + 1):
+            k = 2 * abs(r) + 1
+            xr = (
+                x
+                if r == 0
+                else (F.max_pool2d(x, k, 1, abs(r)) if r > 0 else -F.max_pool2d(-x, k, 1, abs(r)))
+            )
+            xr = (xr > thr).float()
+            err = (_stroke_width(xr) - target).abs()
+            err[xr.flatten(1).sum(1) < 4] = float("inf")  # erased: never pick
+            take = err < best
+            best = torch.where(take, err, best)
+            out[take] = xr[take]
+        x = out
         return self._lowres(x, g, jitter=True)
 
     def _lowres(self, x: Tensor, g, *, jitter: bool) -> Tensor:
@@ -279,13 +307,26 @@ class GlyphBank:
         x = torch.round(x * levels) / levels
         # 4. upsample like split_digits; blur and contrast
         if c.image_size != c.lowres:
-            x = F.interpolate(x, size=(c.image_size, c.image_size), mode="bilinear",
-                              antialias=True, align_corners=False)
+            x = F.interpolate(
+                x,
+                size=(c.image_size, c.image_size),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )
         if jitter:
             sigma = self._rand(n, *c.blur, g)
             x = _gaussian_blur(x, sigma)
             x = x * self._rand(n, *c.contrast, g).view(n, 1, 1, 1)
         return x.clamp(0, 1)
+
+
+def _stroke_width(x: Tensor) -> Tensor:
+    """Mean stroke width of binary images, ``2 * area / perimeter`` in pixels."""
+    area = x.flatten(1).sum(1)
+    eroded = -F.max_pool2d(-x, 3, 1, 1)  # 8-neighbour erosion
+    perim = (x - eroded).clamp_min(0).flatten(1).sum(1)
+    return 2 * area / perim.clamp_min(1.0)
 
 
 def _gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:

@@ -771,4 +771,5 @@ def build_d2l(*, model, optimizer, criterion, benchmark, run, evaluator, device,
         plugins=plugins,
         evaluator=evaluator,
         eval_every=-1,
+        cache_dir=None if run.work_dir is None else Path(run.work_dir) / "dreams",
     )
