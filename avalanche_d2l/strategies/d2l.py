@@ -748,6 +748,9 @@ def build_d2l(*, model, optimizer, criterion, benchmark, run, evaluator, device,
 
     c, h, w = benchmark_image_shape(benchmark)
     dreamer = _offline_dreamer(h, quick=run.quick).to(device)
+    if h == w and c in (1, 3):
+        # the glyph world is grey: map its images to the classifier's input shape
+        dreamer.config.output_channels, dreamer.config.output_size = c, h
     if tuple(dreamer.output_shape) != (c, h, w):
         raise ValueError(
             f"the offline dreamer makes {tuple(dreamer.output_shape)} images but the benchmark's "
