@@ -6,6 +6,7 @@ Public API::
     from avalanche_d2l.scenarios import split_digits
 """
 
+from avalanche_d2l.dreaming import DreamConfig, Dreamer, DreamerConfig  # noqa: E402
 from avalanche_d2l.evaluation import make_evaluator
 from avalanche_d2l.models import resnet18_cifar, small_cnn
 from avalanche_d2l.registry import RunConfig, register_strategy, strategy_names
@@ -18,7 +19,6 @@ from avalanche_d2l.strategies import (
     GeniferConfig,
     GeniferPlugin,
 )
-from avalanche_d2l.dreaming import DreamConfig, Dreamer, DreamerConfig  # noqa: E402
 
 __version__ = "0.1.0"
 

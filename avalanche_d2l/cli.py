@@ -27,7 +27,17 @@ from tqdm.auto import tqdm
 from avalanche_d2l.registry import RunConfig, build_strategy, get_strategy_factory, strategy_names
 from avalanche_d2l.utils import seed_everything
 
-__all__ = ["BENCHMARKS", "run_compare", "write_report", "main"]
+__all__ = [
+    "BENCHMARKS",
+    "EpochBar",
+    "PeakRSS",
+    "atomic_write",
+    "main",
+    "run_compare",
+    "summarise_run",
+    "train_with_checkpoints",
+    "write_report",
+]
 
 
 def _split_digits(seed: int):
@@ -72,7 +82,7 @@ def _make_model(spec: BenchmarkSpec) -> torch.nn.Module:
     raise ValueError(f"unknown model {spec.model!r}")
 
 
-class _PeakRSS:
+class PeakRSS:
     """Peak resident memory of this process while a run lasts (sampled in a thread)."""
 
     def __init__(self, interval: float = 0.05):
@@ -98,7 +108,7 @@ class _PeakRSS:
         self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
-class _EpochBar:
+class EpochBar:
     """Avalanche plugin: a tqdm bar over the training iterations of each experience."""
 
     def __init__(self, desc: str, enabled: bool = True):
@@ -125,27 +135,90 @@ class _EpochBar:
         return {"desc": self.desc, "enabled": self.enabled, "_bar": None}
 
 
-def _summarise_run(strategy, benchmark, accuracy_matrix, seen_accuracy) -> dict:
-    from avalanche_d2l.evaluation import AIA, FWT_STREAM
+def summarise_run(strategy, n_trained: int, accuracy_matrix, seen_accuracy) -> dict:
+    """The per-run summary of ``results.json`` from a strategy's evaluator after training."""
+    from avalanche_d2l.evaluation import AIA, FWT_STREAM, ForwardTransferAtStart
 
     last = strategy.evaluator.get_last_metrics()
-    n = len(benchmark.train_stream)
+    fwt = next(m for m in strategy.evaluator.metrics if isinstance(m, ForwardTransferAtStart))
     return {
         "final_accuracy": seen_accuracy[-1],
         "avg_incremental_accuracy": float(last[AIA]),
         "forgetting": float(last.get("StreamForgetting/eval_phase/test_stream", 0.0)),
         "bwt": float(last.get("StreamBWT/eval_phase/test_stream", 0.0)),
-        "forward_transfer": float(last[FWT_STREAM]) if n > 1 else 0.0,
+        "forward_transfer": float(last[FWT_STREAM]) if n_trained > 1 else 0.0,
         "accuracy_matrix": accuracy_matrix,
         "seen_accuracy": seen_accuracy,
+        # per experience k: accuracy at the start of its training and minus the random-init one
+        "accuracy_at_start": [fwt.accuracy_at_start[k] for k in sorted(fwt.accuracy_at_start)],
+        "forward_transfer_per_experience": [fwt.transfer[k] for k in sorted(fwt.transfer)],
     }
+
+
+def train_with_checkpoints(
+    strategy,
+    benchmark,
+    *,
+    seed: int,
+    ckpt: Path,
+    n_train: int | None = None,
+    loader_kwargs: dict | None = None,
+    save: Callable | None = None,
+    after_load: Callable | None = None,
+) -> dict:
+    """Train ``strategy`` on the first ``n_train`` experiences, checkpointing after each one.
+
+    An existing checkpoint at ``ckpt`` is resumed. After every experience the whole test stream
+    is evaluated; the accuracy matrix, the seen-class accuracies and the wall time travel with the
+    strategy in the checkpoint, so a resumed run reports the same as an uninterrupted one.
+
+    Args:
+        strategy: a freshly built strategy (replaced by the checkpointed one when there is one).
+        benchmark: its benchmark.
+        seed: experience k is trained with the global seed ``seed * 1000 + k``.
+        ckpt: checkpoint file.
+        n_train: experiences to train (default: the whole train stream).
+        loader_kwargs: extra ``train``/``eval`` keyword arguments (e.g. ``num_workers``).
+        save: ``save(strategy, path)`` (default :func:`avalanche_d2l.checkpointing.save_strategy`).
+        after_load: called with the strategy restored from a checkpoint.
+
+    Returns:
+        :func:`summarise_run`'s dict plus ``wall_s``.
+    """
+    from avalanche_d2l.checkpointing import load_strategy, save_strategy
+    from avalanche_d2l.evaluation import SEEN_ACC
+
+    save = save or save_strategy
+    loader_kwargs = loader_kwargs or {}
+    strategy, start = load_strategy(strategy, ckpt, map_location=strategy.device)
+    if start and after_load is not None:
+        after_load(strategy)
+    # Bookkeeping that must survive a resume travels with the strategy object in the checkpoint.
+    book = getattr(strategy, "_compare_book", None) or {"acc": [], "seen": [], "wall_s": 0.0}
+    n_train = len(benchmark.train_stream) if n_train is None else n_train
+    n_test = len(benchmark.test_stream)
+    for k in range(start, n_train):
+        t0 = time.perf_counter()
+        seed_everything(seed * 1000 + k)
+        strategy.train(benchmark.train_stream[k], eval_streams=[], **loader_kwargs)
+        results = strategy.eval(benchmark.test_stream, **loader_kwargs)
+        book["wall_s"] += time.perf_counter() - t0
+        book["acc"].append([
+            float(results[f"Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{j:03d}"])
+            for j in range(n_test)
+        ])
+        book["seen"].append(float(results[SEEN_ACC]))
+        strategy._compare_book = book
+        save(strategy, ckpt)
+    summary = summarise_run(strategy, n_train, book["acc"], book["seen"])
+    summary["wall_s"] = book["wall_s"]
+    return summary
 
 
 def _train_one(name: str, seed: int, run: RunConfig, spec: BenchmarkSpec, ckpt: Path,
                progress: bool) -> dict:
-    """Train ``name`` on the benchmark for one seed; checkpoint after each experience."""
-    from avalanche_d2l.checkpointing import load_strategy, save_strategy
-    from avalanche_d2l.evaluation import SEEN_ACC, make_evaluator
+    """Build ``name`` for the benchmark and one seed, and train it with checkpoints."""
+    from avalanche_d2l.evaluation import make_evaluator
 
     seed_everything(seed)
     benchmark = spec.build(seed)
@@ -155,31 +228,12 @@ def _train_one(name: str, seed: int, run: RunConfig, spec: BenchmarkSpec, ckpt: 
     strategy = build_strategy(
         name, model=model, optimizer=optimizer, criterion=torch.nn.CrossEntropyLoss(),
         benchmark=benchmark, run=run, evaluator=evaluator, device=torch.device(run.device),
-        plugins=[_EpochBar(f"{name} s{seed}", enabled=progress)],
+        plugins=[EpochBar(f"{name} s{seed}", enabled=progress)],
     )
-    strategy, start = load_strategy(strategy, ckpt, map_location=run.device)
-    # Bookkeeping that must survive a resume travels with the strategy object in the checkpoint.
-    book = getattr(strategy, "_compare_book", None) or {"acc": [], "seen": [], "wall_s": 0.0}
-    n_exp = len(benchmark.train_stream)
-    for exp in benchmark.train_stream[start:]:
-        t0 = time.perf_counter()
-        seed_everything(seed * 1000 + exp.current_experience)
-        strategy.train(exp, eval_streams=[])
-        results = strategy.eval(benchmark.test_stream)
-        book["wall_s"] += time.perf_counter() - t0
-        book["acc"].append([
-            float(results[f"Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{j:03d}"])
-            for j in range(n_exp)
-        ])
-        book["seen"].append(float(results[SEEN_ACC]))
-        strategy._compare_book = book
-        save_strategy(strategy, ckpt)
-    summary = _summarise_run(strategy, benchmark, book["acc"], book["seen"])
-    summary["wall_s"] = book["wall_s"]
-    return summary
+    return train_with_checkpoints(strategy, benchmark, seed=seed, ckpt=ckpt)
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -203,10 +257,8 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def write_report(results: dict, out: Path) -> None:
     """Write ``results.md`` (mean ± std over seeds) and ``accuracy.png`` from ``results``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure without pyplot: no global backend switch (notebooks keep theirs), no GUI needed.
+    from matplotlib.figure import Figure
 
     runs = results["runs"]
     order = [s for s in results["config"]["strategies"] if any(r["strategy"] == s for r in runs)]
@@ -218,7 +270,8 @@ def write_report(results: dict, out: Path) -> None:
         "| Strategy | " + " | ".join(label for _, label in METRICS) + " | Seeds |",
         "|---" * (len(METRICS) + 2) + "|",
     ]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
     for name in order:
         mine = [r for r in runs if r["strategy"] == name]
         cells = []
@@ -241,8 +294,7 @@ def write_report(results: dict, out: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=120)
-    plt.close(fig)
-    _atomic_write(out / "results.md", "\n".join(lines) + "\n")
+    atomic_write(out / "results.md", "\n".join(lines) + "\n")
 
 
 def run_compare(
@@ -322,16 +374,16 @@ def run_compare(
     for name, seed in bar:
         bar.set_postfix_str(f"{name} seed {seed}")
         ckpt = out / "checkpoints" / f"{name}_seed{seed}.pkl"
-        with _PeakRSS() as rss:
+        with PeakRSS() as rss:
             work_dir = out / "work" / f"{name}_seed{seed}"
             summary = _train_one(name, seed,
                                  dataclasses.replace(run, seed=seed, work_dir=str(work_dir)),
                                  spec, ckpt, progress)
         results["runs"].append({"strategy": name, "seed": seed, **summary,
                                 "peak_rss_mb": rss.peak / 2**20})
-        _atomic_write(results_path, json.dumps(results, indent=1))
+        atomic_write(results_path, json.dumps(results, indent=1))
         ckpt.unlink(missing_ok=True)
-    _atomic_write(results_path, json.dumps(results, indent=1))
+    atomic_write(results_path, json.dumps(results, indent=1))
     write_report(results, out)
     return results
 

@@ -216,7 +216,8 @@ def _write_cifar100(root: Path, n_classes: int = 100) -> dict[str, str]:
             pickle.dump({"data": data, "fine_labels": labels, "coarse_labels": [0] * n_classes}, f)
     with open(folder / "meta", "wb") as f:
         pickle.dump({"fine_label_names": [f"class_{c}" for c in labels]}, f)
-    return {n: hashlib.md5((folder / n).read_bytes()).hexdigest() for n in ("train", "test", "meta")}
+    return {n: hashlib.md5((folder / n).read_bytes()).hexdigest()
+            for n in ("train", "test", "meta")}
 
 
 @pytest.fixture
@@ -359,7 +360,8 @@ def test_split_cub200_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="1 image files listed in images.txt are missing"):
         split_cub200(tmp_path, expected_classes=4, n_experiences=2)
     (base / "train_test_split.txt").unlink()
-    with pytest.raises(FileNotFoundError, match=r"(?s)missing train_test_split.txt.*Expected layout"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"(?s)missing train_test_split.txt.*Expected layout"):
         split_cub200(tmp_path, expected_classes=4, n_experiences=2)
 
 

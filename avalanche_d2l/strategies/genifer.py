@@ -687,7 +687,7 @@ class GeniferPlugin(SupervisedPlugin):
                 sums["loss_d"] += float(loss_d.detach())
                 sums["loss_g"] += float(loss_g.detach())
                 if cfg.progress and step % 20 == 0:
-                    bar.set_postfix(d=f"{float(loss_d):.3f}", g=f"{float(loss_g):.3f}",
+                    bar.set_postfix(d=f"{loss_d.item():.3f}", g=f"{loss_g.item():.3f}",
                                     p=f"{float(self.ada.p):.2f}")
         finally:
             bar.close()
