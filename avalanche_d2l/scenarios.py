@@ -259,6 +259,22 @@ class _Source:
             raise self.error(FileNotFoundError, what)
 
 
+def _open_folder_source(name: str, root, *, layout: str, n_classes: int, n_experiences: int,
+                        image_size: int, class_order, named_orders=None):
+    """The checks every image-folder loader starts with, in order: image size, experience split,
+    class order, root folder. Returns ``(root, order, source)``."""
+    _check_image_size(image_size)
+    _experience_sizes(n_classes, n_experiences, None, name)
+    if named_orders is None:
+        order = _resolve_class_order(class_order, n_classes, name)
+    else:
+        order = _resolve_class_order(class_order, n_classes, name, named_orders)
+    root = Path(root).expanduser()
+    source = _Source(name=name, root=root, layout=layout)
+    source.require_root()
+    return root, order, source
+
+
 class ImagePathDataset(Dataset):
     """Lazy image dataset: file paths and integer targets, decoded with PIL only on access.
 
@@ -660,13 +676,10 @@ def split_cub200(
             ``n_experiences`` that does not divide the classes.
     """
     name = "split_cub200"
-    root = Path(root).expanduser()
     n_classes = 200 if expected_classes is None else expected_classes
-    _check_image_size(image_size)
-    _experience_sizes(n_classes, n_experiences, None, name)
-    order = _resolve_class_order(class_order, n_classes, name)
-    source = _Source(name=name, root=root, layout=CUB200_LAYOUT)
-    source.require_root()
+    root, order, source = _open_folder_source(
+        name, root, layout=CUB200_LAYOUT, n_classes=n_classes, n_experiences=n_experiences,
+        image_size=image_size, class_order=class_order)
     base = root / "CUB_200_2011" if (root / "CUB_200_2011").is_dir() else root
     needed = ["images.txt", "image_class_labels.txt", "train_test_split.txt", "images/"]
     missing = [n for n in needed if not (base / n).exists()]
@@ -774,13 +787,10 @@ def split_mini_imagenet(
             ``n_experiences`` that does not divide the classes.
     """
     name = "split_mini_imagenet"
-    root = Path(root).expanduser()
     n_classes = 100 if expected_classes is None else expected_classes
-    _check_image_size(image_size)
-    _experience_sizes(n_classes, n_experiences, None, name)
-    order = _resolve_class_order(class_order, n_classes, name)
-    source = _Source(name=name, root=root, layout=MINI_IMAGENET_LAYOUT)
-    source.require_root()
+    root, order, source = _open_folder_source(
+        name, root, layout=MINI_IMAGENET_LAYOUT, n_classes=n_classes, n_experiences=n_experiences,
+        image_size=image_size, class_order=class_order)
     test_dir = _find_split_dir(root, ("test", "val"))
     if not (root / "train").is_dir() or test_dir is None:
         lacking = [d for d, ok in (("train/", (root / "train").is_dir()),
@@ -844,15 +854,12 @@ def split_imagenet_r(
             ``n_experiences`` that does not divide the classes.
     """
     name = "split_imagenet_r"
-    root = Path(root).expanduser()
     n_classes = 200 if expected_classes is None else expected_classes
-    _check_image_size(image_size)
-    _experience_sizes(n_classes, n_experiences, None, name)
-    order = _resolve_class_order(class_order, n_classes, name)
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"{name}: test_fraction must be in (0, 1), got {test_fraction}")
-    source = _Source(name=name, root=root, layout=IMAGENET_R_LAYOUT)
-    source.require_root()
+    root, order, source = _open_folder_source(
+        name, root, layout=IMAGENET_R_LAYOUT, n_classes=n_classes, n_experiences=n_experiences,
+        image_size=image_size, class_order=class_order)
     test_dir = _find_split_dir(root, ("test", "val"))
     if (root / "train").is_dir() and test_dir is not None:
         train, test = _read_train_test_folders(root / "train", test_dir, source=source)
@@ -924,19 +931,16 @@ def split_fg_imagenet(
             divide the classes.
     """
     name = "split_fg_imagenet"
-    root = Path(root).expanduser()
     classes = list(wnids) if wnids is not None else fg_imagenet_wnids()
     duplicated = sorted({w for w in classes if classes.count(w) > 1})
     if not classes or duplicated:
         raise ValueError(f"{name}: wnids must be a non-empty list without repeats; repeated: "
                          f"{duplicated}")
     n_classes = len(classes)
-    _check_image_size(image_size)
-    _experience_sizes(n_classes, n_experiences, None, name)
-    order = _resolve_class_order(class_order, n_classes, name,
-                                 {"wnids": lambda: list(range(n_classes))})
-    source = _Source(name=name, root=root, layout=FG_IMAGENET_LAYOUT)
-    source.require_root()
+    root, order, source = _open_folder_source(
+        name, root, layout=FG_IMAGENET_LAYOUT, n_classes=n_classes, n_experiences=n_experiences,
+        image_size=image_size, class_order=class_order,
+        named_orders={"wnids": lambda: list(range(n_classes))})
     test_dir = _find_split_dir(root, ("val", "test"))
     if not (root / "train").is_dir() or test_dir is None:
         lacking = [d for d, ok in (("train/", (root / "train").is_dir()),
