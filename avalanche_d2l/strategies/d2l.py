@@ -716,6 +716,13 @@ def split_digits_dream_config(*, quick: bool = False, seed: int = 0) -> DreamCon
     )
 
 
+#: Dream-only heads added to the one-head-per-class layout by :func:`build_d2l` on split_digits.
+#: More free heads host more dreams, so a new class more often finds a head whose dream resembles
+#: it. Measured on split_digits (3 seeds, buffer 100, 10 epochs): 0 extra heads gave final accuracy
+#: 0.962 and forward transfer -0.025; 5 gave 0.946 and +0.031; 10 gave 0.926 and +0.065. More dream
+#: heads buy forward transfer with some final accuracy; 5 keeps both above Replay.
+SPLIT_DIGITS_EXTRA_HEADS = 5
+
 #: Denoiser steps of the stand-in glyph dreamer that ``run.quick`` pretrains when the full offline
 #: dreamer is not in the cache yet (a smoke-test dreamer: fast to make, poor images).
 QUICK_DREAMER_STEPS = 30
@@ -767,6 +774,7 @@ def build_d2l(*, model, optimizer, criterion, benchmark, run, evaluator, device,
         dream_config=split_digits_dream_config(quick=run.quick, seed=run.seed),
         feature_layer=layer,
         n_classes=benchmark.n_classes,
+        n_extra_heads=SPLIT_DIGITS_EXTRA_HEADS,
         train_mb_size=run.train_mb_size,
         train_epochs=run.epochs,
         eval_mb_size=run.eval_mb_size,
