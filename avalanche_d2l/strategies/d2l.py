@@ -743,13 +743,17 @@ def _offline_dreamer(image_size: int, *, quick: bool):
     return pretrain.load_or_pretrain_offline_dreamer(image_size=image_size, progress=not quick)
 
 
-def build_d2l(*, model, optimizer, criterion, benchmark, run, evaluator, device, plugins=None):
+def build_d2l(*, model, optimizer, criterion, benchmark, run, evaluator, device, plugins=None,
+              n_extra_heads: int = SPLIT_DIGITS_EXTRA_HEADS):
     """Registry factory: D2L with the offline glyph dreamer and split_digits-scale dreaming.
 
     Uses ``run.mem_size`` for the buffer, ``run.seed`` for dreaming, the model's ``"features"``
     module as feature layer when it has one (else ``run.feature_layer``), and
     :func:`split_digits_dream_config` (``run.quick`` -> tiny settings, and a quickly pretrained
     stand-in dreamer when the full offline dreamer is not cached yet).
+
+    ``n_extra_heads`` adds dream-only heads (:data:`SPLIT_DIGITS_EXTRA_HEADS` by default); bind it
+    with :func:`functools.partial` to register a variant.
     """
     from ..registry import benchmark_image_shape
 
@@ -774,7 +778,7 @@ def build_d2l(*, model, optimizer, criterion, benchmark, run, evaluator, device,
         dream_config=split_digits_dream_config(quick=run.quick, seed=run.seed),
         feature_layer=layer,
         n_classes=benchmark.n_classes,
-        n_extra_heads=SPLIT_DIGITS_EXTRA_HEADS,
+        n_extra_heads=n_extra_heads,
         train_mb_size=run.train_mb_size,
         train_epochs=run.epochs,
         eval_mb_size=run.eval_mb_size,
