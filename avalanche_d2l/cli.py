@@ -286,6 +286,8 @@ def write_report(results: dict, out: Path) -> None:
         if len(mine) > 1:
             std = curves.std(0)
             ax.fill_between(x, mean - std, mean + std, alpha=0.15)
+    if runs:
+        ax.set_xticks(range(1, len(runs[0]["seen_accuracy"]) + 1))
     ax.set_xlabel("experiences trained")
     ax.set_ylabel("accuracy on classes seen so far")
     ax.set_title(results["config"]["benchmark"])
