@@ -26,10 +26,16 @@ from pathlib import Path
 
 import torch
 
-from avalanche_d2l.models.classifiers import resnet18_cifar, small_cnn
-from avalanche_d2l.scenarios import tensor_benchmark
-from avalanche_d2l.strategies.genifer import GeniferConfig, GeniferPlugin, _frozen_copy
-from avalanche_d2l.utils import resolve_device, seed_everything
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout, installed or not
+
+from avalanche_d2l.models.classifiers import resnet18_cifar, small_cnn  # noqa: E402
+from avalanche_d2l.scenarios import tensor_benchmark  # noqa: E402
+from avalanche_d2l.strategies.genifer import (  # noqa: E402
+    GeniferConfig,
+    GeniferPlugin,
+    _frozen_copy,
+)
+from avalanche_d2l.utils import resolve_device, seed_everything  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

@@ -75,7 +75,6 @@ def _evaluator():
 
 
 def _run(bench, *, genifer: bool, use_naive_door: bool = False, model=None, config=TINY):
-    torch.set_num_threads(1)
     seed_everything(0)
     model = model or small_cnn(num_classes=6, in_channels=1, width=16)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -143,7 +142,6 @@ def test_equalised_lr_scales_at_runtime():
 
 
 def test_discriminator_reads_features_not_pixels(tiny_bench):
-    torch.set_num_threads(1)
     model = small_cnn(num_classes=6, in_channels=1, width=8)
     plugin = GeniferPlugin(feature_layer="block2", config=dataclasses.replace(
         TINY, gan_steps_first=3, num_classes=6))
@@ -218,7 +216,6 @@ def test_ada_p_moves_toward_target_and_is_capped():
 
 # ---------------------------------------------------------------- GAN training
 def test_gan_steps_move_features_toward_real(tiny_bench):
-    torch.set_num_threads(1)
     seed_everything(0)
     exp = tiny_bench.train_stream[0]
     model = small_cnn(num_classes=6, in_channels=1, width=16)
@@ -362,7 +359,6 @@ def test_naive_with_plugin_is_the_same_algorithm(tiny_bench):
 
 
 def test_incremental_classifier_head(tiny_bench):
-    torch.set_num_threads(1)
     seed_everything(0)
     model = small_cnn(num_classes=2, in_channels=1, width=16)
     model.classifier = IncrementalClassifier(model.classifier.in_features, initial_out_features=2)

@@ -10,17 +10,6 @@ from torch.nn import functional as F
 from avalanche_d2l.models import resnet18_cifar, small_cnn
 from avalanche_d2l.utils import capture_features, get_module, seed_everything
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny convolutions are slower (and, on a loaded machine, far slower)
-    with several OpenMP threads; restored after each test."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 WIDTH = 8  # narrow networks keep the tests fast; shapes scale with `width` as checked below
 
 

@@ -27,17 +27,6 @@ from avalanche_d2l.scenarios import (
     stratified_split,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny convolutions are slower (and, on a loaded machine, far slower)
-    with several OpenMP threads; restored after each test."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # ------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------
