@@ -450,3 +450,24 @@ def test_pretrain_cli_parses_and_runs(tmp_path, monkeypatch):
     assert rc == 0
     assert seen["steps"] == 12 and seen["seed"] == 3 and seen["batch_size"] == 8
     assert seen["image_size"] == 16 and seen["progress"] is False
+
+
+def test_coloured_glyph_world_for_rgb_streams():
+    grey = GlyphBank(GlyphConfig(chars="abc"))
+    rgb = GlyphBank(GlyphConfig(chars="abc", color=True))
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    x1, y1 = grey.sample(16, generator=g1)
+    x3, y3 = rgb.sample(16, generator=g2)
+    assert rgb.channels == 3 and x3.shape == (16, 3, 16, 16) and torch.equal(y1, y3)
+    assert 0.0 <= float(x3.min()) and float(x3.max()) <= 1.0
+    # each image has its own colours: channels differ, and the stroke is brighter than the ground
+    assert not torch.allclose(x3[:, 0], x3[:, 1])
+    stroke = x1 > 0.5
+    for i in range(16):
+        if stroke[i].any() and (~stroke[i]).any():
+            m = stroke[i, 0]
+            assert (x3[i][:, m].mean() > x3[i][:, ~m].mean())
+    # grey and coloured dreamers live in different cache folders
+    assert pretrain_mod._cache_name(16, 600, 0, 3) != pretrain_mod._cache_name(16, 600, 0)
+    with pytest.raises(ValueError, match="channels must be 1 or 3"):
+        pretrain_offline_dreamer("unused", steps=1, channels=2)

@@ -94,6 +94,11 @@ class GlyphConfig:
         threshold: (min, max) binarisation threshold of the jittered base bitmap.
         blur: (min, max) Gaussian blur sigma at ``image_size``.
         contrast: (min, max) peak intensity.
+        color: RGB glyphs: every image gets its own stroke colour (each channel uniform in
+            ``foreground``) on its own darker background colour (``background``), the look of
+            :func:`avalanche_d2l.scenarios.split_color_digits`; ``False`` gives grey images.
+        foreground: (min, max) of each stroke-colour channel when ``color``.
+        background: (min, max) of each background-colour channel when ``color``.
     """
 
     image_size: int = 16
@@ -112,6 +117,9 @@ class GlyphConfig:
     threshold: tuple[float, float] = (0.3, 0.6)
     blur: tuple[float, float] = (0.0, 0.6)
     contrast: tuple[float, float] = (0.85, 1.0)
+    color: bool = False
+    foreground: tuple[float, float] = (0.5, 1.0)
+    background: tuple[float, float] = (0.0, 0.35)
     fonts: list[str] = field(default_factory=list)  # filled with the font files used
 
     def __post_init__(self) -> None:
@@ -223,7 +231,7 @@ class GlyphBank:
             jitter: ``False`` gives the centred base glyphs through the low-res path only.
 
         Returns:
-            ``(images (n, 1, S, S) in [0, 1], labels (n,))``.
+            ``(images (n, C, S, S) in [0, 1], labels (n,))``; C is 3 with ``config.color``.
         """
         g = generator
         if classes is None:
@@ -234,7 +242,20 @@ class GlyphBank:
         idx = torch.stack([self._by_class[int(k)][int(p)] for k, p in zip(classes, pick)])
         x = self.base[idx]
         x = self._jitter(x, g) if jitter else self._shrink_only(x, g)
+        if self.config.color:
+            fg = self._uniform((n, 3, 1, 1), self.config.foreground, g)
+            bg = self._uniform((n, 3, 1, 1), self.config.background, g)
+            x = bg + (fg - bg) * x
         return x, classes
+
+    @staticmethod
+    def _uniform(shape, bounds: tuple[float, float], g) -> Tensor:
+        lo, hi = bounds
+        return lo + (hi - lo) * torch.rand(shape, generator=g)
+
+    @property
+    def channels(self) -> int:
+        return 3 if self.config.color else 1
 
     # ---- the look: geometry, stroke, low resolution -------------------------------------------
 

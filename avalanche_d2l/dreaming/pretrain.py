@@ -134,7 +134,8 @@ def _train_reference(bank: GlyphBank, pc: PretrainConfig, gen: torch.Generator, 
 
     from ..models.classifiers import small_cnn
 
-    net = small_cnn(num_classes=bank.num_classes, in_channels=1, width=pc.reference_width)
+    net = small_cnn(num_classes=bank.num_classes, in_channels=bank.channels,
+                    width=pc.reference_width)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     net.train()
     for _ in tqdm(range(pc.reference_steps), desc="reference classifier", disable=not progress):
@@ -194,6 +195,7 @@ def pretrain_offline_dreamer(
     progress: bool = True,
     config: PretrainConfig | None = None,
     glyph_config: GlyphConfig | None = None,
+    channels: int = 1,
 ) -> Dreamer:
     """Pretrain the glyph dreamer and its reference classifier on CPU; save to ``out_dir``.
 
@@ -206,6 +208,7 @@ def pretrain_offline_dreamer(
         progress: tqdm bars.
         config: full settings (``image_size``/``steps``/``batch_size``/``seed`` override it).
         glyph_config: the glyph world's settings (default :class:`GlyphConfig`).
+        channels: 1 (grey glyphs) or 3 (each glyph in its own colours on its own background).
 
     Returns:
         The frozen :class:`Dreamer` (on the CPU), with ``training_info`` attached.
@@ -234,16 +237,20 @@ def pretrain_offline_dreamer(
     set_seed(pc.seed)
     gen = torch.Generator().manual_seed(pc.seed)
 
-    gc = dataclasses.replace(glyph_config or GlyphConfig(), image_size=pc.image_size)
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    gc = dataclasses.replace(glyph_config or GlyphConfig(), image_size=pc.image_size,
+                             color=channels == 3)
     bank = GlyphBank(gc)
+    C = bank.channels
     K, L, D = bank.num_classes, pc.prompt_len, pc.prompt_dim
 
     # the denoiser, the concept table ("text-embedding space") and the null prompt
     unet_kwargs = _unet_config(pc)
     unet = UNet2DConditionModel(
         sample_size=pc.image_size,
-        in_channels=1,
-        out_channels=1,
+        in_channels=C,
+        out_channels=C,
         cross_attention_dim=D,
         **unet_kwargs,
     )
@@ -305,7 +312,7 @@ def pretrain_offline_dreamer(
     dcfg = DreamerConfig(
         kind="pixel",
         image_size=pc.image_size,
-        channels=1,
+        channels=C,
         prompt_len=L,
         prompt_dim=D,
         num_inference_steps=pc.num_inference_steps,
@@ -315,7 +322,7 @@ def pretrain_offline_dreamer(
     spec = {
         "arch": "small_cnn",
         "num_classes": K,
-        "in_channels": 1,
+        "in_channels": C,
         "width": pc.reference_width,
         "in_size": pc.image_size,
         "in_mean": None,
@@ -410,8 +417,9 @@ def _trained_on_md(info: dict) -> str:
     )
 
 
-def _cache_name(image_size: int, steps: int, seed: int) -> str:
-    return f"glyph_dreamer_v{RECIPE_VERSION}_s{image_size}_n{steps}_seed{seed}"
+def _cache_name(image_size: int, steps: int, seed: int, channels: int = 1) -> str:
+    colour = "_rgb" if channels == 3 else ""
+    return f"glyph_dreamer_v{RECIPE_VERSION}{colour}_s{image_size}_n{steps}_seed{seed}"
 
 
 def load_or_pretrain_offline_dreamer(
@@ -422,6 +430,7 @@ def load_or_pretrain_offline_dreamer(
     seed: int = 0,
     progress: bool = True,
     device: str | torch.device | None = "cpu",
+    channels: int = 1,
 ) -> Dreamer:
     """The offline glyph dreamer: load it from the cache, pretraining it there first if missing.
 
@@ -433,17 +442,19 @@ def load_or_pretrain_offline_dreamer(
         seed: training seed.
         progress: tqdm bars while pretraining.
         device: where to load it.
+        channels: 1 (grey glyph world) or 3 (coloured glyph world).
     """
     steps = int(steps or PretrainConfig.steps)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = root / _cache_name(image_size, steps, seed)
+    target = root / _cache_name(image_size, steps, seed, channels)
     if not (target / "dreamer_config.json").is_file():
         root.mkdir(parents=True, exist_ok=True)
         # write into a temporary sibling and rename: concurrent callers never see half a model
         tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=root))
         try:
             pretrain_offline_dreamer(
-                tmp, image_size=image_size, steps=steps, seed=seed, progress=progress
+                tmp, image_size=image_size, steps=steps, seed=seed, progress=progress,
+                channels=channels,
             )
             try:
                 tmp.rename(target)
@@ -471,6 +482,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{default_cache_dir()}/<settings>)",
     )
     p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--channels", type=int, default=1, choices=(1, 3),
+                   help="3: coloured glyphs (for RGB streams such as split_color_digits)")
     p.add_argument("--steps", type=int, default=PretrainConfig.steps)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=PretrainConfig.batch_size)
@@ -484,7 +497,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = args.out or default_cache_dir() / _cache_name(args.image_size, args.steps, args.seed)
+    out = args.out or default_cache_dir() / _cache_name(args.image_size, args.steps, args.seed,
+                                                        args.channels)
     dreamer = pretrain_offline_dreamer(
         out,
         image_size=args.image_size,
@@ -492,6 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         progress=not args.no_progress,
+        channels=args.channels,
     )
     info = dreamer.training_info
     print(f"saved to {out}")
