@@ -14,6 +14,7 @@ import torch
 from avalanche.evaluation.metrics import accuracy_metrics, loss_metrics
 from avalanche.training import Naive
 from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
+from tiny_models import tiny_pixel_dreamer
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
@@ -41,26 +42,10 @@ from avalanche_d2l.strategies.d2l import (
 from avalanche_d2l.utils import seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_UNET = {
-    "block_out_channels": (8, 16),
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-    "norm_num_groups": 4,
-    "attention_head_dim": 4,
-}
 
 
 def tiny_dreamer(seed: int = 0) -> Dreamer:
-    cfg = DreamerConfig(
-        kind="pixel",
-        image_size=8,
-        channels=1,
-        prompt_len=2,
-        prompt_dim=16,
-        num_inference_steps=2,
-        output_size=16,
-    )
-    return Dreamer.from_config(cfg, TINY_UNET, num_concepts=6, seed=seed)
+    return tiny_pixel_dreamer(seed=seed, output_size=16)
 
 
 class LinearDreamer(nn.Module):

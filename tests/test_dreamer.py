@@ -7,33 +7,18 @@ import json
 
 import pytest
 import torch
+from tiny_models import TINY_UNET, tiny_pixel_dreamer
 
 from avalanche_d2l.dreaming import Dreamer, DreamerConfig, from_classifier_space
 from avalanche_d2l.dreaming import pretrain as pretrain_mod
 from avalanche_d2l.dreaming.glyphs import DEFAULT_GLYPHS, GlyphBank, GlyphConfig
 from avalanche_d2l.dreaming.pretrain import PretrainConfig, pretrain_offline_dreamer
 
-TINY_UNET = {
-    "block_out_channels": (8, 16),
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-    "layers_per_block": 1,
-    "norm_num_groups": 4,
-    "attention_head_dim": 4,
-}
+UNET = {**TINY_UNET, "layers_per_block": 1}
 
 
 def tiny_dreamer(**overrides) -> Dreamer:
-    cfg = {
-        "kind": "pixel",
-        "image_size": 8,
-        "channels": 1,
-        "prompt_len": 2,
-        "prompt_dim": 8,
-        "num_inference_steps": 2,
-    }
-    cfg.update(overrides)
-    d = Dreamer.from_config(DreamerConfig(**cfg), TINY_UNET, num_concepts=5, seed=0)
+    d = tiny_pixel_dreamer(unet=UNET, num_concepts=5, **{"prompt_dim": 8, **overrides})
     # a non-zero null prompt so that guidance has an effect
     d.null_prompt = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
     return d
@@ -279,7 +264,7 @@ def test_latent_dreamer_from_diffusers_layout(tmp_path, monkeypatch):
         sample_size=16,
     )
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, cross_attention_dim=16, **TINY_UNET
+        sample_size=8, in_channels=4, out_channels=4, cross_attention_dim=16, **UNET
     )
     vae.save_pretrained(root / "vae")
     unet.save_pretrained(root / "unet")

@@ -45,7 +45,8 @@ STAND_IN = _stand_in_name()
 @pytest.fixture(scope="module")
 def kernel_env(tmp_path_factory):
     """Environment of the notebook kernels: kernel spec, package path, caches, tiny configs."""
-    from avalanche_d2l.dreaming.dreamer import Dreamer, DreamerConfig
+    from tiny_models import tiny_pixel_dreamer
+
     from avalanche_d2l.strategies.genifer import GeniferConfig
 
     base = tmp_path_factory.mktemp("notebook_env")
@@ -63,26 +64,7 @@ def kernel_env(tmp_path_factory):
     )
     # 2. the dreamer cache: a tiny random pixel dreamer where quick mode finds its stand-in
     cache = base / "cache"
-    dreamer = Dreamer.from_config(
-        DreamerConfig(
-            kind="pixel",
-            image_size=8,
-            channels=1,
-            prompt_len=2,
-            prompt_dim=16,
-            num_inference_steps=2,
-            output_size=16,
-        ),
-        {
-            "block_out_channels": (8, 16),
-            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-            "norm_num_groups": 4,
-            "attention_head_dim": 4,
-        },
-        num_concepts=6,
-        seed=0,
-    )
+    dreamer = tiny_pixel_dreamer(output_size=16)
     dreamer.save_pretrained(cache / STAND_IN)
     # 3. a short Genifer config
     genifer_cfg = base / "genifer_tiny.json"

@@ -18,8 +18,8 @@ import pytest
 import torch
 from avalanche.training import Naive
 from PIL import Image
+from tiny_models import tiny_pixel_dreamer
 
-from avalanche_d2l.dreaming.dreamer import Dreamer, DreamerConfig
 from avalanche_d2l.models.classifiers import ResNetCifar, small_cnn
 from avalanche_d2l.scenarios import tensor_benchmark
 
@@ -31,13 +31,6 @@ sys.modules["run_config"] = rc  # dataclasses and pickling look the module up by
 _spec.loader.exec_module(rc)
 
 N_CLASSES = 6
-TINY_UNET = {
-    "block_out_channels": (8, 16),
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-    "norm_num_groups": 4,
-    "attention_head_dim": 4,
-}
 
 
 def _real(name: str) -> dict:
@@ -68,11 +61,8 @@ def data_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def dreamer_dir(tmp_path_factory) -> Path:
-    cfg = DreamerConfig(
-        kind="pixel", image_size=8, channels=1, prompt_len=2, prompt_dim=16, num_inference_steps=2
-    )
     path = tmp_path_factory.mktemp("dreamer") / "tiny"
-    Dreamer.from_config(cfg, TINY_UNET, num_concepts=6, seed=0).save_pretrained(path)
+    tiny_pixel_dreamer().save_pretrained(path)
     return path
 
 
