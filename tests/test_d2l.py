@@ -362,7 +362,7 @@ def test_dreamer_reference_network_drives_default_oracle(dreamer):
 def make_d2l(dreamer, tmp_path, model=None, **kw):
     seed_everything(0)
     model = model if model is not None else small_cnn(10, 1, width=8)
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    opt = torch.optim.Adam(model.parameters(), kw.pop("optimizer_lr", 1e-3))
     args = dict(
         model=model,
         optimizer=opt,
@@ -550,3 +550,101 @@ def test_tensor_benchmark_with_more_heads_than_outputs_runs(dreamer, tmp_path):
     # every class has a head -> no dreaming after the last experience
     assert strategy.d2l_plugin.dream_labels is None
     assert strategy.model.dream_heads.numel() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# sleep phase and coherence term
+
+
+def _dream_head_prob(strategy) -> float:
+    """Mean probability the learner gives each dream image's own head (seen + dream heads)."""
+    model, plugin = strategy.model, strategy.d2l_plugin
+    visible = model.seen_heads() + model.dream_heads.tolist()
+    col = {h: i for i, h in enumerate(visible)}
+    with torch.no_grad():
+        model.eval()
+        p = model.forward_heads(plugin.dream_images)[:, visible].softmax(1)
+    idx = torch.tensor([col[int(h)] for h in plugin.dream_labels])
+    return float(p.gather(1, idx[:, None]).mean())
+
+
+def test_sleep_phase_learns_the_dreams_before_the_next_experience(bench, tmp_path):
+    # the linear stand-in dreamer: its dreams differ by prompt, so dream heads can be told apart
+    probs, steps = {}, {}
+    for epochs in (0, 10):
+        s = make_d2l(
+            LinearDreamer(), tmp_path / f"s{epochs}", optimizer_lr=3e-3,
+            dream_config=cfg(steps=2, samples_per_class=16, sleep_epochs=epochs),
+        )
+        s.train(bench.train_stream[0])
+        probs[epochs] = _dream_head_prob(s)
+        steps[epochs] = s.d2l_plugin.history[-1]["sleep_steps"]
+        buffer_classes = {int(y) for y in s.replay_plugin.storage_policy.buffer.targets}
+        assert buffer_classes <= {int(c) for c in bench.train_stream[0].classes_in_this_experience}
+    n_dreams = s.d2l_plugin.dream_labels.numel()
+    assert n_dreams == 8 * 16
+    assert steps[0] == 0 and steps[10] == 10 * -(-n_dreams // 32)
+    # the same dreams, recognised as their own heads far better after sleeping on them
+    assert probs[10] > probs[0] + 0.2, probs
+
+
+def test_sleep_without_a_replay_buffer_is_skipped_with_a_warning(bench, dreamer, tmp_path):
+    seed_everything(0)
+    model = DreamHeads(
+        small_cnn(10, 1, width=8), n_classes=10, feature_layer="features", input_shape=(1, 16, 16)
+    )
+    plugin = D2LPlugin(dreamer, cfg(steps=1, sleep_epochs=2))
+    strategy = Naive(
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters(), 1e-3),
+        criterion=nn.CrossEntropyLoss(),
+        train_mb_size=32,
+        train_epochs=1,
+        evaluator=quiet_evaluator(),
+        plugins=[plugin],
+    )
+    with pytest.warns(UserWarning, match="no \\(non-empty\\) replay buffer"):
+        strategy.train(bench.train_stream[0])
+    assert plugin.history[-1]["sleep_steps"] == 0 and plugin.dream_labels.numel() > 0
+
+
+def test_bn_coherence_is_zero_on_the_learners_own_statistics_and_falls_under_dreaming(bench):
+    from avalanche_d2l.dreaming.prompts import _batchnorms, _BNInputs, bn_coherence
+
+    seed_everything(2)
+    model = train_on_classes(heads_model(), bench, [0, 1, 2], steps=40)
+    bns = _batchnorms(model)
+    assert len(bns) == 3
+    x = torch.rand(64, 1, 16, 16)
+    with _BNInputs(bns) as rec, torch.no_grad():
+        model.forward_heads(x)
+    # running statistics set to this batch's own statistics -> zero distance
+    probe = heads_model()
+    probe.load_state_dict(model.state_dict())
+    pbns = _batchnorms(probe)
+    for inp, m in zip(rec.inputs, pbns):
+        dims = [0, 2, 3]
+        m.running_mean.copy_(inp.mean(dims))
+        m.running_var.copy_(inp.var(dims, unbiased=False))
+    assert float(bn_coherence(rec.inputs, pbns)) < 1e-4
+    assert float(bn_coherence(rec.inputs, bns)) > 0.1
+
+    # only the coherence term: prompt optimisation brings the dreams' statistics to the learner's
+    config = cfg(
+        steps=25, lr=0.3, batch_per_class=4, fixed_noise=True, w_target=0.0, w_seen=0.0,
+        w_distinct=0.0, w_consistency=0.0, w_norm=0.0, w_coherence=1.0,
+    )
+    result = dream_classes(
+        dreamer=LinearDreamer(), classifier=model, heads=[5, 6], seen_heads=[0, 1, 2],
+        config=config,
+    )
+    coh = result.history["coherence"]
+    assert len(coh) == 25 and sum(coh[-3:]) / 3 < 0.8 * sum(coh[:3]) / 3, coh
+
+    plain = DreamHeads(
+        nn.Sequential(nn.Flatten(), nn.Linear(256, 16), nn.ReLU(), nn.Linear(16, 10)),
+        n_classes=10, feature_layer="2", input_shape=(1, 16, 16),
+    )
+    with pytest.raises(ValueError, match="needs BatchNorm layers"):
+        dream_classes(dreamer=LinearDreamer(), classifier=plain, heads=[5], seen_heads=[0],
+                      config=cfg(w_coherence=1.0))

@@ -12,6 +12,9 @@ backprop), with a loss computed by the **continual learner itself** on the gener
   mean features of the other dream classes (features of the learner's feature layer);
 * ``consistency``: ``1 - cos(f_i, mean_f)`` inside a dream class (the images of one dream form one
   concept, not a bag of unrelated images);
+* ``coherence`` (optional): distance of the dreams' batch statistics at the learner's BatchNorm
+  layers from the running statistics (mean and variance) the learner holds of its data -- the
+  dream stays in the domain the learner knows, only its class is new;
 * ``norm``: ``(|P| / |concept| - 1)^2``, the prompt's norm relative to the mean norm of the
   dreamer's concept embeddings, so the prompt stays in the region the dreamer knows.
 
@@ -51,6 +54,7 @@ __all__ = [
     "HeadClassifier",
     "init_prompts",
     "dream_losses",
+    "bn_coherence",
     "dream_classes",
 ]
 
@@ -80,6 +84,10 @@ class DreamConfig:
         distinct_margin: cosine similarity allowed between the mean features of two dreams.
         w_consistency: weight of the intra-class feature consistency term.
         w_norm: weight of the prompt-norm penalty.
+        w_coherence: weight of the coherence term: the batch statistics of the dreams at the
+            learner's BatchNorm layers against those layers' running statistics (what the learner
+            knows of its data, as in DeepInversion), so dreams stay in the learner's input domain
+            while being a new class. ``0`` disables it; ``> 0`` needs BatchNorm layers.
         oracle_threshold: the default oracle stops a class when the learner's mean target
             probability reaches this value.
         oracle_max_entropy: reference-network degeneration bound (normalised entropy).
@@ -87,6 +95,14 @@ class DreamConfig:
         oracle_min_steps: first step at which the reference checks apply.
         dream_weight: weight of the dream cross-entropy added to the training loss.
         dream_batch_size: dream samples per training minibatch (``None``: ``train_mb_size``).
+        sleep_epochs: passes over the new dream set right after dreaming, before the next
+            experience arrives ("sleep"): minibatches of dreams (labelled with their heads) with
+            as many replay-buffer samples, loss ``CE(buffer) + dream_weight * CE(dreams)``. The
+            dream heads are then learned *before* the next experience's head assignment, which is
+            what lets a new class find a head whose dream resembles it. ``0`` trains on dreams only
+            mixed into the next experience's minibatches (then the dreams made after experience
+            ``k`` are first learned during ``k + 1``, after its head assignment, and cannot give
+            it forward transfer).
         dream_after_last: also dream once every class of the stream has a head (only useful with
             extra dream-only heads; normally nothing can benefit from those dreams).
         fixed_noise: reuse one initial-noise draw per dream class for every optimisation step
@@ -113,12 +129,14 @@ class DreamConfig:
     distinct_margin: float = 0.5
     w_consistency: float = 0.1
     w_norm: float = 0.01
+    w_coherence: float = 0.0
     oracle_threshold: float = 0.9
     oracle_max_entropy: float | None = 0.95
     oracle_collapse: float | None = 0.98
     oracle_min_steps: int = 1
     dream_weight: float = 1.0
     dream_batch_size: int | None = None
+    sleep_epochs: int = 1
     dream_after_last: bool = False
     fixed_noise: bool = False
     seed: int = 0
@@ -127,6 +145,8 @@ class DreamConfig:
     def __post_init__(self) -> None:
         if self.init not in _INITS:
             raise ValueError(f"DreamConfig.init must be one of {_INITS}, got {self.init!r}")
+        if self.sleep_epochs < 0:
+            raise ValueError(f"DreamConfig.sleep_epochs must be >= 0, got {self.sleep_epochs}")
         for name in ("batch_per_class", "samples_per_class", "generate_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DreamConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -248,6 +268,55 @@ def _pool(f: Tensor) -> Tensor:
     return f.flatten(2).mean(2) if f.dim() > 2 else f
 
 
+def _batchnorms(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        and m.track_running_stats
+        and m.running_mean is not None
+    ]
+
+
+class _BNInputs:
+    """Context: record the input of every BatchNorm layer of a model (forward hooks)."""
+
+    def __init__(self, modules: Sequence[torch.nn.Module]):
+        self.modules = list(modules)
+        self.inputs: list[Tensor] = []
+
+    def __enter__(self):
+        self.handles = [
+            m.register_forward_hook(lambda _m, inp, _out: self.inputs.append(inp[0]))
+            for m in self.modules
+        ]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        return False
+
+
+def bn_coherence(
+    inputs: Sequence[Tensor], modules: Sequence[torch.nn.Module], rows: Tensor | None = None
+) -> Tensor:
+    """Sum over BatchNorm layers of ``|mean - running_mean| + |var - running_var|`` (L2 norms),
+    the batch statistics taken over ``rows`` of each layer's recorded input (all rows if None)."""
+    total = None
+    for x, m in zip(inputs, modules):
+        if rows is not None:
+            x = x[rows]
+        dims = [0] + list(range(2, x.dim()))
+        mean = x.float().mean(dims)
+        var = x.float().var(dims, unbiased=False)
+        term = (mean - m.running_mean.float()).norm() + (var - m.running_var.float()).norm()
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("bn_coherence: no BatchNorm layer inputs were recorded")
+    return total
+
+
 def dream_losses(
     logits: Tensor,
     feats: Tensor,
@@ -260,6 +329,7 @@ def dream_losses(
     prompts: Tensor,
     concept_norm: float,
     config: DreamConfig,
+    coherence: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """The dream loss terms (see the module docstring) on one generated batch.
 
@@ -274,9 +344,11 @@ def dream_losses(
         prompts: ``(n_active, L, D)`` prompts being optimised.
         concept_norm: mean norm of the dreamer's concept embeddings.
         config: weights and margin.
+        coherence: the coherence term (:func:`bn_coherence`), or None (counted as 0).
 
     Returns:
-        dict of scalar terms (``target``, ``seen``, ``distinct``, ``consistency``, ``norm``) and
+        dict of scalar terms (``target``, ``seen``, ``distinct``, ``consistency``, ``norm``,
+        ``coherence``) and
         their weighted sum ``loss``.
     """
     terms: dict[str, Tensor] = {}
@@ -306,12 +378,14 @@ def dream_losses(
         terms["distinct"] = logits.new_zeros(())
     rel = prompts.flatten(1).norm(dim=1) / max(concept_norm, 1e-12)
     terms["norm"] = ((rel - 1.0) ** 2).mean()
+    terms["coherence"] = coherence if coherence is not None else logits.new_zeros(())
     terms["loss"] = (
         config.w_target * terms["target"]
         + config.w_seen * terms["seen"]
         + config.w_distinct * terms["distinct"]
         + config.w_consistency * terms["consistency"]
         + config.w_norm * terms["norm"]
+        + config.w_coherence * terms["coherence"]
     )
     return terms
 
@@ -398,6 +472,13 @@ def dream_classes(
     dev = dreamer.device
     model_dev = next((p.device for p in classifier.parameters()), dev)  # type: ignore[attr-defined]
     _, concept_norm = _concept_stats(dreamer)
+    bns = _batchnorms(classifier) if config.w_coherence > 0 else []  # type: ignore[arg-type]
+    if config.w_coherence > 0 and not bns:
+        raise ValueError(
+            f"DreamConfig.w_coherence={config.w_coherence} needs BatchNorm layers (with running "
+            f"statistics) in the learner, and {type(classifier).__name__} has none: set "
+            "w_coherence=0"
+        )
 
     init, how = init_prompts(
         dreamer, heads, config=config, generator=g_init, previous=previous_prompts
@@ -422,6 +503,7 @@ def dream_classes(
             "distinct",
             "consistency",
             "norm",
+            "coherence",
             "target_prob",
             "active",
         )
@@ -455,7 +537,8 @@ def dream_classes(
                     .float()
                     .to(model_dev)
                 )
-                logits, feats = classifier.forward_heads(images, return_features=True)
+                with _BNInputs(bns) as rec:
+                    logits, feats = classifier.forward_heads(images, return_features=True)
                 logits = logits[:, visible].float()
             class_index = torch.arange(A, device=model_dev).repeat_interleave(b)
             targets = n_seen + torch.tensor(active, device=model_dev).repeat_interleave(b)
@@ -510,11 +593,12 @@ def dream_classes(
                 prompts=prompts[keep.to(prompts.device)],
                 concept_norm=concept_norm,
                 config=config,
+                coherence=bn_coherence(rec.inputs, bns, rows) if bns else None,
             )
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
             opt.step()
-            for name in ("loss", "target", "seen", "distinct", "consistency", "norm"):
+            for name in ("loss", "target", "seen", "distinct", "consistency", "norm", "coherence"):
                 hist[name].append(float(terms[name].detach()))
             bar.set_postfix(
                 loss=f"{hist['loss'][-1]:.3f}", p=f"{hist['target_prob'][-1]:.2f}", active=len(cont)
