@@ -531,7 +531,7 @@ class D2LPlugin(SupervisedPlugin):
         hist.update(self.sleep(strategy, k))
         self.history.append(json.loads(json.dumps(hist, default=str)))
 
-    # ---- sleep: learn the new dreams before the next experience -----------------------------------
+    # ---- sleep: learn the new dreams before the next experience ---------------------------------
 
     @staticmethod
     def _replay_buffer(strategy):
