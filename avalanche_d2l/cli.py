@@ -352,6 +352,7 @@ def run_compare(
         benchmark=benchmark, model=spec.model, feature_layer=spec.feature_layer,
         epochs=epochs if epochs is not None else (QUICK_EPOCHS if quick else 10),
         mem_size=mem_size if mem_size is not None else 100, quick=quick, device=device,
+        progress=progress,
     )
     out = Path(out)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -359,6 +360,7 @@ def run_compare(
     config = {**dataclasses.asdict(run), "strategies": list(strategies), "seeds": list(seeds)}
     config.pop("seed")
     config.pop("work_dir")
+    config.pop("progress")
     results = {"config": config, "runs": []}
     if results_path.exists():
         previous = json.loads(results_path.read_text())

@@ -46,6 +46,8 @@ class RunConfig:
     device: str = "cpu"
     #: folder a strategy may use for files of this run (e.g. D2L's dream cache); None = none
     work_dir: str | None = None
+    #: show the strategies' own progress bars (GAN steps, dreaming); ``compare --no-progress``
+    progress: bool = True
 
 
 Factory = Callable[..., Any]

@@ -21,6 +21,12 @@ The whole method, in the order it runs for each experience:
    oracle stops it (:mod:`avalanche_d2l.dreaming.oracle`); then ``samples_per_class`` images per
    dream are generated: the dream set of the next experience. Dream sets are cached on disk
    (``cache_dir/dreams_exp{k}.pt``) so a resumed run does not dream again.
+4. **Sleep** (``after_training_exp``, right after dreaming; ``DreamConfig.sleep_epochs``): the
+   learner trains on the new dream set with replay-buffer minibatches *before the next experience
+   arrives*, so the next head assignment already sees heads shaped by these dreams. The paper's
+   dreams "structure the representation before future tasks arrive"; without this phase the dreams
+   made after experience k are first learned during k + 1, after its head assignment, and give it
+   no forward transfer (measured: ``benchmarks/results/d2l_ablation``).
 
 At evaluation the output is class space only; classes without a head (unseen, or heads hosting only
 a dream) get a large negative finite logit, so dreams are never predicted and Avalanche's metrics
@@ -33,6 +39,7 @@ Two doors, one algorithm: ``D2L(...)`` equals
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -858,7 +865,10 @@ def build_d2l(*, model, optimizer, criterion, benchmark, run, evaluator, device,
         criterion=criterion,
         mem_size=run.mem_size,
         dreamer=dreamer,
-        dream_config=split_digits_dream_config(quick=run.quick, seed=run.seed),
+        dream_config=dataclasses.replace(
+            split_digits_dream_config(quick=run.quick, seed=run.seed),
+            progress=not run.quick and run.progress,
+        ),
         feature_layer=layer,
         n_classes=benchmark.n_classes,
         n_extra_heads=n_extra_heads,

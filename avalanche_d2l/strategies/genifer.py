@@ -773,7 +773,8 @@ def build_genifer(*, model, optimizer, criterion, benchmark, run, evaluator, dev
     if cfg.resolution is not None and cfg.resolution != h:
         warnings.warn(f"Genifer config resolution {cfg.resolution} != data size {h}; using {h}",
                       stacklevel=2)
-    cfg = replace(cfg, seed=run.seed, num_classes=num_classes, resolution=h)
+    cfg = replace(cfg, seed=run.seed, num_classes=num_classes, resolution=h,
+                  progress=cfg.progress and run.progress)
     return Genifer(model=model, optimizer=optimizer, criterion=criterion,
                    feature_layer=run.feature_layer, config=cfg,
                    train_mb_size=run.train_mb_size, train_epochs=run.epochs,
