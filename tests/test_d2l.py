@@ -503,6 +503,19 @@ def test_plugin_door_equals_strategy_door(bench, dreamer, tmp_path):
         s.train(bench.train_stream[0])
     for pa, pb in zip(a.model.parameters(), b.model.parameters()):
         assert torch.allclose(pa, pb)
+    # replay plugin after D2LPlugin: the sleep phase would miss the current experience
+    seed_everything(0)
+    net = small_cnn(10, 1, width=8)
+    c = Naive(
+        model=DreamHeads(net, n_classes=10, feature_layer="features", input_shape=(1, 16, 16)),
+        optimizer=torch.optim.Adam(net.parameters(), 1e-3),
+        train_mb_size=32,
+        train_epochs=1,
+        evaluator=quiet_evaluator(),
+        plugins=[D2LPlugin(dreamer, cfg(steps=1)), ReplayPlugin(mem_size=40)],
+    )
+    with pytest.warns(UserWarning, match="put the replay plugin first"):
+        c.train(bench.train_stream[0])
     with pytest.raises(TypeError, match="DreamHeads"):
         bad = Naive(
             model=small_cnn(10, 1, width=8),

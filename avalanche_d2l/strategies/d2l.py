@@ -348,6 +348,10 @@ def _load_from_source(source: str):
 class D2LPlugin(SupervisedPlugin):
     """The D2L method state and hooks; needs the strategy's model to be a :class:`DreamHeads`.
 
+    D2L is rehearsal-based: put it after Avalanche's ``ReplayPlugin`` in the plugin list
+    (``plugins=[ReplayPlugin(mem_size), D2LPlugin(dreamer, config)]``), so the sleep phase at the
+    end of an experience sees the buffer that already holds that experience.
+
     Args:
         dreamer: a :class:`~avalanche_d2l.dreaming.Dreamer`, or a hub id / local path /
             ``"offline"`` (loaded now; after unpickling it is reloaded lazily from that source,
@@ -540,13 +544,23 @@ class D2LPlugin(SupervisedPlugin):
 
     # ---- sleep: learn the new dreams before the next experience ---------------------------------
 
-    @staticmethod
-    def _replay_buffer(strategy):
+    def _replay_buffer(self, strategy):
         """The rehearsal buffer of the strategy's ``ReplayPlugin`` (or any plugin with a
-        ``storage_policy``), or ``None``."""
-        for p in strategy.plugins:
+        ``storage_policy``), or ``None``. Warns when that plugin comes after this one: its
+        ``after_training_exp`` then adds the current experience to the buffer only after the
+        sleep phase, which sleeps without it."""
+        plugins = list(strategy.plugins)
+        for i, p in enumerate(plugins):
             policy = getattr(p, "storage_policy", None)
             if policy is not None and hasattr(policy, "buffer"):
+                if any(q is self for q in plugins[:i]):
+                    warnings.warn(
+                        f"{type(p).__name__} comes after D2LPlugin in the strategy's plugins, so "
+                        "the sleep phase runs before the buffer holds the current experience: "
+                        "put the replay plugin first, e.g. plugins=[ReplayPlugin(...), "
+                        "D2LPlugin(...)]",
+                        stacklevel=3,
+                    )
                 return policy.buffer
         return None
 
