@@ -42,6 +42,11 @@ VARIANTS: dict[str, tuple[int, dict]] = {
 }
 
 
+def _std(values: list[float]) -> float:
+    """Sample standard deviation, as in ``avalanche-d2l compare``'s tables (0 for one value)."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def _factory(n_extra_heads: int, changes: dict):
     def build(**kw):
         strategy = d2l.build_d2l(n_extra_heads=n_extra_heads, **kw)
@@ -76,7 +81,7 @@ def main(argv=None) -> int:
             "changes": changes,
             "runs": runs,
             **{k: statistics.fmean(r[k] for r in runs) for k in keys},
-            "final_accuracy_std": statistics.pstdev(r["final_accuracy"] for r in runs),
+            "final_accuracy_std": _std([r["final_accuracy"] for r in runs]),
             "forward_transfer_per_seed": [r["forward_transfer"] for r in runs],
         })
         atomic_write(out / "results.json", json.dumps(rows, indent=1))
