@@ -720,13 +720,9 @@ def split_cub200(
     if lacking:
         raise source.error(ValueError, f"classes {[classes[c] for c in lacking[:5]]} have no "
                            "train or no test images in train_test_split.txt")
-    default_train, default_eval = default_image_transforms(image_size, normalize=normalize)
-    return _build_benchmark(
-        train, test, n_experiences=n_experiences, seed=seed, class_order=order,
-        per_exp_classes=None,
-        train_transform=train_transform if train_transform is not None else default_train,
-        eval_transform=eval_transform if eval_transform is not None else default_eval,
-    )
+    return _folder_benchmark(train, test, n_experiences=n_experiences, image_size=image_size,
+                             seed=seed, order=order, normalize=normalize,
+                             train_transform=train_transform, eval_transform=eval_transform)
 
 
 def _folder_benchmark(train: ImagePathDataset, test: ImagePathDataset, *, n_experiences: int,
