@@ -378,6 +378,21 @@ def make_d2l(dreamer, tmp_path, model=None, **kw):
     return D2L(**args)
 
 
+def plugin_door(plugins) -> Naive:
+    """D2L through the plugin door: Naive on a DreamHeads-wrapped narrow small CNN (seeded as
+    :func:`make_d2l`'s) with ``plugins``."""
+    seed_everything(0)
+    net = small_cnn(10, 1, width=8)
+    return Naive(
+        model=DreamHeads(net, n_classes=10, feature_layer="features", input_shape=(1, 16, 16)),
+        optimizer=torch.optim.Adam(net.parameters(), 1e-3),
+        train_mb_size=32,
+        train_epochs=1,
+        evaluator=quiet_evaluator(),
+        plugins=plugins,
+    )
+
+
 def test_two_experience_run_with_replay_no_nan(bench, dreamer, tmp_path):
     strategy = make_d2l(dreamer, tmp_path)
     plugin = strategy.d2l_plugin
@@ -488,32 +503,14 @@ def test_model_with_fixed_head_gets_extra_head_on_feature_layer(bench, dreamer, 
 
 def test_plugin_door_equals_strategy_door(bench, dreamer, tmp_path):
     a = make_d2l(dreamer, tmp_path, cache_dir=None)
-    seed_everything(0)
-    net = small_cnn(10, 1, width=8)
-    b = Naive(
-        model=DreamHeads(net, n_classes=10, feature_layer="features", input_shape=(1, 16, 16)),
-        optimizer=torch.optim.Adam(net.parameters(), 1e-3),
-        train_mb_size=32,
-        train_epochs=1,
-        evaluator=quiet_evaluator(),
-        plugins=[ReplayPlugin(mem_size=40), D2LPlugin(dreamer, cfg(steps=2))],
-    )
+    b = plugin_door([ReplayPlugin(mem_size=40), D2LPlugin(dreamer, cfg(steps=2))])
     for s in (a, b):
         seed_everything(1)
         s.train(bench.train_stream[0])
     for pa, pb in zip(a.model.parameters(), b.model.parameters()):
         assert torch.allclose(pa, pb)
     # replay plugin after D2LPlugin: the sleep phase would miss the current experience
-    seed_everything(0)
-    net = small_cnn(10, 1, width=8)
-    c = Naive(
-        model=DreamHeads(net, n_classes=10, feature_layer="features", input_shape=(1, 16, 16)),
-        optimizer=torch.optim.Adam(net.parameters(), 1e-3),
-        train_mb_size=32,
-        train_epochs=1,
-        evaluator=quiet_evaluator(),
-        plugins=[D2LPlugin(dreamer, cfg(steps=1)), ReplayPlugin(mem_size=40)],
-    )
+    c = plugin_door([D2LPlugin(dreamer, cfg(steps=1)), ReplayPlugin(mem_size=40)])
     with pytest.warns(UserWarning, match="put the replay plugin first"):
         c.train(bench.train_stream[0])
     with pytest.raises(TypeError, match="DreamHeads"):
@@ -602,20 +599,8 @@ def test_sleep_phase_learns_the_dreams_before_the_next_experience(bench, tmp_pat
 
 
 def test_sleep_without_a_replay_buffer_is_skipped_with_a_warning(bench, dreamer, tmp_path):
-    seed_everything(0)
-    model = DreamHeads(
-        small_cnn(10, 1, width=8), n_classes=10, feature_layer="features", input_shape=(1, 16, 16)
-    )
     plugin = D2LPlugin(dreamer, cfg(steps=1, sleep_epochs=2))
-    strategy = Naive(
-        model=model,
-        optimizer=torch.optim.Adam(model.parameters(), 1e-3),
-        criterion=nn.CrossEntropyLoss(),
-        train_mb_size=32,
-        train_epochs=1,
-        evaluator=quiet_evaluator(),
-        plugins=[plugin],
-    )
+    strategy = plugin_door([plugin])
     with pytest.warns(UserWarning, match="no \\(non-empty\\) replay buffer"):
         strategy.train(bench.train_stream[0])
     assert plugin.history[-1]["sleep_steps"] == 0 and plugin.dream_labels.numel() > 0
