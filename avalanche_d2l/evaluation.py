@@ -37,6 +37,8 @@ from avalanche.logging import CSVLogger, InteractiveLogger, TensorboardLogger, T
 from avalanche.training.plugins import EvaluationPlugin
 from torch.utils.data import DataLoader
 
+from .utils import training_mode
+
 __all__ = [
     "make_evaluator",
     "AverageIncrementalAccuracy",
@@ -60,16 +62,13 @@ def experience_accuracy(model: torch.nn.Module, experience, device, batch_size: 
 
     The model's training mode is restored afterwards.
     """
-    was_training = {name: m.training for name, m in model.named_modules()}
-    model.eval()
     loader = DataLoader(experience.dataset.eval(), batch_size=batch_size, shuffle=False)
     correct, total = 0, 0
-    for batch in loader:
-        x, y = batch[0].to(device), batch[1].to(device)
-        correct += int((model(x).argmax(dim=1) == y).sum())
-        total += int(y.numel())
-    for name, m in model.named_modules():
-        m.training = was_training[name]
+    with training_mode(model, False):
+        for batch in loader:
+            x, y = batch[0].to(device), batch[1].to(device)
+            correct += int((model(x).argmax(dim=1) == y).sum())
+            total += int(y.numel())
     return correct / max(total, 1)
 
 

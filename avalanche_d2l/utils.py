@@ -81,6 +81,19 @@ def capture_features(model: nn.Module, name: str) -> Iterator[FeatureHook]:
         hook.remove()
 
 
+@contextmanager
+def training_mode(model: nn.Module, mode: bool) -> Iterator[nn.Module]:
+    """Context manager: ``model.train(mode)`` inside; every submodule's own ``training`` flag is
+    put back on exit (also on error), so mixed train/eval states survive."""
+    modes = {name: m.training for name, m in model.named_modules()}
+    model.train(mode)
+    try:
+        yield model
+    finally:
+        for name, m in model.named_modules():
+            m.training = modes[name]
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``None``/"auto" -> CUDA when available else CPU; otherwise ``torch.device(device)``."""
     if device is None or device == "auto":

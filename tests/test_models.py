@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from avalanche_d2l.models import resnet18_cifar, small_cnn
-from avalanche_d2l.utils import capture_features, get_module, seed_everything
+from avalanche_d2l.utils import capture_features, get_module, seed_everything, training_mode
 
 WIDTH = 8  # narrow networks keep the tests fast; shapes scale with `width` as checked below
 
@@ -122,3 +122,16 @@ def test_get_module_error_lists_resnet_top_level_layers():
     with pytest.raises(ValueError) as err:
         get_module(_resnet(3, 1), "layer9")
     assert "features" in str(err.value) and "linear" in str(err.value)
+
+
+def test_training_mode_restores_every_submodules_flag_also_on_error():
+    net = small_cnn(10, 1, width=8)
+    net.train()
+    net.block2.eval()  # a mixed state, e.g. a frozen BatchNorm block
+    with training_mode(net, False):
+        assert not any(m.training for m in net.modules())
+    assert net.training and net.block1.training and not net.block2.training
+    with pytest.raises(RuntimeError, match="boom"), training_mode(net, True):
+        assert all(m.training for m in net.modules())
+        raise RuntimeError("boom")
+    assert net.training and net.block1.training and not net.block2.training

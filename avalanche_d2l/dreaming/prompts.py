@@ -37,6 +37,7 @@ import json
 import os
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,6 +47,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from ..utils import training_mode
 from .oracle import HALT_REASONS, STEP_CAP, Oracle, ReferenceOracle
 
 __all__ = [
@@ -390,25 +392,17 @@ def dream_losses(
     return terms
 
 
-class _FrozenClassifier:
+@contextmanager
+def _frozen_classifier(model: torch.nn.Module):
     """Context: eval mode and no parameter grads for the learner while dreaming; restores both."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.modes = {n: m.training for n, m in self.model.named_modules()}
-        self.flags = {n: p.requires_grad for n, p in self.model.named_parameters()}
-        self.model.eval()
-        self.model.requires_grad_(False)
-        return self.model
-
-    def __exit__(self, *exc):
-        for n, m in self.model.named_modules():
-            m.training = self.modes[n]
-        for n, p in self.model.named_parameters():
-            p.requires_grad_(self.flags[n])
-        return False
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with training_mode(model, False):
+        model.requires_grad_(False)
+        try:
+            yield model
+        finally:
+            for n, p in model.named_parameters():
+                p.requires_grad_(flags[n])
 
 
 def dream_classes(
@@ -513,7 +507,7 @@ def dream_classes(
     t0 = time.perf_counter()
     step = 0
     with (
-        _FrozenClassifier(classifier),
+        _frozen_classifier(classifier),
         tqdm(total=config.steps, desc="dreaming (prompts)", disable=not show, leave=False) as bar,
     ):
         while active:
@@ -632,7 +626,7 @@ def dream_classes(
     gen_s = time.perf_counter() - t1
 
     # 5. how the learner sees the final dream set
-    with _FrozenClassifier(classifier), torch.no_grad():
+    with _frozen_classifier(classifier), torch.no_grad():
         probs = []
         for s in range(0, images.shape[0], 256):
             lg, _ = classifier.forward_heads(

@@ -61,7 +61,7 @@ from tqdm.auto import tqdm
 
 from ..dreaming.oracle import Oracle
 from ..dreaming.prompts import DreamConfig, DreamResult, dream_classes
-from ..utils import capture_features, get_module
+from ..utils import capture_features, get_module, training_mode
 
 __all__ = [
     "DreamHeads",
@@ -157,9 +157,7 @@ class DreamHeads(nn.Module):
                     "DreamHeads can run one dry forward"
                 )
             return int(linears[-1].out_features), 0
-        modes = {n: m.training for n, m in self.net.named_modules()}
-        self.net.eval()
-        try:
+        with training_mode(self.net, False):
             x = torch.zeros(2, *input_shape, device=_module_device(self.net))
             if self.feature_layer is None:
                 out, feat_dim = self.net(x), 0
@@ -167,9 +165,6 @@ class DreamHeads(nn.Module):
                 with capture_features(self.net, self.feature_layer) as hook:
                     out = self.net(x)
                     feat_dim = int(_pool(hook.pop()).shape[1])
-        finally:
-            for n, m in self.net.named_modules():
-                m.training = modes[n]
         if out.dim() != 2:
             raise ValueError(
                 f"the model must return (B, n_out) logits, got shape {tuple(out.shape)}"
@@ -450,17 +445,12 @@ class D2LPlugin(SupervisedPlugin):
         dataset = strategy.experience.dataset.eval()
         loader = DataLoader(dataset, batch_size=strategy.eval_mb_size or 256, shuffle=False)
         free = torch.tensor(model.free_heads(), dtype=torch.long, device=strategy.device)
-        modes = {n: m.training for n, m in model.named_modules()}
-        model.eval()
         preds, ys = [], []
-        try:
+        with training_mode(model, False):
             for batch in loader:
                 logits = model.forward_heads(batch[0].to(strategy.device))
                 preds.append(free[logits[:, free].argmax(1)].cpu())
                 ys.append(batch[1].cpu())
-        finally:
-            for n, m in model.named_modules():
-                m.training = modes[n]
         return torch.cat(preds), torch.cat(ys)
 
     def assign_heads(self, strategy) -> dict[int, int]:
@@ -592,12 +582,12 @@ class D2LPlugin(SupervisedPlugin):
         n_dreams = self.dream_labels.numel()
         xb, yb = _buffer_tensors(buffer)
         criterion = strategy._criterion
-        modes = {name: mod.training for name, mod in model.named_modules()}
-        model.train()
         steps = 0
         total = epochs * ((n_dreams + n - 1) // n)
-        with tqdm(total=total, desc="sleep (dreams + buffer)", leave=False,
-                  disable=not self.config.progress) as bar:
+        with training_mode(model, True), tqdm(
+            total=total, desc="sleep (dreams + buffer)", leave=False,
+            disable=not self.config.progress,
+        ) as bar:
             for _ in range(epochs):
                 order = torch.randperm(n_dreams, generator=g)
                 for s in range(0, n_dreams, n):
@@ -615,8 +605,6 @@ class D2LPlugin(SupervisedPlugin):
                     strategy.optimizer.step()
                     steps += 1
                     bar.update(1)
-        for name, mod in model.named_modules():
-            mod.training = modes[name]
         return {"sleep_steps": steps, "sleep_seconds": time.perf_counter() - t0}
 
     # ---- dreaming + cache ------------------------------------------------------------------------
