@@ -299,6 +299,46 @@ def write_report(results: dict, out: Path) -> None:
     atomic_write(out / "results.md", "\n".join(lines) + "\n")
 
 
+def resume_runs(
+    folder: Path,
+    config: dict,
+    names: Sequence[str],
+    seeds: Sequence[int],
+    run_one: Callable[[str, int, Path, Path], dict],
+    *,
+    check_settings: Callable[[dict, Path], None],
+    progress: bool = True,
+    desc: str = "compare",
+) -> dict:
+    """Run every (strategy, seed) not yet in ``folder/results.json``, writing it after each run.
+
+    ``check_settings(previous_config, results_path)`` raises when the file was written with other
+    settings. ``run_one(name, seed, ckpt, work_dir)`` returns the run's record (``ckpt`` is its
+    checkpoint file, deleted once the run is recorded; ``work_dir`` its folder of files). Ends
+    with :func:`write_report`. Returns ``{"config": config, "runs": [...]}``.
+    """
+    (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
+    results_path = folder / "results.json"
+    results = {"config": config, "runs": []}
+    if results_path.exists():
+        previous = json.loads(results_path.read_text())
+        check_settings(previous["config"], results_path)
+        results["runs"] = previous["runs"]
+    done = {(r["strategy"], r["seed"]) for r in results["runs"]}
+    todo = [(s, seed) for seed in seeds for s in names if (s, seed) not in done]
+    bar = tqdm(todo, desc=desc, unit="run", disable=not progress)
+    for name, seed in bar:
+        bar.set_postfix_str(f"{name} seed {seed}")
+        ckpt = folder / "checkpoints" / f"{name}_seed{seed}.pkl"
+        record = run_one(name, seed, ckpt, folder / "work" / f"{name}_seed{seed}")
+        results["runs"].append(record)
+        atomic_write(results_path, json.dumps(results, indent=1))
+        ckpt.unlink(missing_ok=True)
+    atomic_write(results_path, json.dumps(results, indent=1))
+    write_report(results, folder)
+    return results
+
+
 def run_compare(
     benchmark: str = "split_digits",
     strategies: Sequence[str] | str = DEFAULT_STRATEGIES,
@@ -354,42 +394,29 @@ def run_compare(
         mem_size=mem_size if mem_size is not None else 100, quick=quick, device=device,
         progress=progress,
     )
-    out = Path(out)
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    results_path = out / "results.json"
     config = {**dataclasses.asdict(run), "strategies": list(strategies), "seeds": list(seeds)}
     config.pop("seed")
     config.pop("work_dir")
     config.pop("progress")
-    results = {"config": config, "runs": []}
-    if results_path.exists():
-        previous = json.loads(results_path.read_text())
-        old = {k: v for k, v in previous["config"].items() if k not in ("strategies", "seeds")}
+
+    def check_settings(previous: dict, results_path: Path) -> None:
+        old = {k: v for k, v in previous.items() if k not in ("strategies", "seeds")}
         new = {k: v for k, v in config.items() if k not in ("strategies", "seeds")}
         if old != new:
             raise ValueError(
                 f"{results_path} was written with different settings ({old}); use another --out "
                 f"or the same settings ({new})"
             )
-        results["runs"] = previous["runs"]
-    done = {(r["strategy"], r["seed"]) for r in results["runs"]}
-    todo = [(s, seed) for seed in seeds for s in strategies if (s, seed) not in done]
-    bar = tqdm(todo, desc="compare", unit="run", disable=not progress)
-    for name, seed in bar:
-        bar.set_postfix_str(f"{name} seed {seed}")
-        ckpt = out / "checkpoints" / f"{name}_seed{seed}.pkl"
+
+    def run_one(name: str, seed: int, ckpt: Path, work_dir: Path) -> dict:
         with PeakRSS() as rss:
-            work_dir = out / "work" / f"{name}_seed{seed}"
             summary = _train_one(name, seed,
                                  dataclasses.replace(run, seed=seed, work_dir=str(work_dir)),
                                  spec, ckpt, progress)
-        results["runs"].append({"strategy": name, "seed": seed, **summary,
-                                "peak_rss_mb": rss.peak / 2**20})
-        atomic_write(results_path, json.dumps(results, indent=1))
-        ckpt.unlink(missing_ok=True)
-    atomic_write(results_path, json.dumps(results, indent=1))
-    write_report(results, out)
-    return results
+        return {"strategy": name, "seed": seed, **summary, "peak_rss_mb": rss.peak / 2**20}
+
+    return resume_runs(Path(out), config, strategies, seeds, run_one,
+                       check_settings=check_settings, progress=progress)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -62,7 +62,6 @@ from typing import Any
 import torch
 from avalanche.core import SupervisedPlugin
 from torch import nn
-from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -71,9 +70,8 @@ if str(ROOT) not in sys.path:
 from avalanche_d2l.cli import (  # noqa: E402
     EpochBar,
     PeakRSS,
-    atomic_write,
+    resume_runs,
     train_with_checkpoints,
-    write_report,
 )
 from avalanche_d2l.dreaming.dreamer import DreamerConfig  # noqa: E402
 from avalanche_d2l.dreaming.prompts import DreamConfig  # noqa: E402
@@ -1080,46 +1078,34 @@ def _run_folder(
     ctx: _Context,
     reusable: dict,
 ) -> dict:
-    (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
-    results_path = folder / "results.json"
     config = json.loads(json.dumps(config))  # tuples -> lists, as read back from the file
-    results = {"config": config, "runs": []}
-    if results_path.exists():
-        previous = json.loads(results_path.read_text())
-        old, new = _comparable(previous["config"]), _comparable(config)
-        if old != new or previous["config"].get("mem_size") != mem:
+
+    def check_settings(previous: dict, results_path: Path) -> None:
+        old, new = _comparable(previous), _comparable(config)
+        if old != new or previous.get("mem_size") != mem:
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise ValueError(
                 f"{results_path} was written with different settings (differing: "
                 f"{changed}); use another --out or the same settings"
             )
-        results["runs"] = previous["runs"]
-    done = {(r["strategy"], r["seed"]) for r in results["runs"]}
-    todo = [(s, seed) for seed in seeds for s in names if (s, seed) not in done]
-    bar = tqdm(todo, desc=folder.name, unit="run", disable=not ctx.progress)
-    for name, seed in bar:
-        bar.set_postfix_str(f"{name} seed {seed}")
+
+    def run_one(name: str, seed: int, ckpt: Path, work_dir: Path) -> dict:
         if name in BUFFER_FREE and (name, seed) in reusable:
-            record = reusable[(name, seed)]
-        else:
-            ckpt = folder / "checkpoints" / f"{name}_seed{seed}.pkl"
-            work_dir = folder / "work" / f"{name}_seed{seed}"
-            cuda = torch.device(ctx.device).type == "cuda"
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            with PeakRSS() as rss:
-                summary = _train_run(name, seed, mem, ctx, ckpt, work_dir)
-            record = {"strategy": name, "seed": seed, **summary, "peak_rss_mb": rss.peak / 2**20}
-            if cuda:
-                record["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-            ckpt.unlink(missing_ok=True)
-            if name in BUFFER_FREE:
-                reusable[(name, seed)] = {**record, "reused_from": folder.name}
-        results["runs"].append(record)
-        atomic_write(results_path, json.dumps(results, indent=1))
-    atomic_write(results_path, json.dumps(results, indent=1))
-    write_report(results, folder)
-    return results
+            return reusable[(name, seed)]
+        cuda = torch.device(ctx.device).type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        with PeakRSS() as rss:
+            summary = _train_run(name, seed, mem, ctx, ckpt, work_dir)
+        record = {"strategy": name, "seed": seed, **summary, "peak_rss_mb": rss.peak / 2**20}
+        if cuda:
+            record["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        if name in BUFFER_FREE:
+            reusable[(name, seed)] = {**record, "reused_from": folder.name}
+        return record
+
+    return resume_runs(folder, config, names, seeds, run_one, check_settings=check_settings,
+                       progress=ctx.progress, desc=folder.name)
 
 
 # ------------------------------------------------------------------------------------------------
