@@ -249,7 +249,8 @@ METRICS = [
 ]
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value), as in the result tables."""
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return mean, std
@@ -276,7 +277,7 @@ def write_report(results: dict, out: Path) -> None:
         mine = [r for r in runs if r["strategy"] == name]
         cells = []
         for key, _ in METRICS:
-            m, s = _mean_std([float(r[key]) for r in mine])
+            m, s = mean_std([float(r[key]) for r in mine])
             cells.append(f"{m:.1f} ± {s:.1f}" if key == "wall_s" else f"{m:.3f} ± {s:.3f}")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(mine)} |")
         curves = torch.tensor([r["seen_accuracy"] for r in mine])

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from avalanche_d2l import registry  # noqa: E402
-from avalanche_d2l.cli import BENCHMARKS, atomic_write, run_compare  # noqa: E402
+from avalanche_d2l.cli import BENCHMARKS, atomic_write, mean_std, run_compare  # noqa: E402
 from avalanche_d2l.strategies import d2l  # noqa: E402
 
 #: variant -> (dream-only heads, DreamConfig changes)
@@ -40,11 +40,6 @@ VARIANTS: dict[str, tuple[int, dict]] = {
     "extra5_no_sleep_w05": (5, {"sleep_epochs": 0, "dream_weight": 0.5}),
     "coherence": (0, {"w_coherence": 0.1}),
 }
-
-
-def _std(values: list[float]) -> float:
-    """Sample standard deviation, as in ``avalanche-d2l compare``'s tables (0 for one value)."""
-    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def _factory(n_extra_heads: int, changes: dict):
@@ -81,7 +76,7 @@ def main(argv=None) -> int:
             "changes": changes,
             "runs": runs,
             **{k: statistics.fmean(r[k] for r in runs) for k in keys},
-            "final_accuracy_std": _std([r["final_accuracy"] for r in runs]),
+            "final_accuracy_std": mean_std([r["final_accuracy"] for r in runs])[1],
             "forward_transfer_per_seed": [r["forward_transfer"] for r in runs],
         })
         atomic_write(out / "results.json", json.dumps(rows, indent=1))
