@@ -4,21 +4,25 @@ Public API::
 
     from avalanche_d2l import D2L, D2LPlugin, Genifer, GeniferPlugin, make_evaluator
     from avalanche_d2l.scenarios import split_digits
+
+Experiments (the engine behind ``avalanche-d2l run`` and ``compare``)::
+
+    from avalanche_d2l.experiments import load_experiment, run_experiment
 """
 
+import warnings
+
+# Avalanche imports qpsolvers (for GEM) at import time, which warns on every start that no solver
+# is installed; no strategy of this package uses it.
+warnings.filterwarnings("ignore", message="no QP solver found")
+
 from avalanche_d2l.dreaming import DreamConfig, Dreamer, DreamerConfig  # noqa: E402
-from avalanche_d2l.evaluation import make_evaluator
-from avalanche_d2l.models import resnet18_cifar, small_cnn
-from avalanche_d2l.registry import RunConfig, register_strategy, strategy_names
-from avalanche_d2l.scenarios import split_color_digits, split_digits
-from avalanche_d2l.strategies import (
-    D2L,
-    D2LPlugin,
-    DreamHeads,
-    Genifer,
-    GeniferConfig,
-    GeniferPlugin,
-)
+from avalanche_d2l.evaluation import make_evaluator  # noqa: E402
+from avalanche_d2l.models import resnet18_cifar, small_cnn  # noqa: E402
+from avalanche_d2l.models.heads import DreamHeads  # noqa: E402
+from avalanche_d2l.registry import RunConfig, register_strategy, strategy_names  # noqa: E402
+from avalanche_d2l.scenarios import split_color_digits, split_digits  # noqa: E402
+from avalanche_d2l.strategies import D2L, D2LPlugin, Genifer, GeniferConfig, GeniferPlugin  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -1,88 +1,160 @@
-"""Strategy registry: names -> factories, shared by the command line and the benchmarks.
+"""Strategy registry: names -> factories with their metadata, filled by the method files.
 
-Every factory has the same keyword-only signature::
+A method registers itself in its own module of :mod:`avalanche_d2l.strategies` (modules there are
+imported on first use of the registry, so a new method is one file)::
 
-    factory(*, model, optimizer, criterion, benchmark, run: RunConfig, evaluator, device,
-            plugins=None) -> SupervisedTemplate
+    @register_strategy("genifer", config=GeniferConfig, keeps_buffer=False,
+                       description="data-free feature-driven image replay")
+    def build_genifer(*, model, optimizer, criterion, benchmark, run, config, evaluator, device,
+                      plugins=None) -> SupervisedTemplate: ...
 
-so that all strategies of a comparison get the same model, optimiser and epochs.
+Every factory has that keyword-only signature, so all strategies of a comparison get the same
+model, optimiser and epochs. ``config`` is an instance of the registered ``config`` dataclass,
+already resolved by the experiment engine (``config_type.from_dict(section)``; the class defaults
+are the CPU preset). Avalanche's baselines are registered below with small typed configs of their
+own hyper-parameters, so every run records them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import pkgutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 __all__ = [
     "RunConfig",
+    "StrategyInfo",
     "register_strategy",
-    "get_strategy_factory",
+    "unregister_strategy",
+    "get_strategy",
     "strategy_names",
     "build_strategy",
     "benchmark_image_shape",
+    "config_from_dict",
 ]
 
 
 @dataclass
 class RunConfig:
-    """Settings shared by every strategy of one comparison run."""
+    """Settings shared by every strategy of one run (filled by the experiment engine)."""
 
     benchmark: str = "split_digits"
-    model: str = "small_cnn"
     feature_layer: str = "block3"
     epochs: int = 10
     train_mb_size: int = 32
     eval_mb_size: int = 256
-    lr: float = 1e-3
     mem_size: int = 100
     seed: int = 0
+    #: tiny settings for tests and smoke runs
     quick: bool = False
     device: str = "cpu"
     #: folder a strategy may use for files of this run (e.g. D2L's dream cache); None = none
     work_dir: str | None = None
-    #: show the strategies' own progress bars (GAN steps, dreaming); ``compare --no-progress``
+    #: show the strategies' own progress bars (GAN steps, dreaming)
     progress: bool = True
+    #: mixed precision of the generative parts: "no", "bf16" or "fp16"
+    precision: str = "no"
+    #: device of a frozen generative model (D2L's dreamer); None = ``device``
+    dreamer_device: str | None = None
 
 
 Factory = Callable[..., Any]
-_REGISTRY: dict[str, Factory] = {}
-# Method strategies live in their own modules; imported on first use so that the command line
-# and the built-in baselines do not pay for diffusers at import time.
-_LAZY: dict[str, str] = {
-    "genifer": "avalanche_d2l.strategies.genifer:build_genifer",
-    "d2l": "avalanche_d2l.strategies.d2l:build_d2l",
-}
 
 
-def register_strategy(name: str, factory: Factory, *, overwrite: bool = False) -> None:
-    """Register ``factory`` under ``name``; warns when an existing name is replaced."""
-    if name in _REGISTRY or name in _LAZY:
-        if not overwrite:
-            warnings.warn(f"strategy {name!r} is already registered; overwriting it", stacklevel=2)
-        _LAZY.pop(name, None)
-    _REGISTRY[name] = factory
+@dataclass(frozen=True)
+class StrategyInfo:
+    """A registered strategy.
+
+    Attributes:
+        name: registry name.
+        factory: the keyword-only factory (see the module docstring).
+        config_type: the typed dataclass config of the method (``None``: no settings).
+        keeps_buffer: whether it keeps real samples (rehearsal); buffer-free runs serve every
+            buffer size of an experiment.
+        description: one line for ``--list``/``--help``.
+    """
+
+    name: str
+    factory: Factory
+    config_type: type | None = None
+    keeps_buffer: bool = False
+    description: str = ""
+
+    def make_config(self, section: Mapping[str, Any] | None = None):
+        """The typed config from an experiment file's section (``None``/``{}`` -> defaults)."""
+        if self.config_type is None:
+            if section:
+                raise ValueError(f"strategy {self.name!r} takes no settings, got {dict(section)}")
+            return None
+        return config_from_dict(self.config_type, dict(section or {}), where=self.name)
+
+
+_REGISTRY: dict[str, StrategyInfo] = {}
+_DISCOVERED = False
+
+
+def register_strategy(
+    name: str,
+    factory: Factory | None = None,
+    *,
+    config: type | None = None,
+    keeps_buffer: bool = False,
+    description: str = "",
+    overwrite: bool = False,
+):
+    """Register ``factory`` under ``name``; usable as a decorator (``factory`` omitted).
+
+    Replacing an existing name warns unless ``overwrite=True``.
+    """
+
+    def add(f: Factory) -> Factory:
+        if name in _REGISTRY and not overwrite:
+            warnings.warn(f"strategy {name!r} is already registered; overwriting it", stacklevel=3)
+        doc = description or (f.__doc__ or "").strip().split("\n")[0]
+        _REGISTRY[name] = StrategyInfo(name, f, config, keeps_buffer, doc)
+        return f
+
+    return add if factory is None else add(factory)
+
+
+def unregister_strategy(name: str) -> StrategyInfo | None:
+    """Remove ``name`` (returns what was registered, or ``None``)."""
+    return _REGISTRY.pop(name, None)
+
+
+def _discover() -> None:
+    """Import every module of :mod:`avalanche_d2l.strategies` once (they register themselves)."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    from avalanche_d2l import strategies
+
+    for mod in pkgutil.iter_modules(strategies.__path__):
+        importlib.import_module(f"{strategies.__name__}.{mod.name}")
 
 
 def strategy_names() -> list[str]:
-    return sorted(set(_REGISTRY) | set(_LAZY))
+    _discover()
+    return sorted(_REGISTRY)
 
 
-def get_strategy_factory(name: str) -> Factory:
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    if name in _LAZY:
-        module, attr = _LAZY[name].split(":")
-        _REGISTRY[name] = getattr(importlib.import_module(module), attr)
-        return _REGISTRY[name]
-    raise ValueError(
-        f"unknown strategy {name!r}; valid names: {', '.join(strategy_names())}"
-    )
+def get_strategy(name: str) -> StrategyInfo:
+    """The registered strategy ``name``.
+
+    Raises:
+        ValueError: unknown name (the message lists the valid ones).
+    """
+    _discover()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown strategy {name!r}; valid names: {', '.join(strategy_names())}")
+    return _REGISTRY[name]
 
 
 def benchmark_image_shape(benchmark) -> tuple[int, int, int]:
@@ -91,17 +163,65 @@ def benchmark_image_shape(benchmark) -> tuple[int, int, int]:
     return tuple(int(s) for s in x.shape)  # type: ignore[return-value]
 
 
-def build_strategy(name: str, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                   criterion: nn.Module, benchmark, run: RunConfig, evaluator, device,
-                   plugins=None):
-    """Build the registered strategy ``name`` with the shared settings of ``run``."""
-    factory = get_strategy_factory(name)
-    return factory(model=model, optimizer=optimizer, criterion=criterion, benchmark=benchmark,
-                   run=run, evaluator=evaluator, device=device, plugins=plugins)
+def build_strategy(
+    name: str,
+    *,
+    model,
+    optimizer,
+    criterion,
+    benchmark,
+    run: RunConfig,
+    evaluator,
+    device,
+    plugins=None,
+    config=None,
+):
+    """Build the registered strategy ``name`` with the shared settings of ``run``.
+
+    ``config``: the method's typed config, or a dict section, or ``None`` (defaults).
+    """
+    info = get_strategy(name)
+    if config is None or isinstance(config, Mapping):
+        config = info.make_config(config)
+    return info.factory(
+        model=model,
+        optimizer=optimizer,
+        criterion=criterion,
+        benchmark=benchmark,
+        run=run,
+        config=config,
+        evaluator=evaluator,
+        device=device,
+        plugins=plugins,
+    )
+
+
+def config_from_dict(cls: type, data: Mapping[str, Any], *, where: str = ""):
+    """``cls(**data)`` for a dataclass, recursing into dataclass-typed fields; unknown keys are an
+    error listing the valid ones. Uses ``cls.from_dict`` when the class defines one."""
+    if hasattr(cls, "from_dict"):
+        return cls.from_dict(dict(data))
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(
+            f"unknown key(s) {unknown} in the settings of {where or cls.__name__}; "
+            f"valid keys: {sorted(names)}"
+        )
+    return cls(**data)
+
+
+def config_to_dict(config) -> dict[str, Any] | None:
+    """JSON-able dict of a typed config (``to_dict`` when defined), ``None`` for no config."""
+    if config is None:
+        return None
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    return dataclasses.asdict(config)
 
 
 # --------------------------------------------------------------------------------------------
-# Avalanche's built-in strategies, with the settings of the comparison.
+# Avalanche's built-in strategies, with typed configs of their hyper-parameters.
 # --------------------------------------------------------------------------------------------
 def _common(*, model, optimizer, criterion, run: RunConfig, evaluator, device, plugins):
     return dict(
@@ -118,50 +238,124 @@ def _common(*, model, optimizer, criterion, run: RunConfig, evaluator, device, p
     )
 
 
-def _naive(*, benchmark, **kw):
+@dataclass
+class LwFConfig:
+    """Avalanche ``LwF``: distillation weight and temperature."""
+
+    alpha: float = 1.0
+    temperature: float = 2.0
+
+
+@dataclass
+class EWCConfig:
+    """Avalanche ``EWC``: penalty weight and mode."""
+
+    ewc_lambda: float = 100.0
+    mode: str = "separate"
+
+
+@dataclass
+class DERConfig:
+    """Avalanche ``DER`` (DER++): logit-distillation weight ``alpha``, replay CE weight ``beta``."""
+
+    alpha: float = 0.1
+    beta: float = 0.5
+
+
+@dataclass
+class ERACEConfig:
+    """Avalanche ``ER_ACE``: buffer minibatch size (``None``: the training minibatch size)."""
+
+    batch_size_mem: int | None = None
+
+
+@dataclass
+class GenerativeReplayConfig:
+    """Avalanche ``GenerativeReplay`` with its MLP VAE sized to the benchmark's images."""
+
+    vae_hidden: int = 16
+    vae_lr: float = 0.01
+    vae_weight_decay: float = 1e-4
+
+
+@register_strategy("naive", description="Avalanche Naive: fine-tuning, no protection")
+def _naive(*, benchmark, config, **kw):
     from avalanche.training import Naive
 
     return Naive(**_common(**kw))
 
 
-def _cumulative(*, benchmark, **kw):
+@register_strategy(
+    "cumulative", description="Avalanche Cumulative: joint training on all data so far"
+)
+def _cumulative(*, benchmark, config, **kw):
     from avalanche.training import Cumulative
 
     return Cumulative(**_common(**kw))
 
 
-def _lwf(*, benchmark, **kw):
+@register_strategy(
+    "lwf", config=LwFConfig, description="Avalanche LwF: learning without forgetting"
+)
+def _lwf(*, benchmark, config: LwFConfig, **kw):
     from avalanche.training import LwF
 
-    return LwF(alpha=1.0, temperature=2.0, **_common(**kw))
+    return LwF(alpha=config.alpha, temperature=config.temperature, **_common(**kw))
 
 
-def _ewc(*, benchmark, **kw):
+@register_strategy(
+    "ewc", config=EWCConfig, description="Avalanche EWC: elastic weight consolidation"
+)
+def _ewc(*, benchmark, config: EWCConfig, **kw):
     from avalanche.training import EWC
 
-    return EWC(ewc_lambda=100.0, mode="separate", **_common(**kw))
+    return EWC(ewc_lambda=config.ewc_lambda, mode=config.mode, **_common(**kw))
 
 
-def _replay(*, benchmark, **kw):
+@register_strategy(
+    "replay", keeps_buffer=True, description="Avalanche Replay (ER): reservoir buffer"
+)
+def _replay(*, benchmark, config, **kw):
     from avalanche.training import Replay
 
     return Replay(mem_size=kw["run"].mem_size, **_common(**kw))
 
 
-def _der(*, benchmark, **kw):
+@register_strategy(
+    "der",
+    config=DERConfig,
+    keeps_buffer=True,
+    description="Avalanche DER (DER++): replay with stored logits",
+)
+def _der(*, benchmark, config: DERConfig, **kw):
     from avalanche.training import DER
 
-    return DER(mem_size=kw["run"].mem_size, alpha=0.1, beta=0.5, **_common(**kw))
+    return DER(mem_size=kw["run"].mem_size, alpha=config.alpha, beta=config.beta, **_common(**kw))
 
 
-def _er_ace(*, benchmark, **kw):
+@register_strategy(
+    "er_ace",
+    config=ERACEConfig,
+    keeps_buffer=True,
+    description="Avalanche ER-ACE: asymmetric cross-entropy replay",
+)
+def _er_ace(*, benchmark, config: ERACEConfig, **kw):
     from avalanche.training import ER_ACE
 
-    return ER_ACE(mem_size=kw["run"].mem_size, batch_size_mem=kw["run"].train_mb_size,
-                  **_common(**kw))
+    run: RunConfig = kw["run"]
+    return ER_ACE(
+        mem_size=run.mem_size,
+        batch_size_mem=config.batch_size_mem or run.train_mb_size,
+        **_common(**kw),
+    )
 
 
-def _generative_replay(*, benchmark, **kw):
+@register_strategy(
+    "generative_replay",
+    config=GenerativeReplayConfig,
+    description="Avalanche GenerativeReplay with an MLP VAE",
+)
+def _generative_replay(*, benchmark, config: GenerativeReplayConfig, **kw):
     """Avalanche's deep generative replay with its MLP VAE sized to the benchmark's images
     (Avalanche's default VAE assumes 28x28 MNIST)."""
     from avalanche.models.generator import MlpVAE, VAE_loss
@@ -170,11 +364,17 @@ def _generative_replay(*, benchmark, **kw):
 
     run: RunConfig = kw["run"]
     device = kw["device"]
-    vae = MlpVAE(benchmark_image_shape(benchmark), nhid=16, n_classes=benchmark.n_classes,
-                 device=device)
+    vae = MlpVAE(
+        benchmark_image_shape(benchmark),
+        nhid=config.vae_hidden,
+        n_classes=benchmark.n_classes,
+        device=device,
+    )
     vae_strategy = VAETraining(
         model=vae,
-        optimizer=torch.optim.Adam(vae.parameters(), lr=0.01, weight_decay=1e-4),
+        optimizer=torch.optim.Adam(
+            vae.parameters(), lr=config.vae_lr, weight_decay=config.vae_weight_decay
+        ),
         criterion=VAE_loss,
         train_mb_size=run.train_mb_size,
         train_epochs=run.epochs,
@@ -184,16 +384,3 @@ def _generative_replay(*, benchmark, **kw):
         evaluator=None,
     )
     return GenerativeReplay(generator_strategy=vae_strategy, **_common(**kw))
-
-
-for _name, _factory in {
-    "naive": _naive,
-    "cumulative": _cumulative,
-    "lwf": _lwf,
-    "ewc": _ewc,
-    "replay": _replay,
-    "der": _der,
-    "er_ace": _er_ace,
-    "generative_replay": _generative_replay,
-}.items():
-    register_strategy(_name, _factory, overwrite=True)

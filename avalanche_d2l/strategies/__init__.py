@@ -1,14 +1,7 @@
-"""Continual-learning strategies: one module per method (the strategy and its plugin)."""
+"""Continual-learning strategies: one module per method (config + plugin + strategy), each
+registering itself with :func:`avalanche_d2l.registry.register_strategy`."""
 
+from avalanche_d2l.strategies.d2l import D2L, D2LPlugin
 from avalanche_d2l.strategies.genifer import Genifer, GeniferConfig, GeniferPlugin
 
-__all__ = ["Genifer", "GeniferConfig", "GeniferPlugin"]
-from avalanche_d2l.strategies.d2l import (  # noqa: E402
-    D2L,
-    D2LPlugin,
-    DreamHeads,
-    build_d2l,
-    greedy_assignment,
-)
-
-__all__ += ["D2L", "D2LPlugin", "DreamHeads", "build_d2l", "greedy_assignment"]
+__all__ = ["D2L", "D2LPlugin", "Genifer", "GeniferConfig", "GeniferPlugin"]

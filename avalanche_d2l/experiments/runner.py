@@ -1,0 +1,704 @@
+"""The resumable runner of an experiment: one run per (strategy, seed, buffer size).
+
+Layout of an output folder::
+
+    OUT/results.json      {"experiment": <resolved experiment>, "runs": [one record per run]}
+    OUT/results.json.bak  the previous version of results.json
+    OUT/results.md, accuracy.png, summary.png
+    OUT/runs/<run>.json   every finished run, written as soon as it ends (the durable store)
+    OUT/checkpoints/      per-experience checkpoints of unfinished runs (Avalanche checkpointing)
+    OUT/work/<run>/       files of a run (D2L's dream cache)
+
+Every run records the *resolved* settings that made it (experiment, the strategy's typed config,
+buffer size, package version) and their fingerprint. Running again into the same folder skips
+finished runs whose settings are unchanged, re-runs (and says so) those whose settings changed, and
+resumes an interrupted run from its last finished experience: a killed run resumes to the same
+numbers, since experience k of seed s always trains with the global seed ``s * 1000 + k``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from avalanche_d2l.experiments.builders import (
+    build_benchmark,
+    build_model,
+    check_class_incremental,
+)
+from avalanche_d2l.experiments.report import atomic_write, summarise_run, write_report
+from avalanche_d2l.experiments.schedule import OptimSchedule
+from avalanche_d2l.experiments.schema import Experiment, check_mem_sizes, check_seeds, resolve_name
+from avalanche_d2l.registry import RunConfig, benchmark_image_shape, config_to_dict, get_strategy
+from avalanche_d2l.utils import seed_everything
+
+__all__ = [
+    "EpochBar",
+    "PeakRSS",
+    "RunKey",
+    "RunOptions",
+    "build_run",
+    "check_device",
+    "check_out_dir",
+    "run_experiment",
+    "train_with_checkpoints",
+]
+
+QUICK_EPOCHS = 2
+
+
+class PeakRSS:
+    """Peak resident memory of this process while a run lasts (sampled in a thread)."""
+
+    def __init__(self, interval: float = 0.05):
+        import psutil
+
+        self._proc = psutil.Process()
+        self._interval = interval
+        self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        while not self._stop.wait(self._interval):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+class EpochBar:
+    """Avalanche plugin: a tqdm bar over the training iterations of each experience."""
+
+    def __init__(self, desc: str, enabled: bool = True):
+        self.desc = desc
+        self.enabled = enabled
+        self._bar = None
+
+    def before_training_exp(self, strategy, **kwargs):
+        if self.enabled:
+            total = strategy.train_epochs * len(strategy.dataloader)
+            k = strategy.experience.current_experience
+            self._bar = tqdm(total=total, desc=f"{self.desc} exp {k}", leave=False, unit="it")
+
+    def after_training_iteration(self, strategy, **kwargs):
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def after_training_exp(self, strategy, **kwargs):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __getstate__(self):  # tqdm bars do not pickle; checkpoints happen between experiences
+        return {"desc": self.desc, "enabled": self.enabled, "_bar": None}
+
+
+# ------------------------------------------------------------------------------------------------
+# input checks (all before any work)
+
+
+def check_device(device: str) -> str:
+    """``device`` as a usable torch device string, or a clear error."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device; use cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {device!r} was asked for but torch sees no CUDA GPU here; "
+                "use --device cpu (or install a CUDA build of torch)"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA GPU(s)")
+    elif dev.type not in ("cpu", "mps"):
+        raise ValueError(f"device {device!r} is not supported; use cpu or cuda[:N]")
+    return str(dev)
+
+
+def check_out_dir(out: Path) -> Path:
+    """Create ``out`` and check that files can be written there."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; pass a folder (it is created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test.{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(
+            f"--out {out}: cannot write there ({err.strerror or err}); pass a writable folder"
+        ) from err
+    return out
+
+
+def check_data(benchmark) -> list[str]:
+    """Decode every image of every experience once; returns the problems found (one line each)."""
+    problems: list[str] = []
+    streams = [("train", benchmark.train_stream), ("test", benchmark.test_stream)]
+    total = sum(len(e.dataset) for _, s in streams for e in s)
+    with tqdm(total=total, desc="check data", unit="img") as bar:
+        for sname, stream in streams:
+            for exp in stream:
+                for i in range(len(exp.dataset)):
+                    try:
+                        exp.dataset[i]
+                    except Exception as err:  # noqa: BLE001 -- every unreadable file is listed
+                        problems.append(
+                            f"{sname} experience {exp.current_experience} item {i}: {err}"
+                        )
+                    bar.update(1)
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------
+# one run
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """One run of an experiment: strategy, seed, buffer size (``None``: keeps no buffer)."""
+
+    strategy: str
+    seed: int
+    mem_size: int | None
+
+    @property
+    def name(self) -> str:
+        mem = "" if self.mem_size is None else f"_mem{self.mem_size}"
+        return f"{self.strategy}_seed{self.seed}{mem}"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How runs execute (none of it changes results, except ``quick`` and ``max_experiences``,
+    which are part of the recorded settings)."""
+
+    data_root: str | None = None
+    quick: bool = False
+    max_experiences: int | None = None
+    progress: bool = True
+    num_workers: int = 0
+    threads: int | None = 1
+
+
+def run_settings(exp: Experiment, key: RunKey, opts: RunOptions) -> dict[str, Any]:
+    """Everything that determines a run's result, as recorded in ``results.json``."""
+    from avalanche_d2l import __version__
+
+    return json.loads(
+        json.dumps(
+            {
+                "experiment": exp.common_settings(),
+                "strategy": key.strategy,
+                "config": config_to_dict(exp.method_config(key.strategy)),
+                "mem_size": key.mem_size,
+                "seed": key.seed,
+                "quick": opts.quick,
+                "max_experiences": opts.max_experiences,
+                "package_version": __version__,
+            }
+        )
+    )
+
+
+def fingerprint(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_run(
+    exp: Experiment,
+    key: RunKey,
+    opts: RunOptions,
+    *,
+    benchmark=None,
+    work_dir: Path | None = None,
+    extra_plugins: Sequence = (),
+):
+    """The benchmark and the freshly built strategy of one run (seeded by ``key.seed``).
+
+    This is the one place where benchmark, model, optimiser, schedule, evaluator and strategy of
+    a run are put together; ``compare``, ``run``, the notebooks and the benchmark scripts use it.
+    """
+    from avalanche_d2l.evaluation import make_evaluator
+
+    seed_everything(key.seed)
+    if benchmark is None:
+        benchmark = build_benchmark(exp.benchmark, opts.data_root, key.seed)
+    shape = benchmark_image_shape(benchmark)
+    model, layer = build_model(
+        exp.model.name, exp.model.feature_layer, int(benchmark.n_classes), shape, exp.model.width
+    )
+    training = exp.training
+    if opts.quick and exp.training.optimizer.epochs > QUICK_EPOCHS:
+        training = training.with_epochs(QUICK_EPOCHS)
+    optimizer = training.first.build(model.parameters())
+    evaluator = make_evaluator(benchmark, interactive=False, eval_mb_size=training.eval_mb_size)
+    run = RunConfig(
+        benchmark=exp.benchmark["name"],
+        feature_layer=layer,
+        epochs=training.first.epochs,
+        train_mb_size=training.train_mb_size,
+        eval_mb_size=training.eval_mb_size,
+        mem_size=key.mem_size or 0,
+        seed=key.seed,
+        quick=opts.quick,
+        device=exp.device,
+        work_dir=None if work_dir is None else str(work_dir),
+        progress=opts.progress,
+        precision=exp.precision,
+        dreamer_device=exp.dreamer_device,
+    )
+    plugins = [
+        OptimSchedule(
+            first=training.first,
+            later=training.optimizer,
+            fresh_each_experience=training.fresh_optimizer_each_experience,
+        ),
+        EpochBar(f"{key.strategy} s{key.seed}", enabled=opts.progress),
+        *extra_plugins,
+    ]
+    info = get_strategy(key.strategy)
+    strategy = info.factory(
+        model=model,
+        optimizer=optimizer,
+        criterion=torch.nn.CrossEntropyLoss(),
+        benchmark=benchmark,
+        run=run,
+        config=exp.method_config(key.strategy),
+        evaluator=evaluator,
+        device=torch.device(exp.device),
+        plugins=plugins,
+    )
+    return benchmark, strategy
+
+
+def train_with_checkpoints(
+    strategy,
+    benchmark,
+    *,
+    seed: int,
+    ckpt: Path,
+    n_train: int | None = None,
+    loader_kwargs: dict | None = None,
+) -> dict:
+    """Train ``strategy`` on the first ``n_train`` experiences, checkpointing after each one.
+
+    An existing checkpoint at ``ckpt`` is resumed; one that cannot be read is reported with its
+    path, moved aside (``.corrupt``) and the run restarts from scratch. After every experience the
+    whole test stream is evaluated; the accuracy matrix, the seen-class accuracies and the wall
+    time travel with the strategy in the checkpoint, so a resumed run reports the same as an
+    uninterrupted one.
+
+    Returns:
+        :func:`summarise_run`'s dict plus ``wall_s``.
+    """
+    from avalanche_d2l.checkpointing import load_strategy, save_strategy
+    from avalanche_d2l.evaluation import SEEN_ACC
+
+    loader_kwargs = loader_kwargs or {}
+    try:
+        strategy, start = load_strategy(strategy, ckpt, map_location=strategy.device)
+    except Exception as err:  # noqa: BLE001 -- any unreadable checkpoint is set aside
+        aside = ckpt.with_name(ckpt.name + ".corrupt")
+        os.replace(ckpt, aside)
+        warnings.warn(
+            f"checkpoint {ckpt} could not be read ({type(err).__name__}: {err}); "
+            f"moved it to {aside} and restarting this run from scratch",
+            stacklevel=2,
+        )
+        start = 0
+    book = getattr(strategy, "_compare_book", None) or {"acc": [], "seen": [], "wall_s": 0.0}
+    n_train = len(benchmark.train_stream) if n_train is None else n_train
+    n_test = len(benchmark.test_stream)
+    for k in range(start, n_train):
+        t0 = time.perf_counter()
+        seed_everything(seed * 1000 + k)
+        strategy.train(benchmark.train_stream[k], eval_streams=[], **loader_kwargs)
+        results = strategy.eval(benchmark.test_stream, **loader_kwargs)
+        book["wall_s"] += time.perf_counter() - t0
+        book["acc"].append(
+            [
+                float(results[f"Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{j:03d}"])
+                for j in range(n_test)
+            ]
+        )
+        book["seen"].append(float(results[SEEN_ACC]))
+        strategy._compare_book = book
+        save_strategy(strategy, ckpt)
+    summary = summarise_run(strategy, n_train, book["acc"], book["seen"])
+    summary["wall_s"] = book["wall_s"]
+    return summary
+
+
+def _execute(exp: Experiment, key: RunKey, opts: RunOptions, out: Path) -> dict:
+    """Train one run (resuming its checkpoint) and return its record."""
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
+    warnings.filterwarnings("ignore", message="Call to deprecated function update")
+    cuda = torch.device(exp.device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with PeakRSS() as rss:
+        benchmark, strategy = build_run(exp, key, opts, work_dir=out / "work" / key.name)
+        n_train = len(benchmark.train_stream)
+        if opts.max_experiences is not None:
+            n_train = min(n_train, opts.max_experiences)
+        summary = train_with_checkpoints(
+            strategy,
+            benchmark,
+            seed=key.seed,
+            ckpt=out / "checkpoints" / f"{key.name}.pkl",
+            n_train=n_train,
+            loader_kwargs={"num_workers": opts.num_workers} if opts.num_workers else None,
+        )
+    record = {
+        "strategy": key.strategy,
+        "seed": key.seed,
+        "mem_size": key.mem_size,
+        **summary,
+        "peak_rss_mb": rss.peak / 2**20,
+    }
+    if cuda:
+        record["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return record
+
+
+def _worker(payload: tuple) -> dict:
+    exp, key, opts, out = payload
+    return _execute(exp, key, opts, Path(out))
+
+
+# ------------------------------------------------------------------------------------------------
+# the whole experiment
+
+
+def _read_results(path: Path) -> dict | None:
+    """The previous ``results.json``; an unreadable one is an error naming it and its backup."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or "runs" not in data:
+            raise ValueError("no 'runs' entry")
+        return data
+    except (ValueError, OSError) as err:
+        bak = path.with_name(path.name + ".bak")
+        raise ValueError(
+            f"{path} cannot be read ({err}). Every finished run is also in {path.parent / 'runs'}"
+            f"/ and the previous version is {bak}{'' if bak.exists() else ' (absent)'}: move "
+            f"{path.name} away and run again to rebuild it from runs/"
+        ) from err
+
+
+def _write_results(path: Path, results: dict) -> None:
+    """Atomically replace ``results.json``, keeping the previous version as ``.bak``."""
+    if path.exists():
+        shutil.copyfile(path, path.with_name(path.name + ".bak"))
+    atomic_write(path, json.dumps(results, indent=1))
+
+
+def _load_record(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as err:
+        aside = path.with_name(path.name + ".corrupt")
+        os.replace(path, aside)
+        warnings.warn(
+            f"run record {path} could not be read ({err}); moved to {aside}, the run is done again",
+            stacklevel=2,
+        )
+        return None
+
+
+def plan_runs(
+    exp: Experiment, strategies: Sequence[str], seeds: Sequence[int], mem_sizes: Sequence[int]
+) -> list[RunKey]:
+    """The runs, in report order: seeds outermost, then strategies, then buffer sizes; a
+    strategy that keeps no buffer runs once per seed."""
+    keys: list[RunKey] = []
+    for seed in seeds:
+        for name in strategies:
+            mems: list[int | None] = list(mem_sizes) if exp.keeps_buffer(name) else [None]
+            keys += [RunKey(name, seed, m) for m in mems]
+    return keys
+
+
+def run_experiment(
+    exp: Experiment,
+    *,
+    out: str | os.PathLike,
+    data_root: str | os.PathLike | None = None,
+    strategies: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    mem_sizes: Sequence[int] | None = None,
+    epochs: int | None = None,
+    device: str | None = None,
+    precision: str | None = None,
+    dreamer_device: str | None = None,
+    quick: bool = False,
+    max_experiences: int | None = None,
+    progress: bool = True,
+    threads: int | None = 1,
+    jobs: int = 1,
+    num_workers: int = 0,
+    check_images: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run ``exp`` into ``out`` (resumable) and write ``results.json``, ``results.md``,
+    ``accuracy.png`` and ``summary.png``.
+
+    Every argument left ``None`` keeps the experiment's value. All inputs are checked before any
+    training.
+
+    Args:
+        exp: the experiment.
+        out: output folder (created; resumed when it holds earlier runs).
+        data_root: the dataset's folder for benchmarks that read local files.
+        strategies: a subset / other strategies (names or aliases; each needs a section in the
+            experiment or runs with its defaults).
+        seeds, mem_sizes, epochs, device, precision, dreamer_device: overrides.
+        quick: tiny settings for smoke tests (2 epochs unless ``epochs``; methods shrink too).
+        max_experiences: train only the first K experiences.
+        progress: progress bars.
+        threads: torch CPU threads per run (``None``: torch's default).
+        jobs: runs executed at once, each in its own process.
+        num_workers: ``DataLoader`` workers (image decoding).
+        check_images: decode every image once before training and stop on unreadable ones.
+        log: where messages about skipped / re-run runs go.
+
+    Returns:
+        ``{"experiment": ..., "runs": [...]}`` as written to ``results.json``.
+    """
+    # ---- 1. check every input --------------------------------------------------------------
+    if strategies is not None:
+        names = [resolve_name(s) for s in strategies]
+        if not names:
+            raise ValueError("no strategy given: pass at least one name")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(
+                f"strategy {dup} given twice (names and aliases count once); list each once"
+            )
+        exp = dataclasses.replace(exp, strategies={n: exp.strategies.get(n, {}) for n in names})
+    else:
+        names = list(exp.strategies)
+    if epochs is not None:
+        if int(epochs) < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        exp = dataclasses.replace(exp, training=exp.training.with_epochs(int(epochs)))
+    elif quick and exp.training.optimizer.epochs > QUICK_EPOCHS:
+        exp = dataclasses.replace(exp, training=exp.training.with_epochs(QUICK_EPOCHS))
+    overrides = {
+        k: v
+        for k, v in (
+            ("device", device),
+            ("precision", precision),
+            ("dreamer_device", dreamer_device),
+        )
+        if v is not None
+    }
+    seeds = check_seeds(exp.seeds if seeds is None else seeds)
+    mem_sizes = check_mem_sizes(exp.mem_sizes if mem_sizes is None else mem_sizes)
+    exp = dataclasses.replace(exp, seeds=seeds, mem_sizes=mem_sizes, **overrides)
+    exp = dataclasses.replace(exp, device=check_device(exp.device))
+    if exp.dreamer_device is not None:
+        exp = dataclasses.replace(exp, dreamer_device=check_device(exp.dreamer_device))
+    if threads is not None and int(threads) < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    if int(jobs) < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    if max_experiences is not None and int(max_experiences) < 1:
+        raise ValueError(f"max_experiences must be >= 1, got {max_experiences}")
+    if int(num_workers) < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    buffered = [n for n in names if exp.keeps_buffer(n)]
+    if buffered and not mem_sizes:
+        raise ValueError(f"{', '.join(buffered)} keep a buffer: give at least one buffer size")
+    out = check_out_dir(Path(out))
+    opts = RunOptions(
+        data_root=None if data_root is None else str(data_root),
+        quick=quick,
+        max_experiences=max_experiences,
+        progress=progress and jobs == 1,
+        num_workers=int(num_workers),
+        threads=threads,
+    )
+    # data (the loaders raise with the layout they expect), class-incremental, images
+    try:
+        first = build_benchmark(exp.benchmark, opts.data_root, seeds[0])
+    except FileNotFoundError as err:
+        hint = exp.notes.get("data_root_hint")
+        raise FileNotFoundError(f"{err}\nData: {hint}" if hint else str(err)) from err
+    check_class_incremental(first)
+    if check_images:
+        problems = check_data(first)
+        if problems:
+            shown = "\n  ".join(problems[:50])
+            raise ValueError(
+                f"{len(problems)} item(s) could not be read; fix or remove them:\n  {shown}"
+            )
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+    # ---- 2. what is done, what changed, what is left ---------------------------------------
+    keys = plan_runs(exp, names, seeds, mem_sizes)
+    results_path = out / "results.json"
+    _read_results(results_path)  # an unreadable results.json stops here, naming its backup
+    (out / "runs").mkdir(exist_ok=True)
+    (out / "checkpoints").mkdir(exist_ok=True)
+    records: dict[RunKey, dict] = {}
+    todo: list[RunKey] = []
+    for key in keys:
+        settings = run_settings(exp, key, opts)
+        fp = fingerprint(settings)
+        path = out / "runs" / f"{key.name}.json"
+        rec = _load_record(path) if path.exists() else None
+        if rec is not None and rec.get("fingerprint") == fp:
+            records[key] = rec
+            continue
+        if rec is not None:
+            changed = sorted(k for k in settings if settings[k] != rec.get("settings", {}).get(k))
+            log(
+                f"{key.name}: settings changed since it ran ({', '.join(changed) or 'format'}); "
+                "running it again"
+            )
+            os.replace(path, path.with_name(path.name + ".stale"))
+            ckpt = out / "checkpoints" / f"{key.name}.pkl"
+            ckpt.unlink(missing_ok=True)
+            shutil.rmtree(out / "work" / key.name, ignore_errors=True)
+        todo.append(key)
+    if len(records):
+        log(f"{len(records)} finished run(s) reused from {out / 'runs'}; {len(todo)} to run")
+
+    def finish(key: RunKey, record: dict) -> None:
+        settings = run_settings(exp, key, opts)
+        record = {**record, "fingerprint": fingerprint(settings), "settings": settings}
+        atomic_write(out / "runs" / f"{key.name}.json", json.dumps(record, indent=1))
+        records[key] = record
+        _write_results(results_path, _collect(exp, keys, records))
+        (out / "checkpoints" / f"{key.name}.pkl").unlink(missing_ok=True)
+
+    # ---- 3. run ---------------------------------------------------------------------------
+    bar = tqdm(
+        total=len(todo), desc=exp.name or exp.benchmark["name"], unit="run", disable=not progress
+    )
+    if jobs == 1 or len(todo) <= 1:
+        for key in todo:
+            bar.set_postfix_str(key.name)
+            finish(key, _execute(exp, key, opts, out))
+            bar.update(1)
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx) as pool:
+            futures = {pool.submit(_worker, (exp, key, opts, str(out))): key for key in todo}
+            for fut in as_completed(futures):
+                finish(futures[fut], fut.result())
+                bar.update(1)
+    bar.close()
+    results = _collect(exp, keys, records)
+    _write_results(results_path, results)
+    write_report(results, out)
+    return results
+
+
+def _collect(exp: Experiment, keys: list[RunKey], records: dict[RunKey, dict]) -> dict:
+    """``results.json``'s content: the resolved experiment and the finished runs in plan order
+    (the same whatever order they finished in)."""
+    return {"experiment": exp.to_dict(), "runs": [records[k] for k in keys if k in records]}
+
+
+def dry_run(
+    exp: Experiment,
+    *,
+    data_root=None,
+    strategies=None,
+    seeds=None,
+    device=None,
+    quick: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Build every strategy once and time one training step (and, for strategies that dream, one
+    micro-batch of dreaming through :mod:`avalanche_d2l.dreaming.preflight`), without training.
+    Prints the runs that ``run`` would do and the estimates; returns them."""
+    if device is not None:
+        exp = dataclasses.replace(exp, device=device)
+    exp = dataclasses.replace(exp, device=check_device(exp.device))
+    names = [resolve_name(s) for s in (strategies or exp.strategies)]
+    seeds = check_seeds(exp.seeds if seeds is None else seeds)
+    opts = RunOptions(
+        data_root=None if data_root is None else str(data_root), quick=quick, progress=False
+    )
+    benchmark = build_benchmark(exp.benchmark, opts.data_root, seeds[0])
+    check_class_incremental(benchmark)
+    keys = plan_runs(exp, names, seeds, exp.mem_sizes)
+    log(
+        f"{exp.name or 'experiment'}: {len(keys)} run(s) of {len(benchmark.train_stream)} "
+        f"experiences, image shape {benchmark_image_shape(benchmark)}, device {exp.device}"
+    )
+    reports = []
+    for name in names:
+        key = RunKey(name, seeds[0], exp.mem_sizes[0] if exp.keeps_buffer(name) else None)
+        _, strategy = build_run(exp, key, opts, benchmark=benchmark)
+        report = {"strategy": name, **_time_training_step(strategy, benchmark, exp)}
+        estimate = getattr(strategy, "preflight", None)
+        if callable(estimate):
+            report["preflight"] = estimate(benchmark)
+        reports.append(report)
+        log(json.dumps(report, indent=1, default=str))
+    return reports
+
+
+def _time_training_step(strategy, benchmark, exp: Experiment) -> dict:
+    """Seconds and peak memory of one training minibatch of the classifier, and the estimated
+    classifier-training time of one run (steps x step time)."""
+    model = strategy.model.to(strategy.device)
+    ds = benchmark.train_stream[0].dataset
+    n = min(exp.training.train_mb_size, len(ds))
+    x = torch.stack([ds[i][0] for i in range(n)]).to(strategy.device)
+    y = torch.tensor([int(ds[i][1]) for i in range(n)], device=strategy.device)
+    cuda = strategy.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    loss = torch.nn.functional.cross_entropy(model(x)[:, : int(benchmark.n_classes)], y)
+    loss.backward()
+    step_s = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    n_train = sum(len(e.dataset) for e in benchmark.train_stream)
+    steps = n_train / exp.training.train_mb_size * exp.training.optimizer.epochs
+    out = {
+        "train_step_s": round(step_s, 4),
+        "estimated_training_h": round(steps * step_s / 3600, 3),
+    }
+    if cuda:
+        out["train_step_peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return out
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use the command line: avalanche-d2l run ...")
