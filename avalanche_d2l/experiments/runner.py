@@ -125,7 +125,9 @@ def check_device(device: str) -> str:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError, TypeError):
-        raise ValueError(f"device {device!r} is not a torch device; use cpu, cuda or cuda:N")
+        raise ValueError(
+            f"device {device!r} is not a torch device; use cpu, cuda or cuda:N"
+        ) from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(
