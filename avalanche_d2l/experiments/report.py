@@ -135,27 +135,24 @@ def _summary_figure(rows: list[tuple[str, list[dict]]], title: str):
     fig = Figure(figsize=(9, 0.42 * max(len(rows), 4) + 1.4))
     axes = fig.subplots(1, 2, sharey=True)
     y = list(range(len(rows)))
-    for ax, (key, label) in zip(
-        axes,
-        [
-            ("final_accuracy", "final accuracy (all classes)"),
-            ("forward_transfer", "forward transfer (FWT)"),
-        ],
-    ):
-        means = [mean_std([float(r[key]) for r in mine])[0] for _, mine in rows]
+    panels = [
+        ("final_accuracy", "final accuracy (all classes)"),
+        ("forward_transfer", "forward transfer (FWT)"),
+    ]
+    for ax, (key, label) in zip(axes, panels):
+        values = [[float(r[key]) for r in mine] for _, mine in rows]
+        means = [mean_std(v)[0] for v in values]
         ax.barh(y, means, color="#9ecae1", edgecolor="#3182bd", height=0.6)
-        for i, (_, mine) in enumerate(rows):
-            vals = [float(r[key]) for r in mine]
+        for i, vals in enumerate(values):
             ax.scatter(vals, [i] * len(vals), color="#08306b", s=14, zorder=3)
-            ax.text(
-                max(means[i], 0) + 0.01,
-                i + 0.28,
-                f"{means[i]:+.3f}" if key == "forward_transfer" else f"{means[i]:.3f}",
-                fontsize=7,
-            )
+            text = f"{means[i]:+.3f}" if key == "forward_transfer" else f"{means[i]:.3f}"
+            ax.text(max(means[i], 0) + 0.01, i + 0.3, text, fontsize=7)
         ax.axvline(0, color="black", lw=0.8)
         ax.set_xlabel(label)
         ax.grid(axis="x", alpha=0.3)
+        if key == "forward_transfer":
+            flat = [v for vals in values for v in vals]
+            ax.set_xlim(min(-0.2, min(flat) - 0.05), max(0.3, max(flat) + 0.1))
     axes[0].set_xlim(0, 1.08)
     axes[0].set_yticks(y, [label for label, _ in rows], fontsize=8)
     axes[0].invert_yaxis()
