@@ -291,6 +291,8 @@ def test_latent_dreamer_from_diffusers_layout(tmp_path, monkeypatch):
         concept_captions=["a cat", "a dog", "a fish"],
     )
     assert isinstance(d.scheduler, DDIMScheduler)
+    # as the diffusers SD pipeline does: a config without clip_sample must not clip latents
+    assert d.scheduler.config.clip_sample is False and d.scheduler.config.steps_offset == 1
     assert d.config.kind == "latent" and d.config.image_size == 16 and d.config.latent_size == 8
     assert d.prompt_shape == (6, 16)
     emb = d.encode_text(["a cat", "a dog"])

@@ -15,15 +15,20 @@ Two kinds share one class:
 * ``"latent"``: any Stable-Diffusion-family checkpoint (hub id or local diffusers directory): UNet +
   ``AutoencoderKL`` + CLIP text encoder/tokenizer, with the scheduler config turned into DDIM.
 
-Device and seeds follow ``accelerate`` (:func:`accelerate.utils.set_seed`, ``PartialState``);
-mixed precision is the ``torch.autocast`` context that ``Accelerator(mixed_precision=...)`` would
-open, built directly because ``AcceleratorState`` is a process-wide singleton that refuses a second
-setting (a user's own ``Accelerator`` would otherwise clash with ours).
+Precision: ``DreamerConfig.mixed_precision`` (``"auto"``: bf16 on a GPU, fp16 on a GPU without
+bf16, fp32 on CPU; see :func:`avalanche_d2l.dreaming.accel.resolve_precision`) is a
+``torch.autocast`` region around the UNet/VAE calls; :meth:`Dreamer.from_pretrained` also loads the
+weights in that dtype on a GPU. The DDIM update itself runs in float32. Memory: with
+``gradient_checkpointing`` every UNet block and every VAE decoder block is recomputed in backward
+(diffusers' per-block checkpointing), so what a graph keeps per image is the inputs of the blocks.
+Processes, seeds and the sharding of a dreaming phase live in :mod:`.accel` and
+:func:`~avalanche_d2l.dreaming.prompts.dream_classes`; the dreamer itself is one frozen module on
+one device (``Dreamer.from_pretrained(..., device=...)`` may put it on another device than the
+learner).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -39,6 +44,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..utils import resolve_device
+from .accel import PRECISIONS, autocast, precision_dtype, resolve_precision
 
 __all__ = [
     "DEFAULT_SD_CAPTIONS",
@@ -46,6 +52,8 @@ __all__ = [
     "DreamerConfig",
     "ReferenceNetwork",
     "from_classifier_space",
+    "latent_size_for",
+    "load_reference_network",
     "to_classifier_space",
 ]
 
@@ -83,8 +91,6 @@ DEFAULT_SD_CAPTIONS: tuple[str, ...] = (
     "a photo of a building",
 )
 
-_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 @dataclass
 class DreamerConfig:
@@ -98,16 +104,20 @@ class DreamerConfig:
         prompt_dim: ``D``, width of a token (the UNet's ``cross_attention_dim``).
         num_inference_steps: DDIM steps of the differentiable loop.
         backprop_steps: only the last ``k`` steps keep a graph; ``None`` keeps all.
-        gradient_checkpointing: recompute each UNet call in backward (memory for time).
+        gradient_checkpointing: recompute every UNet block and every VAE decoder block in
+            backward (memory for time; diffusers' per-block checkpointing, or the whole UNet call
+            for a denoiser without it).
         guidance_scale: classifier-free guidance weight; ``1.0`` disables it (one UNet call/step).
         eta: DDIM noise weight (0 = deterministic DDIM).
-        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` autocast around the UNet/VAE calls.
+        mixed_precision: ``"auto"`` (bf16 on GPU, fp32 on CPU), ``"no"``, ``"fp16"`` or
+            ``"bf16"`` autocast around the UNet/VAE calls.
         output_size: side of the classifier's input; ``None`` keeps ``image_size``.
         output_channels: channels of the classifier's input (1 <-> 3 conversion); ``None`` keeps.
         output_mean: per-channel mean of the classifier's normalisation; ``None``: images in [0, 1].
         output_std: per-channel std of the classifier's normalisation (with ``output_mean``).
         latent_channels: channels of the denoised tensor (latent kind: VAE latent channels).
-        latent_size: side of the denoised tensor (latent kind: ``image_size / vae_scale``).
+        latent_size: side of the denoised tensor (latent kind: ``image_size / vae_scale``; see
+            :func:`latent_size_for` to derive it from the learner's resolution).
         concept_names: names of the concepts of :meth:`Dreamer.concept_embeddings` (glyphs).
         concept_captions: captions encoded as concepts for the latent kind.
         prompt_noise: std of the noise :meth:`Dreamer.random_prompt` adds, relative to the
@@ -126,7 +136,7 @@ class DreamerConfig:
     gradient_checkpointing: bool = False
     guidance_scale: float = 1.0
     eta: float = 0.0
-    mixed_precision: str = "no"
+    mixed_precision: str = "auto"
     output_size: int | None = None
     output_channels: int | None = None
     output_mean: tuple[float, ...] | None = None
@@ -143,9 +153,9 @@ class DreamerConfig:
     def __post_init__(self) -> None:
         if self.kind not in ("pixel", "latent"):
             raise ValueError(f"DreamerConfig.kind must be 'pixel' or 'latent', got {self.kind!r}")
-        if self.mixed_precision not in _DTYPES:
+        if self.mixed_precision not in PRECISIONS:
             raise ValueError(
-                f"mixed_precision must be one of {sorted(_DTYPES)}, got {self.mixed_precision!r}"
+                f"mixed_precision must be one of {list(PRECISIONS)}, got {self.mixed_precision!r}"
             )
         if self.num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
@@ -197,6 +207,47 @@ class DreamerConfig:
                 f"unknown DreamerConfig fields {unknown}; valid fields: {sorted(names)}"
             )
         return cls(**d)
+
+
+def latent_size_for(
+    resolution: int, vae_scale_factor: int = 8, *, min_latent: int = 32, multiple: int = 8
+) -> int:
+    """Side of the latents for a learner of side ``resolution`` pixels.
+
+    The smallest multiple of ``multiple`` (the UNet halves the latents three times for SD-1.x)
+    whose decoded side ``latent * vae_scale_factor`` covers ``resolution``, and at least
+    ``min_latent`` (below 32x32 latents, 256 px, Stable Diffusion's images fall apart). So 84-256 px
+    learners dream at 32x32 latents (256 px decoded, then resized), 512 px learners at 64x64.
+    """
+    if resolution < 1 or vae_scale_factor < 1 or multiple < 1:
+        raise ValueError(
+            f"resolution, vae_scale_factor and multiple must be >= 1, got {resolution}, "
+            f"{vae_scale_factor}, {multiple}"
+        )
+    need = -(-int(resolution) // int(vae_scale_factor))  # ceil
+    need = -(-need // int(multiple)) * int(multiple)
+    return max(int(min_latent), need)
+
+
+def _ddim_for(scheduler: Any, kind: str):
+    """The scheduler as DDIM with the same betas; for latent models with ``clip_sample=False``
+    and ``steps_offset=1``, the two fixes the diffusers Stable Diffusion pipeline applies to old
+    scheduler configs (a config without ``clip_sample`` would otherwise clip latents each step)."""
+    from diffusers import DDIMScheduler
+
+    if not isinstance(scheduler, DDIMScheduler):
+        scheduler = DDIMScheduler.from_config(scheduler.config)
+    if kind == "latent":
+        fix = {}
+        if scheduler.config.get("clip_sample", True):
+            fix["clip_sample"] = False
+        if scheduler.config.get("steps_offset", 0) != 1:
+            fix["steps_offset"] = 1
+        if fix:
+            # drop diffusers' bookkeeping keys: "_use_default_values" would re-apply the defaults
+            cfg = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
+            scheduler = DDIMScheduler.from_config({**cfg, **fix})
+    return scheduler
 
 
 # ------------------------------------------------------------------------------------------------
@@ -350,12 +401,18 @@ class Dreamer(nn.Module):
         reference: ReferenceNetwork | None = None,
     ):
         super().__init__()
-        from diffusers import DDIMScheduler
-
         if config.kind == "latent" and vae is None:
             raise ValueError("a 'latent' dreamer needs a VAE (AutoencoderKL); pass vae=...")
-        if not isinstance(scheduler, DDIMScheduler):
-            scheduler = DDIMScheduler.from_config(scheduler.config)
+        if config.kind == "latent":
+            factor = _vae_scale(vae)
+            if config.latent_size * factor != config.image_size:
+                raise ValueError(
+                    f"latent_size={config.latent_size} x VAE scale factor {factor} = "
+                    f"{config.latent_size * factor} px, but image_size={config.image_size}; set "
+                    f"image_size={config.latent_size * factor} (or latent_size="
+                    f"{config.image_size // factor}), e.g. latent_size=latent_size_for(resolution)"
+                )
+        scheduler = _ddim_for(scheduler, config.kind)
         self.config = config
         self.unet = unet
         self.vae = vae
@@ -379,6 +436,8 @@ class Dreamer(nn.Module):
             "null_prompt", null_prompt.detach().float().clone() if null_prompt is not None else None
         )
         self._reference = reference
+        self._reference_source: str | None = "saved with the dreamer" if reference else None
+        self._reference_missing: str | None = None  # why the default reference is absent
         self._text_concepts: Tensor | None = None  # cache of encoded captions (latent kind)
         self.requires_grad_(False)
         self.eval()
@@ -398,6 +457,16 @@ class Dreamer(nn.Module):
         return next(self.unet.parameters()).dtype
 
     @property
+    def precision(self) -> str:
+        """Resolved mixed precision on the current device: ``"no"``, ``"fp16"`` or ``"bf16"``."""
+        return resolve_precision(self.config.mixed_precision, self.device)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent side (8 for Stable Diffusion; 1 for the pixel kind)."""
+        return _vae_scale(self.vae) if self.vae is not None else 1
+
+    @property
     def prompt_shape(self) -> tuple[int, int]:
         """``(L, D)``: shape of one prompt."""
         return (self.config.prompt_len, self.config.prompt_dim)
@@ -414,10 +483,22 @@ class Dreamer(nn.Module):
         return out
 
     def _autocast(self):
-        dtype = _DTYPES[self.config.mixed_precision]
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return autocast(self.precision, self.device)
+
+    def _per_block_checkpointing(self) -> bool:
+        """Switch diffusers' per-block checkpointing of the UNet and the VAE to the config's
+        setting; False when the UNet has none (then :meth:`sample` checkpoints the whole call)."""
+        on = bool(self.config.gradient_checkpointing)
+        per_block = bool(getattr(self.unet, "_supports_gradient_checkpointing", False))
+        for m in (self.unet, self.vae):
+            if m is None or not getattr(m, "_supports_gradient_checkpointing", False):
+                continue
+            if m.is_gradient_checkpointing != on:
+                if on:
+                    m.enable_gradient_checkpointing()
+                else:
+                    m.disable_gradient_checkpointing()
+        return per_block
 
     # ---- sampling --------------------------------------------------------------------------------
 
@@ -460,6 +541,7 @@ class Dreamer(nn.Module):
         *,
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
+        variance_noise: Tensor | None = None,
         num_inference_steps: int | None = None,
         backprop_steps: int | None = None,
         grad: bool = True,
@@ -470,6 +552,9 @@ class Dreamer(nn.Module):
             prompt_embeds: ``(B, L, D)`` prompts; may require grad.
             generator: seeds the initial noise (and the DDIM noise when ``eta > 0``).
             noise: explicit initial noise ``(B, latent_channels, latent_size, latent_size)``.
+            variance_noise: explicit DDIM noise ``(steps, B, latent_channels, latent_size,
+                latent_size)`` for ``eta > 0`` (instead of drawing it from ``generator``), so
+                that an image does not depend on the other images of its batch.
             num_inference_steps: overrides ``config.num_inference_steps``.
             backprop_steps: overrides ``config.backprop_steps`` (last ``k`` steps keep a graph).
             grad: ``False`` runs the whole loop without a graph.
@@ -499,8 +584,15 @@ class Dreamer(nn.Module):
             noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+        if variance_noise is not None and tuple(variance_noise.shape) != (steps, *shape):
+            raise ValueError(
+                f"variance_noise must have shape {(steps, *shape)}, got "
+                f"{tuple(variance_noise.shape)}"
+            )
         self.scheduler.set_timesteps(steps, device=device)
         x = noise.to(device=device, dtype=torch.float32) * self.scheduler.init_noise_sigma
+        per_block = self._per_block_checkpointing()
+        step_kw: dict[str, Any] = {"generator": generator}
 
         for i, t in enumerate(self.scheduler.timesteps):
             keep_graph = i >= n_nograd
@@ -512,11 +604,13 @@ class Dreamer(nn.Module):
                         x_in.to(dtype),
                         t,
                         prompt,
-                        use_ckpt=keep_graph and cfg.gradient_checkpointing,
+                        use_ckpt=keep_graph and cfg.gradient_checkpointing and not per_block,
                     )
                 # 2. DDIM step x_t -> x_{t-1}, in float32 for accuracy
+                if variance_noise is not None and cfg.eta > 0:
+                    step_kw = {"variance_noise": variance_noise[i].to(device, torch.float32)}
                 x = self.scheduler.step(
-                    eps.float(), t, x, eta=cfg.eta, generator=generator, return_dict=False
+                    eps.float(), t, x, eta=cfg.eta, return_dict=False, **step_kw
                 )[0]
 
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
@@ -654,14 +748,52 @@ class Dreamer(nn.Module):
     def reference_network(self) -> ReferenceNetwork | None:
         """Frozen classifier independent of the continual learner, for D2L's oracle.
 
-        Pixel (glyph) dreamer: the glyph classifier trained and saved with it. Latent kind:
-        torchvision's ImageNet ResNet-50 when its weights are in the local torch hub cache, else
-        ``None`` with a warning (nothing is downloaded). It takes images as :meth:`sample`
-        returns them.
+        The one given to :meth:`set_reference`; else, pixel (glyph) dreamer: the glyph classifier
+        trained and saved with it; latent kind: torchvision's ImageNet ResNet-50 when its weights
+        are in the local torch hub cache, else ``None`` with one warning (nothing is downloaded;
+        :meth:`reference_info` says why). It takes images as :meth:`sample` returns them.
         """
-        if self._reference is None and self.config.kind == "latent":
-            self._reference = _load_imagenet_reference(self.config, self.device)
+        if self._reference is None and self.config.kind == "latent" and not self._reference_missing:
+            ref, why = _load_imagenet_reference(self.config, self.device)
+            if ref is None:
+                self._reference_missing = why
+                warnings.warn(why, stacklevel=2)
+            else:
+                self._reference = ref
+                self._reference_source = "torchvision resnet50 ImageNet (torch hub cache)"
         return self._reference
+
+    def set_reference(
+        self, source: str | os.PathLike | nn.Module, *, local_files_only: bool | None = None
+    ) -> ReferenceNetwork:
+        """Use another reference network for the oracle (see :func:`load_reference_network`).
+
+        Args:
+            source: a torchvision ResNet-50 state-dict file, a transformers image-classification
+                directory or hub id, or a module already wrapped as :class:`ReferenceNetwork`.
+            local_files_only: forwarded to transformers for hub ids.
+        """
+        if isinstance(source, ReferenceNetwork):
+            ref, name = source, type(source.net).__name__
+        else:
+            ref = load_reference_network(
+                source, config=self.config, device=self.device, local_files_only=local_files_only
+            )
+            name = str(source)
+        self._reference = ref.to(self.device)
+        self._reference_source = name
+        self._reference_missing = None
+        return self._reference
+
+    def reference_info(self) -> dict[str, Any]:
+        """JSON-able state of the reference network: present or not, where from, why absent."""
+        ref = self._reference
+        return {
+            "present": ref is not None,
+            "source": self._reference_source if ref is not None else None,
+            "num_classes": len(ref.class_names) if ref is not None and ref.class_names else None,
+            "missing_reason": self._reference_missing if ref is None else None,
+        }
 
     # ---- persistence ---------------------------------------------------------------------------
 
@@ -784,6 +916,7 @@ class Dreamer(nn.Module):
         torch_dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         local_files_only: bool | None = None,
+        resolution: int | None = None,
         **overrides: Any,
     ) -> Dreamer:
         """Load a dreamer.
@@ -792,9 +925,16 @@ class Dreamer(nn.Module):
             path_or_id: a directory written by :meth:`save_pretrained`; or a diffusers
                 Stable-Diffusion-family directory / hub id (``unet/``, ``vae/``, ``scheduler/``,
                 optional ``text_encoder/`` + ``tokenizer/``).
-            torch_dtype: weights dtype (e.g. ``torch.float16`` on GPU).
-            device: where to put it (``None``: CUDA when available).
+            torch_dtype: weights dtype; ``None``: the compute dtype of the resolved
+                ``mixed_precision`` on a GPU (bf16 for ``"auto"``), float32 on CPU.
+            device: where to put it (``None``: CUDA when available); may differ from the
+                learner's device (images are moved to the learner while dreaming).
             local_files_only: forwarded to diffusers/transformers (``None``: their default).
+            resolution: the learner's image side: a latent dreamer then works at
+                ``latent_size_for(resolution)`` latents (32x32 for 84-256 px) and
+                ``output_size`` defaults to ``resolution``. Explicit ``latent_size`` /
+                ``image_size`` / ``output_size`` overrides win; a ``latent_size`` that does not
+                decode to ``image_size`` is an error.
             **overrides: :class:`DreamerConfig` fields to override (e.g. ``num_inference_steps``,
                 ``output_size``, ``output_channels``, ``output_mean``, ``output_std``,
                 ``guidance_scale``, ``mixed_precision``).
@@ -808,28 +948,38 @@ class Dreamer(nn.Module):
         if bad:
             raise ValueError(f"unknown DreamerConfig overrides {bad}; valid: {sorted(valid)}")
         path = Path(path_or_id)
-        if (path / CONFIG_NAME).is_file():
-            dreamer = cls._load_ours(path, torch_dtype=torch_dtype, overrides=overrides)
+        dev = resolve_device(device)
+        ours = (path / CONFIG_NAME).is_file()
+        if torch_dtype is None and dev.type == "cuda":
+            saved = json.loads((path / CONFIG_NAME).read_text()) if ours else {}
+            wanted = overrides.get("mixed_precision", saved.get("mixed_precision", "auto"))
+            torch_dtype = precision_dtype(resolve_precision(wanted, dev))
+        if ours:
+            dreamer = cls._load_ours(
+                path, torch_dtype=torch_dtype, overrides=overrides, resolution=resolution
+            )
         else:
             dreamer = cls._load_diffusers(
                 str(path_or_id),
                 torch_dtype=torch_dtype,
                 overrides=overrides,
                 local_files_only=local_files_only,
+                resolution=resolution,
             )
-        return dreamer.to(resolve_device(device))
+        return dreamer.to(dev)
 
     @classmethod
-    def _load_ours(cls, path: Path, *, torch_dtype, overrides: dict) -> Dreamer:
+    def _load_ours(cls, path: Path, *, torch_dtype, overrides: dict, resolution=None) -> Dreamer:
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-        cfg_dict = json.loads((path / CONFIG_NAME).read_text())
-        cfg_dict.update(overrides)
-        config = DreamerConfig.from_dict(cfg_dict)
         kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
         unet = UNet2DConditionModel.from_pretrained(path / "unet", **kw)
         sched = DDIMScheduler.from_pretrained(path / "scheduler")
         vae = AutoencoderKL.from_pretrained(path / "vae", **kw) if (path / "vae").is_dir() else None
+        cfg_dict = json.loads((path / CONFIG_NAME).read_text())
+        scale = _vae_scale(vae) if vae is not None else None
+        cfg_dict.update(_resolution_overrides(resolution, scale, overrides))
+        config = DreamerConfig.from_dict(cfg_dict)
         text_encoder, tokenizer = _load_text(path, kw, local_files_only=True, subfolders=False)
         concepts = torch.load(path / CONCEPTS_NAME, map_location="cpu", weights_only=True)
         reference = _load_reference(path / REFERENCE_DIR, config)
@@ -851,7 +1001,13 @@ class Dreamer(nn.Module):
 
     @classmethod
     def _load_diffusers(
-        cls, path_or_id: str, *, torch_dtype, overrides: dict, local_files_only: bool | None
+        cls,
+        path_or_id: str,
+        *,
+        torch_dtype,
+        overrides: dict,
+        local_files_only: bool | None,
+        resolution: int | None = None,
     ) -> Dreamer:
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
@@ -876,22 +1032,20 @@ class Dreamer(nn.Module):
                 f"Underlying error: {err}"
             ) from err
         text_encoder, tokenizer = _load_text(path_or_id, kw, local_files_only, subfolders=True)
-        scale = 2 ** (len(vae.config.block_out_channels) - 1)
-        latent_size = int(unet.config.sample_size)
+        scale = _vae_scale(vae)
         prompt_len = int(tokenizer.model_max_length) if tokenizer is not None else 77
-        config = DreamerConfig.from_dict(
-            {
-                "kind": "latent",
-                "image_size": latent_size * scale,
-                "channels": int(vae.config.out_channels),
-                "prompt_len": prompt_len,
-                "prompt_dim": int(unet.config.cross_attention_dim),
-                "latent_channels": int(unet.config.in_channels),
-                "latent_size": latent_size,
-                "has_null_prompt": text_encoder is not None,
-                **overrides,
-            }
-        )
+        cfg_dict = {
+            "kind": "latent",
+            "latent_size": int(unet.config.sample_size),
+            "channels": int(vae.config.out_channels),
+            "prompt_len": prompt_len,
+            "prompt_dim": int(unet.config.cross_attention_dim),
+            "latent_channels": int(unet.config.in_channels),
+            "has_null_prompt": text_encoder is not None,
+        }
+        cfg_dict.update(_resolution_overrides(resolution, scale, overrides))
+        cfg_dict.setdefault("image_size", cfg_dict["latent_size"] * scale)
+        config = DreamerConfig.from_dict(cfg_dict)
         dreamer = cls(
             config=config,
             unet=unet,
@@ -919,6 +1073,23 @@ class Dreamer(nn.Module):
 
 # ------------------------------------------------------------------------------------------------
 # helpers
+
+
+def _vae_scale(vae: nn.Module) -> int:
+    """Pixels per latent side of an ``AutoencoderKL`` (one halving per extra block)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _resolution_overrides(resolution: int | None, scale: int | None, overrides: dict) -> dict:
+    """Config overrides for a learner of side ``resolution`` (explicit ``overrides`` win)."""
+    out = dict(overrides)
+    if resolution is None:
+        return out
+    out.setdefault("output_size", int(resolution))
+    if scale is not None:  # latent kind
+        latent = out.setdefault("latent_size", latent_size_for(int(resolution), scale))
+        out.setdefault("image_size", int(latent) * scale)
+    return out
 
 
 def default_unet_config(config: DreamerConfig | None = None) -> dict[str, Any]:
@@ -1013,33 +1184,135 @@ def make_reference(net: nn.Module, *, spec: dict, config: DreamerConfig) -> Refe
     return ref
 
 
-def _load_imagenet_reference(config: DreamerConfig, device: torch.device):
-    """torchvision ResNet-50 (ImageNet) from the local torch hub cache, or ``None``."""
-    try:
-        from torchvision.models import ResNet50_Weights, resnet50
-    except ImportError:  # pragma: no cover
-        return None
-    weights = ResNet50_Weights.DEFAULT
-    fname = os.path.basename(weights.url)
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / fname
-    if not cached.is_file():
-        warnings.warn(
-            f"no reference network: torchvision's ResNet-50 ImageNet weights are not in the local "
-            f"torch hub cache ({cached}); nothing is downloaded. Put the file there (or pass your "
-            "own oracle) to enable the reference checks of D2L's oracle.",
-            stacklevel=3,
-        )
-        return None
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _torchvision_resnet50(path: Path, config: DreamerConfig) -> ReferenceNetwork:
+    from torchvision.models import ResNet50_Weights, resnet50
+
     net = resnet50()
-    net.load_state_dict(torch.load(cached, map_location="cpu", weights_only=True))
-    ref = ReferenceNetwork(
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(
+            f"{path} is not a torchvision ResNet-50 state dict ({str(err)[:200]}); pass a "
+            "torchvision resnet50 .pth file, or a transformers image-classification directory "
+            "or hub id"
+        ) from err
+    return ReferenceNetwork(
         net=net,
         in_size=224,
         in_channels=3,
-        in_mean=(0.485, 0.456, 0.406),
-        in_std=(0.229, 0.224, 0.225),
+        in_mean=_IMAGENET_MEAN,
+        in_std=_IMAGENET_STD,
         src_mean=config.output_mean,
         src_std=config.output_std,
-        class_names=list(weights.meta["categories"]),
+        class_names=list(ResNet50_Weights.DEFAULT.meta["categories"]),
     )
+
+
+class _LogitsOnly(nn.Module):
+    """A transformers image classifier as ``images -> logits``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(pixel_values=x).logits
+
+
+def _transformers_classifier(
+    source: str, config: DreamerConfig, local_files_only: bool | None
+) -> ReferenceNetwork:
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    kw = {"local_files_only": local_files_only} if local_files_only is not None else {}
+    model = AutoModelForImageClassification.from_pretrained(source, **kw)
+    mean, std, size = _IMAGENET_MEAN, _IMAGENET_STD, 224
+    try:
+        from transformers import AutoImageProcessor
+
+        proc = AutoImageProcessor.from_pretrained(source, **kw)
+        mean = tuple(getattr(proc, "image_mean", None) or mean)
+        std = tuple(getattr(proc, "image_std", None) or std)
+        sz = getattr(proc, "crop_size", None) or getattr(proc, "size", None) or {}
+        sz = dict(sz) if not isinstance(sz, int) else {"height": sz}
+        size = int(sz.get("height") or sz.get("shortest_edge") or size)
+    except (OSError, ValueError):
+        pass  # no preprocessor config: ImageNet normalisation at 224 px
+    cfg = AutoConfig.from_pretrained(source, **kw)
+    labels = getattr(cfg, "id2label", None) or {}
+    return ReferenceNetwork(
+        net=_LogitsOnly(model),
+        in_size=size,
+        in_channels=int(getattr(cfg, "num_channels", 3)),
+        in_mean=mean,
+        in_std=std,
+        src_mean=config.output_mean,
+        src_std=config.output_std,
+        class_names=[labels[i] for i in sorted(labels)] if labels else None,
+    )
+
+
+def load_reference_network(
+    source: str | os.PathLike,
+    *,
+    config: DreamerConfig,
+    device: str | torch.device = "cpu",
+    local_files_only: bool | None = None,
+) -> ReferenceNetwork:
+    """Load the oracle's reference network from a path or a hub id.
+
+    Args:
+        source: a file (``.pth``/``.pt``/``.safetensors``): torchvision ResNet-50 ImageNet
+            weights; a directory with ``config.json``, or a hub id: a transformers
+            image-classification model (e.g. ``microsoft/resnet-50``), normalised as its
+            preprocessor config says.
+        config: the dreamer's config (the reference undoes its output normalisation).
+        device: where to put it.
+        local_files_only: forwarded to transformers.
+
+    Raises:
+        OSError: nothing loadable at ``source``.
+    """
+    path = Path(source)
+    try:
+        if path.is_file():
+            ref = _torchvision_resnet50(path, config)
+        else:
+            ref = _transformers_classifier(str(source), config, local_files_only)
+    except OSError as err:
+        raise OSError(
+            f"no reference network at {str(source)!r}: give a torchvision ResNet-50 .pth file, "
+            "a transformers image-classification directory, or a hub id reachable from here "
+            f"(or in the HF cache). Underlying error: {err}"
+        ) from err
     return ref.to(device)
+
+
+def _load_imagenet_reference(
+    config: DreamerConfig, device: torch.device
+) -> tuple[ReferenceNetwork | None, str]:
+    """torchvision ResNet-50 (ImageNet) from the local torch hub cache, or ``(None, why)``."""
+    try:
+        from torchvision.models import ResNet50_Weights
+    except ImportError:  # pragma: no cover
+        return None, "no reference network: torchvision is not installed"
+    fname = os.path.basename(ResNet50_Weights.DEFAULT.url)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / fname
+    if not cached.is_file():
+        return None, (
+            f"no reference network: torchvision's ResNet-50 ImageNet weights are not in the local "
+            f"torch hub cache ({cached}); nothing is downloaded. Put the file there, or give "
+            "DreamConfig.oracle_reference (a .pth path or a transformers hub id), to enable the "
+            "reference checks of D2L's oracle."
+        )
+    return _torchvision_resnet50(cached, config).to(device), ""

@@ -13,7 +13,11 @@ choice (documented here because the sources are silent on the details):
   *gone wrong*: the images stopped looking like anything (predictive entropy near uniform), or
   they all collapsed onto a single concept the reference already knows (the dream became a copy
   of an existing class -- the "future-class leakage" the paper lists as a limit);
-* there is always a step cap, so a dreaming phase has a bounded cost.
+* there is always a step cap, so a dreaming phase has a bounded cost;
+* without a reference network (Stable Diffusion without torchvision's ResNet-50 weights in the
+  local cache and no ``oracle_reference`` given) only the threshold and the cap apply; that state
+  is recorded (:meth:`ReferenceOracle.describe`, ``DreamResult.oracle``), and
+  ``require_reference=True`` turns it into an error.
 
 The dreaming loop (:func:`avalanche_d2l.dreaming.prompts.dream_classes`) calls the oracle once per
 dream class per optimisation step, on the images just generated from that class's prompt, *before*
@@ -102,6 +106,8 @@ class ReferenceOracle:
         min_steps: first step at which the reference checks apply.
         max_entropy: bound on the normalised entropy in ``[0, 1]``; ``None`` disables the check.
         collapse_prob: bound on the batch's top-concept probability; ``None`` disables the check.
+        reference_source: where the reference came from (recorded by :meth:`describe`).
+        reference_missing: why there is no reference (recorded by :meth:`describe`).
     """
 
     def __init__(
@@ -113,6 +119,8 @@ class ReferenceOracle:
         min_steps: int = 1,
         max_entropy: float | None = 0.95,
         collapse_prob: float | None = 0.98,
+        reference_source: str | None = None,
+        reference_missing: str | None = None,
     ):
         if max_steps < 0:
             raise ValueError(f"max_steps must be >= 0, got {max_steps}")
@@ -129,12 +137,63 @@ class ReferenceOracle:
         self.min_steps = int(min_steps)
         self.max_entropy = max_entropy
         self.collapse_prob = collapse_prob
+        self.reference_source = reference_source
+        self.reference_missing = reference_missing
         self.last_stats: dict[str, float] = {}
 
     @classmethod
-    def from_dreamer(cls, dreamer, **kwargs) -> ReferenceOracle:
-        """Oracle using ``dreamer.reference_network()`` (``None`` -> threshold + cap only)."""
-        return cls(reference=dreamer.reference_network(), **kwargs)
+    def from_dreamer(
+        cls,
+        dreamer,
+        *,
+        reference: str | nn.Module | None = None,
+        require_reference: bool = False,
+        **kwargs,
+    ) -> ReferenceOracle:
+        """Oracle using the dreamer's reference network (``None`` -> threshold + cap only).
+
+        Args:
+            dreamer: the dreamer; its :meth:`reference_network` is used unless ``reference``.
+            reference: a reference to use instead: a path or hub id (loaded with the dreamer's
+                :meth:`set_reference`, which keeps it for later phases) or a module.
+            require_reference: raise when no reference network is available.
+            **kwargs: the other :class:`ReferenceOracle` arguments.
+        """
+        source, missing = None, None
+        if reference is not None and not isinstance(reference, nn.Module):
+            ref = dreamer.set_reference(reference)
+            source = str(reference)
+        elif reference is not None:
+            ref, source = reference, type(reference).__name__
+        else:
+            ref = dreamer.reference_network()
+            info = dreamer.reference_info() if hasattr(dreamer, "reference_info") else {}
+            source = info.get("source") if ref is not None else None
+            missing = info.get("missing_reason") if ref is None else None
+            if ref is None and missing is None:
+                missing = f"{type(dreamer).__name__} has no reference network"
+        if ref is None and require_reference:
+            raise RuntimeError(
+                f"the oracle needs a reference network and there is none ({missing}); give "
+                "DreamConfig.oracle_reference (a torchvision ResNet-50 .pth file or a "
+                "transformers image-classification hub id / directory), or set "
+                "require_reference=False to stop on the learner's threshold and the step cap only"
+            )
+        return cls(reference=ref, reference_source=source, reference_missing=missing, **kwargs)
+
+    def describe(self) -> dict:
+        """JSON-able state: whether a reference network judges the dreams, and the settings."""
+        return {
+            "type": type(self).__name__,
+            "reference_present": self.reference is not None,
+            "reference_source": self.reference_source if self.reference is not None else None,
+            "reference_missing": self.reference_missing if self.reference is None else None,
+            "threshold": self.threshold,
+            "max_steps": self.max_steps,
+            "min_steps": self.min_steps,
+            "max_entropy": self.max_entropy,
+            "collapse_prob": self.collapse_prob,
+        }
 
     @torch.no_grad()
     def reference_stats(self, images: Tensor) -> tuple[float, float]:

@@ -77,6 +77,12 @@ class DreamConfig:
         backprop_steps: DDIM steps that keep a graph while optimising (``None``: the dreamer's).
         generate_inference_steps: DDIM steps when generating the dream set (``None``: default).
         generate_batch_size: images per sampling call when generating the dream set.
+        micro_batch: images per differentiable pass while optimising the prompts, rounded down to
+            whole dream classes (at least one class, ``batch_per_class`` images): the gradients
+            of the classes of a step are accumulated pass by pass, so the peak memory of a step
+            is that of one pass whatever the number of dream classes. ``None``: all active
+            classes in one pass. Results do not depend on it (up to float rounding), so it is
+            left out of :meth:`fingerprint`.
         init: ``"mix"`` (random convex mix of concept embeddings + noise, the dreamer's
             ``random_prompt``) or ``"random"`` (Gaussian with the concepts' per-dim std).
         refine: start from the previous prompt of a head that already hosted a dream.
@@ -95,6 +101,11 @@ class DreamConfig:
         oracle_max_entropy: reference-network degeneration bound (normalised entropy).
         oracle_collapse: reference-network collapse bound (top-concept probability).
         oracle_min_steps: first step at which the reference checks apply.
+        oracle_reference: the oracle's reference network: a torchvision ResNet-50 ``.pth`` file,
+            a transformers image-classification directory or hub id (``None``: the dreamer's own,
+            see :meth:`~avalanche_d2l.dreaming.Dreamer.reference_network`).
+        require_reference: stop with an error when no reference network is available, instead
+            of running the oracle on the learner's threshold and the step cap alone.
         dream_weight: weight of the dream cross-entropy added to the training loss.
         dream_batch_size: dream samples per training minibatch (``None``: ``train_mb_size``).
         sleep_epochs: passes over the new dream set right after dreaming, before the next
@@ -123,6 +134,7 @@ class DreamConfig:
     backprop_steps: int | None = None
     generate_inference_steps: int | None = None
     generate_batch_size: int = 128
+    micro_batch: int | None = 16
     init: str = "mix"
     refine: bool = True
     w_target: float = 1.0
@@ -136,6 +148,8 @@ class DreamConfig:
     oracle_max_entropy: float | None = 0.95
     oracle_collapse: float | None = 0.98
     oracle_min_steps: int = 1
+    oracle_reference: str | None = None
+    require_reference: bool = False
     dream_weight: float = 1.0
     dream_batch_size: int | None = None
     sleep_epochs: int = 1
@@ -152,6 +166,10 @@ class DreamConfig:
         for name in ("batch_per_class", "samples_per_class", "generate_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DreamConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise ValueError(
+                f"DreamConfig.micro_batch must be None (one pass) or >= 1, got {self.micro_batch}"
+            )
         if self.steps < 0:
             raise ValueError(f"DreamConfig.steps must be >= 0, got {self.steps}")
         if self.max_dream_classes is not None and self.max_dream_classes < 0:
@@ -175,13 +193,12 @@ class DreamConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> DreamConfig:
-        """Load a JSON file: either a flat DreamConfig dict, or an experiment file whose
-        ``"dream"`` entry is one (as in ``benchmarks/configs/d2l_*.json``)."""
+        """Load a JSON file: a flat DreamConfig dict, an experiment file whose ``"dream"`` entry
+        is one, or an experiment file with a ``"d2l"`` strategy section holding ``"dream"``."""
         data = json.loads(Path(path).read_text())
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-        if "dream" in data:
-            data = data["dream"]
+        data = _dream_section(data)
         try:
             return cls.from_dict(data)
         except ValueError as err:
@@ -194,9 +211,10 @@ class DreamConfig:
         return path
 
     def fingerprint(self) -> str:
-        """Hash of the fields that change the dreams (``progress`` excluded)."""
+        """Hash of the fields that change the dreams (``progress`` and ``micro_batch`` excluded)."""
         d = self.to_dict()
         d.pop("progress")
+        d.pop("micro_batch")
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -220,6 +238,44 @@ class DreamResult:
     images: Tensor
     labels: Tensor
     history: dict[str, Any] = field(default_factory=dict)
+    oracle: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able summary for ``results.json``: heads, sizes, the oracle's state (reference
+        network present or not, stop reason per class) and the scalar history; no tensors."""
+        hist = {
+            k: v
+            for k, v in self.history.items()
+            if k not in ("loss", "target", "seen", "distinct", "consistency", "norm", "coherence")
+        }
+        return json.loads(
+            json.dumps(
+                {
+                    "heads": [int(h) for h in self.heads.tolist()],
+                    "n_images": int(self.images.shape[0]),
+                    "image_shape": list(self.images.shape[1:]),
+                    "oracle": self.oracle,
+                    "history": hist,
+                },
+                default=str,
+            )
+        )
+
+
+def _dream_section(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The DreamConfig dict inside an experiment file (``dream`` at the top or in a strategy
+    section such as ``strategies.d2l`` / ``d2l``), or ``data`` itself."""
+    if "dream" in data and isinstance(data["dream"], Mapping):
+        return data["dream"]
+    for key in ("strategies", "strategy", "methods"):
+        sec = data.get(key)
+        if isinstance(sec, Mapping):
+            for v in sec.values():
+                if isinstance(v, Mapping) and isinstance(v.get("dream"), Mapping):
+                    return v["dream"]
+    if isinstance(data.get("d2l"), Mapping) and isinstance(data["d2l"].get("dream"), Mapping):
+        return data["d2l"]["dream"]
+    return data
 
 
 class HeadClassifier(Protocol):
@@ -405,6 +461,42 @@ def _frozen_classifier(model: torch.nn.Module):
                 p.requires_grad_(flags[n])
 
 
+def _class_generator(seed: int, head: int, stream: int) -> torch.Generator:
+    """CPU generator of one dream class and purpose (0: optimisation noise, 1: dream set).
+
+    Every class draws its noise from its own stream, so an image does not depend on which other
+    classes share its pass, its micro-batch or its process."""
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(head)) * 4 + int(stream))
+
+
+def _draw_noise(
+    gen: torch.Generator, n: int, shape: tuple[int, ...], steps: int, eta: float
+) -> tuple[Tensor, Tensor | None]:
+    """``n`` initial noises and, for ``eta > 0``, their ``(steps, n, ...)`` DDIM noise."""
+    x_t = torch.randn((n, *shape), generator=gen)
+    var = torch.randn((steps, n, *shape), generator=gen) if eta > 0 else None
+    return x_t, var
+
+
+def _sample(dreamer, emb: Tensor, noise: Tensor, var: Tensor | None, **kw) -> Tensor:
+    if var is not None:  # only dreamers that support eta > 0 get the extra argument
+        kw["variance_noise"] = var
+    return dreamer.sample(emb, noise=noise, **kw)
+
+
+def _oracle_state(oracle, dreamer) -> dict[str, Any]:
+    describe = getattr(oracle, "describe", None)
+    if callable(describe):
+        state = dict(describe())
+    else:  # a custom oracle: record what it is and what the dreamer offered
+        state = {"type": type(oracle).__name__}
+        info = getattr(dreamer, "reference_info", None)
+        if callable(info):
+            state["dreamer_reference"] = info()
+    state["repr"] = repr(oracle)
+    return state
+
+
 def dream_classes(
     *,
     dreamer,
@@ -416,33 +508,62 @@ def dream_classes(
     previous_prompts: Mapping[int, Tensor] | None = None,
     seed_offset: int = 0,
     progress: bool | None = None,
+    distributed: bool | None = None,
 ) -> DreamResult:
     """Optimise one soft prompt per dream head, then generate the dream set.
 
+    Memory: the active classes of a step go through the dreamer ``config.micro_batch`` images at
+    a time (whole classes); each pass's loss is backpropagated at once and the gradients
+    accumulate in the prompts, so the peak is one pass's whatever the number of classes. Each
+    class's loss uses its own images only: the ``distinct`` term compares the class's mean
+    feature with the *detached* mean features the other dreams had at their last evaluation
+    (previous step). Noise comes from per-class generators. So a class's trajectory does not
+    depend on how classes are grouped, and the result does not depend on ``micro_batch`` or on
+    the number of processes (up to float rounding).
+
+    Several processes (``accelerate launch`` / ``torchrun``, or a process group initialised by
+    the caller): the dream classes are sharded across processes (class ``i`` on process
+    ``i % world``); after every step the processes exchange the classes' mean features and stop
+    decisions, and at the end the prompts and dream sets, so every process returns the same full
+    :class:`DreamResult`. The learner must be the same in every process. Only the main process
+    (:func:`~avalanche_d2l.dreaming.accel.is_main_process`) should write it to disk.
+
     Args:
-        dreamer: a :class:`~avalanche_d2l.dreaming.Dreamer` (frozen).
+        dreamer: a :class:`~avalanche_d2l.dreaming.Dreamer` (frozen), on any device.
         classifier: the learner (``forward_heads(x, return_features=True) -> (logits, feats)``
             with logits over all heads); put in eval mode without parameter grads meanwhile.
+            Images are moved to its device.
         heads: heads that host the dream classes (free heads).
         seen_heads: heads of the classes observed so far.
         config: the :class:`DreamConfig`.
         oracle: stop rule; default :class:`ReferenceOracle` with the dreamer's reference network
-            and ``config.oracle_*`` settings, capped at ``config.steps``.
+            (or ``config.oracle_reference``) and ``config.oracle_*`` settings, capped at
+            ``config.steps``.
         previous_prompts: ``{head: prompt}`` of the previous dreaming phase (refinement).
         seed_offset: added to ``config.seed`` (e.g. the experience index).
-        progress: show progress bars (default ``config.progress``).
+        progress: show progress bars (default ``config.progress``; main process only).
+        distributed: shard across processes; ``None``: when a process group with more than one
+            process is running (or ``accelerate launch`` started several); ``False``: every
+            process dreams every class alone.
 
     Returns:
         a :class:`DreamResult`.
     """
+    from . import accel
+
     heads = [int(h) for h in heads]
     seen_heads = [int(h) for h in seen_heads]
     if set(heads) & set(seen_heads):
         raise ValueError(f"dream heads {heads} overlap the seen heads {seen_heads}")
-    show = config.progress if progress is None else progress
+    if len(set(heads)) != len(heads):
+        raise ValueError(f"dream heads must be distinct, got {heads}")
     K, b = len(heads), config.batch_per_class
     L, D = dreamer.prompt_shape
     C, H, W = dreamer.output_shape
+    if distributed is None:
+        distributed = accel.num_processes() > 1
+    rank, world = (accel.process_index(), accel.num_processes()) if distributed else (0, 1)
+    show = (config.progress if progress is None else progress) and rank == 0
     if K == 0:
         return DreamResult(
             heads=torch.empty(0, dtype=torch.long),
@@ -454,6 +575,8 @@ def dream_classes(
     if oracle is None:
         oracle = ReferenceOracle.from_dreamer(
             dreamer,
+            reference=config.oracle_reference,
+            require_reference=config.require_reference,
             threshold=config.oracle_threshold,
             max_steps=config.steps,
             min_steps=config.oracle_min_steps,
@@ -462,7 +585,6 @@ def dream_classes(
         )
     seed = int(config.seed) + int(seed_offset)
     g_init = torch.Generator().manual_seed(seed)
-    g_noise = torch.Generator().manual_seed(seed + 7919)  # CPU draws: same noise on any device
     dev = dreamer.device
     model_dev = next((p.device for p in classifier.parameters()), dev)  # type: ignore[attr-defined]
     _, concept_norm = _concept_stats(dreamer)
@@ -473,35 +595,36 @@ def dream_classes(
             f"statistics) in the learner, and {type(classifier).__name__} has none: set "
             "w_coherence=0"
         )
+    cfg_d = dreamer.config
+    eta = float(getattr(cfg_d, "eta", 0.0) or 0.0)
+    noise_shape = (cfg_d.latent_channels, cfg_d.latent_size, cfg_d.latent_size)
+    opt_steps = int(config.num_inference_steps or cfg_d.num_inference_steps)
+    gen_steps = int(config.generate_inference_steps or cfg_d.num_inference_steps)
+    precision = accel.resolve_precision(getattr(cfg_d, "mixed_precision", "no"), dev)
+    scaler = accel.PromptLossScaler(enabled=precision == "fp16")
 
     init, how = init_prompts(
         dreamer, heads, config=config, generator=g_init, previous=previous_prompts
     )
-    params = [torch.nn.Parameter(p.clone().to(dev)) for p in init]
-    opt = torch.optim.Adam(params, lr=config.lr)
-    last_good = [p.detach().clone() for p in params]
-    cfg_d = dreamer.config
-    noise_shape = (cfg_d.latent_channels, cfg_d.latent_size, cfg_d.latent_size)
-    fixed = torch.randn((K * b, *noise_shape), generator=g_noise) if config.fixed_noise else None
+    owned = accel.shard(range(K), index=rank, world=world)
+    own = set(owned)
+    params = {i: torch.nn.Parameter(init[i].clone().to(dev)) for i in owned}
+    opt = torch.optim.Adam(list(params.values()), lr=config.lr) if params else None
+    last_good = {i: p.detach().clone() for i, p in params.items()}
+    gens = {i: _class_generator(seed, heads[i], 0) for i in owned}
+    fixed = (
+        {i: _draw_noise(gens[i], b, noise_shape, opt_steps, eta) for i in owned}
+        if config.fixed_noise
+        else None
+    )
+    per_pass = max(1, int(config.micro_batch) // b) if config.micro_batch else max(1, K)
     visible = torch.tensor(seen_heads + heads, dtype=torch.long, device=model_dev)
     n_seen = len(seen_heads)
     active = list(range(K))
-    means_cache: list[Tensor | None] = [None] * K
+    means_cache: dict[int, Tensor] = {}
     stop: dict[int, dict[str, Any]] = {}
-    hist: dict[str, Any] = {
-        k: []
-        for k in (
-            "loss",
-            "target",
-            "seen",
-            "distinct",
-            "consistency",
-            "norm",
-            "coherence",
-            "target_prob",
-            "active",
-        )
-    }
+    term_names = ("loss", "target", "seen", "distinct", "consistency", "norm", "coherence")
+    hist: dict[str, Any] = {k: [] for k in (*term_names, "target_prob", "active")}
     hist["init"] = {h: how[i] for i, h in enumerate(heads)}
 
     t0 = time.perf_counter()
@@ -512,88 +635,100 @@ def dream_classes(
     ):
         while active:
             final = step >= config.steps
-            A = len(active)
-            prompts = torch.stack([params[i] for i in active])  # (A, L, D)
-            emb = prompts.repeat_interleave(b, dim=0)
-            noise = None
-            if fixed is not None:
-                noise = fixed.view(K, b, *noise_shape)[active].flatten(0, 1)
-            with torch.set_grad_enabled(not final):
-                images = (
-                    dreamer.sample(
+            others_at_start = dict(means_cache)  # detached means of the previous evaluations
+            mine = [i for i in active if i in own]
+            report: dict[int, dict[str, Any]] = {}
+            # 1. pass by pass: generate, judge (oracle), accumulate the gradients of the classes
+            #    that continue; the graph of a pass is freed before the next one
+            for start in range(0, len(mine), per_pass):
+                group = mine[start : start + per_pass]
+                emb = torch.stack([params[i] for i in group]).repeat_interleave(b, dim=0)
+                drawn = [
+                    fixed[i]
+                    if fixed is not None
+                    else _draw_noise(gens[i], b, noise_shape, opt_steps, eta)
+                    for i in group
+                ]
+                noise = torch.cat([d[0] for d in drawn])
+                var = torch.cat([d[1] for d in drawn], dim=1) if eta > 0 else None
+                with torch.set_grad_enabled(not final):
+                    images = _sample(
+                        dreamer,
                         emb,
-                        generator=g_noise,
-                        noise=noise,
+                        noise,
+                        var,
                         num_inference_steps=config.num_inference_steps,
                         backprop_steps=config.backprop_steps,
                         grad=not final,
                     )
-                    .float()
-                    .to(model_dev)
-                )
-                with _BNInputs(bns) as rec:
-                    logits, feats = classifier.forward_heads(images, return_features=True)
-                logits = logits[:, visible].float()
-            class_index = torch.arange(A, device=model_dev).repeat_interleave(b)
-            targets = n_seen + torch.tensor(active, device=model_dev).repeat_interleave(b)
-            p_target = logits.detach().softmax(1).gather(1, targets[:, None]).squeeze(1)
+                    images = images.float().to(model_dev)
+                    with _BNInputs(bns) as rec:
+                        logits, feats = classifier.forward_heads(images, return_features=True)
+                    logits = logits[:, visible].float()
+                losses = []
+                for j, i in enumerate(group):
+                    rows = torch.arange(j * b, (j + 1) * b, device=model_dev)
+                    target = n_seen + i
+                    p_t = logits[rows].detach().softmax(1)[:, target]
+                    done, reason = oracle.should_stop(images[rows].detach(), p_t, step)
+                    if not done and final:
+                        done, reason = True, STEP_CAP
+                    with torch.no_grad():
+                        f = F.normalize(_pool(feats[rows].detach()).float(), dim=1)
+                        mean = F.normalize(f.mean(0), dim=0).cpu()
+                    rep = {"mean": mean, "p": float(p_t.mean()), "reason": reason if done else ""}
+                    if not done:
+                        others = [m for o, m in sorted(others_at_start.items()) if o != i]
+                        terms = dream_losses(
+                            logits[rows],
+                            feats[rows],
+                            targets=torch.full((b,), target, device=model_dev),
+                            n_seen=n_seen,
+                            class_index=torch.zeros(b, dtype=torch.long, device=model_dev),
+                            n_active=1,
+                            other_means=torch.stack(others) if others else None,
+                            prompts=emb[j * b : j * b + 1].to(model_dev),
+                            concept_norm=concept_norm,
+                            config=config,
+                            coherence=bn_coherence(rec.inputs, bns, rows) if bns else None,
+                        )
+                        losses.append(terms["loss"])
+                        rep["terms"] = {k: float(terms[k].detach()) for k in term_names}
+                    report[i] = rep
+                if losses:
+                    scaler.scale_loss(torch.stack(losses).sum()).backward()
+                del images, logits, feats, rec, losses
 
-            # 1. oracle, per class, on the images of the current prompts
-            still = []
-            for j, i in enumerate(active):
-                sl = slice(j * b, (j + 1) * b)
-                done, reason = oracle.should_stop(images[sl].detach(), p_target[sl], step)
-                if not done and final:
-                    done, reason = True, STEP_CAP
-                if done:
-                    if reason in HALT_REASONS:
-                        params[i].data.copy_(last_good[i])
-                    stop[heads[i]] = {
-                        "step": step,
-                        "reason": reason,
-                        "target_prob": float(p_target[sl].mean()),
-                    }
+            # 2. every process learns every class's mean feature and stop decision
+            merged: dict[int, dict[str, Any]] = {}
+            for part in accel.gather_object(report) if world > 1 else [report]:
+                merged.update(part)
+            cont = []
+            for i in active:
+                r = merged[i]
+                means_cache[i] = r["mean"]
+                if r["reason"]:
+                    if i in own:
+                        if r["reason"] in HALT_REASONS:
+                            params[i].data.copy_(last_good[i])
+                        params[i].grad = None
+                    stop[heads[i]] = {"step": step, "reason": r["reason"], "target_prob": r["p"]}
                 else:
-                    last_good[i] = params[i].detach().clone()
-                    still.append(j)
-            # cache (detached) mean features of every class seen in this batch
-            with torch.no_grad():
-                fm = F.normalize(_pool(feats.detach()).float(), dim=1)
-                for j, i in enumerate(active):
-                    means_cache[i] = F.normalize(fm[j * b : (j + 1) * b].mean(0), dim=0)
-            hist["target_prob"].append(float(p_target.mean()))
-            hist["active"].append(A)
-            if not still:
-                active = []
+                    if i in own:
+                        last_good[i] = params[i].detach().clone()
+                    cont.append(i)
+            hist["target_prob"].append(sum(merged[i]["p"] for i in active) / len(active))
+            hist["active"].append(len(active))
+            if not cont:
                 break
 
-            # 2. loss on the classes that continue, 3. Adam step on their prompts
-            keep = torch.tensor(still, device=model_dev)
-            rows = (keep[:, None] * b + torch.arange(b, device=model_dev)).flatten()
-            cont = [active[j] for j in still]
-            others = [
-                means_cache[i] for i in range(K) if i not in cont and means_cache[i] is not None
-            ]
-            remap = torch.full((A,), -1, dtype=torch.long, device=model_dev)
-            remap[keep] = torch.arange(len(still), device=model_dev)
-            terms = dream_losses(
-                logits[rows],
-                feats[rows],
-                targets=targets[rows],
-                n_seen=n_seen,
-                class_index=remap[class_index[rows]],
-                n_active=len(still),
-                other_means=torch.stack(others) if others else None,
-                prompts=prompts[keep.to(prompts.device)],
-                concept_norm=concept_norm,
-                config=config,
-                coherence=bn_coherence(rec.inputs, bns, rows) if bns else None,
-            )
-            opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            opt.step()
-            for name in ("loss", "target", "seen", "distinct", "consistency", "norm", "coherence"):
-                hist[name].append(float(terms[name].detach()))
+            # 3. Adam step on the prompts of this process's classes that continue
+            if opt is not None:
+                scaler.unscale_([params[i] for i in cont if i in own])
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            for name in term_names:
+                hist[name].append(sum(merged[i]["terms"][name] for i in cont) / len(cont))
             bar.set_postfix(
                 loss=f"{hist['loss'][-1]:.3f}", p=f"{hist['target_prob'][-1]:.2f}", active=len(cont)
             )
@@ -602,26 +737,47 @@ def dream_classes(
             step += 1
     optim_s = time.perf_counter() - t0
 
-    # 4. generate the dream set (no graph)
+    # 4. generate the dream set (no graph), per class from its own noise stream
     t1 = time.perf_counter()
-    final_prompts = torch.stack([p.detach() for p in params])
     n = config.samples_per_class
-    cond = final_prompts.repeat_interleave(n, dim=0)
+    own_prompts = {i: params[i].detach().float().cpu() for i in owned}
+    noise_parts, var_parts = [], []
+    for i in owned:
+        x_t, var = _draw_noise(_class_generator(seed, heads[i], 1), n, noise_shape, gen_steps, eta)
+        noise_parts.append(x_t)
+        var_parts.append(var)
     chunks = []
-    starts = range(0, cond.shape[0], config.generate_batch_size)
-    with torch.no_grad():
-        for s in tqdm(starts, desc="dreaming (samples)", disable=not show, leave=False):
-            chunks.append(
-                dreamer.sample(
-                    cond[s : s + config.generate_batch_size],
-                    generator=g_noise,
-                    num_inference_steps=config.generate_inference_steps,
-                    grad=False,
+    if owned:
+        cond = torch.stack([own_prompts[i] for i in owned]).repeat_interleave(n, dim=0)
+        noise_all = torch.cat(noise_parts)
+        var_all = torch.cat(var_parts, dim=1) if eta > 0 else None
+        gb = config.generate_batch_size
+        with torch.no_grad():
+            for s in tqdm(
+                range(0, cond.shape[0], gb),
+                desc="dreaming (samples)",
+                disable=not show,
+                leave=False,
+            ):
+                chunks.append(
+                    _sample(
+                        dreamer,
+                        cond[s : s + gb].to(dev),
+                        noise_all[s : s + gb],
+                        var_all[:, s : s + gb] if var_all is not None else None,
+                        num_inference_steps=config.generate_inference_steps,
+                        grad=False,
+                    )
+                    .float()
+                    .cpu()
                 )
-                .float()
-                .cpu()
-            )
-    images = torch.cat(chunks)
+    own_images = torch.cat(chunks) if chunks else torch.empty(0, C, H, W)
+    mine_out = {i: (own_prompts[i], own_images[k * n : (k + 1) * n]) for k, i in enumerate(owned)}
+    all_out: dict[int, tuple[Tensor, Tensor]] = {}
+    for part in accel.gather_object(mine_out) if world > 1 else [mine_out]:
+        all_out.update(part)
+    final_prompts = torch.stack([all_out[i][0] for i in range(K)])
+    images = torch.cat([all_out[i][1] for i in range(K)])
     labels = torch.tensor(heads, dtype=torch.long).repeat_interleave(n)
     gen_s = time.perf_counter() - t1
 
@@ -644,12 +800,23 @@ def dream_classes(
         h: float(seen_mass[i * n : (i + 1) * n].mean()) for i, h in enumerate(heads)
     }
     hist.update(
-        stop=stop, steps=step, optim_seconds=optim_s, generate_seconds=gen_s, oracle=repr(oracle)
+        stop=stop,
+        steps=step,
+        optim_seconds=optim_s,
+        generate_seconds=gen_s,
+        oracle=repr(oracle),
+        processes=world,
+        micro_batch=per_pass * b,
+        precision=precision,
+        loss_scaler=scaler.state(),
     )
+    oracle_state = _oracle_state(oracle, dreamer)
+    oracle_state["stop_reasons"] = {h: stop[h]["reason"] for h in heads if h in stop}
     return DreamResult(
         heads=torch.tensor(heads, dtype=torch.long),
-        prompts=final_prompts.cpu(),
+        prompts=final_prompts,
         images=images,
         labels=labels,
         history=hist,
+        oracle=oracle_state,
     )

@@ -1,0 +1,231 @@
+"""Processes, devices and precision of a dreaming phase, through ``accelerate``.
+
+One :class:`accelerate.PartialState` (process-wide, shared with any ``Accelerator`` the user makes)
+says how many processes run and which one this is, and initialises the process group when the
+program is started by ``accelerate launch`` / ``torchrun`` (NCCL on GPUs, gloo with ``--cpu``).
+Dreaming uses it to shard the dream classes of a phase across processes and to gather prompts and
+dream sets, so every process ends with the same full result; only :func:`is_main_process` writes
+files.
+
+Mixed precision is resolved here (``"auto"``: bf16 on a GPU that supports it, fp16 on an older GPU,
+none on CPU) and applied by the dreamer as a ``torch.autocast`` region around its UNet/VAE calls,
+the region ``Accelerator(mixed_precision=...)`` opens. We do not build an ``Accelerator`` for it:
+``AcceleratorState`` is a process-wide singleton that refuses a second, different
+``mixed_precision``, and the dreamer and the learner may want different ones. fp16 needs loss
+scaling for the prompt gradients (about 1% of them flush to zero without it):
+:class:`PromptLossScaler`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "PRECISIONS",
+    "PromptLossScaler",
+    "autocast",
+    "distributed_state",
+    "gather_object",
+    "is_main_process",
+    "launched_distributed",
+    "num_processes",
+    "precision_dtype",
+    "process_index",
+    "resolve_precision",
+    "set_seed",
+    "shard",
+    "wait_for_everyone",
+]
+
+#: Accepted precision names: ``"auto"`` resolves per device (:func:`resolve_precision`).
+PRECISIONS = ("auto", "no", "fp16", "bf16")
+_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------------------------
+# precision
+
+
+def resolve_precision(precision: str | None, device: str | torch.device) -> str:
+    """``"no"``, ``"fp16"`` or ``"bf16"`` for ``precision`` on ``device``.
+
+    ``"auto"`` (or ``None``) is bf16 on a CUDA device that supports it, fp16 on an older CUDA
+    device, and no mixed precision elsewhere (CPU autocast is slower than fp32 for these models).
+    """
+    p = "auto" if precision is None else str(precision)
+    if p not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if p != "auto":
+        return p
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        with torch.cuda.device(dev):
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def precision_dtype(precision: str) -> torch.dtype | None:
+    """Compute dtype of a resolved precision (``None`` for ``"no"``: float32)."""
+    if precision not in _DTYPES:
+        raise ValueError(
+            f"resolve the precision first (one of {sorted(_DTYPES)}), got {precision!r}"
+        )
+    return _DTYPES[precision]
+
+
+def autocast(precision: str, device: str | torch.device):
+    """The ``torch.autocast`` region of a resolved precision on ``device`` (no-op for ``"no"``)."""
+    dtype = precision_dtype(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+class PromptLossScaler:
+    """Dynamic loss scaling for the prompt gradients under fp16, one decision per prompt.
+
+    The loss is multiplied by a power of two before ``backward`` (so small fp16 gradients inside
+    the UNet do not flush to zero) and the prompt gradients are divided by it before the optimiser
+    step. A prompt whose gradient is not finite skips that step (its gradient is dropped) and the
+    scale halves; after ``growth_interval`` clean steps it doubles. Unlike ``torch.amp.GradScaler``,
+    which skips the whole optimiser step, one overflowing prompt does not hold back the others, so
+    the result of a class does not depend on which other classes share its process.
+
+    Args:
+        enabled: ``False`` makes every method a pass-through (fp32 / bf16).
+        init_scale: first scale (a power of two).
+        growth_interval: clean steps before the scale doubles.
+    """
+
+    def __init__(self, *, enabled: bool, init_scale: float = 2.0**14, growth_interval: int = 100):
+        self.enabled = bool(enabled)
+        self.scale = float(init_scale) if enabled else 1.0
+        self.growth_interval = int(growth_interval)
+        self._clean = 0
+        self.skipped = 0
+
+    def scale_loss(self, loss: Tensor) -> Tensor:
+        return loss * self.scale if self.enabled else loss
+
+    def unscale_(self, params: Iterable[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+        """Divide the gradients by the scale; return the params whose gradient is not finite
+        (their gradient is set to ``None`` so the optimiser skips them)."""
+        bad = []
+        if not self.enabled:
+            return bad
+        for p in params:
+            if p.grad is None:
+                continue
+            p.grad.div_(self.scale)
+            if not torch.isfinite(p.grad).all():
+                p.grad = None
+                bad.append(p)
+        if bad:
+            self.skipped += len(bad)
+            self.scale = max(self.scale / 2.0, 1.0)
+            self._clean = 0
+        else:
+            self._clean += 1
+            if self._clean >= self.growth_interval:
+                self.scale *= 2.0
+                self._clean = 0
+        return bad
+
+    def state(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, "scale": self.scale, "skipped": self.skipped}
+
+
+# ------------------------------------------------------------------------------------------------
+# processes
+
+
+def launched_distributed() -> bool:
+    """True when the environment of ``accelerate launch`` / ``torchrun`` asks for > 1 process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _dist_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def distributed_state(*, cpu: bool | None = None):
+    """The process-wide :class:`accelerate.PartialState`.
+
+    Under ``accelerate launch`` / ``torchrun`` its first construction initialises the process
+    group (NCCL on GPUs; gloo with ``cpu=True`` or when no GPU is present) and sets this process's
+    device. A process group the caller initialised itself is used as it is.
+
+    Args:
+        cpu: force CPU processes (gloo); ``None``: CPU when no CUDA device is available.
+    """
+    from accelerate import PartialState
+
+    if cpu is None:
+        cpu = not torch.cuda.is_available()
+    return PartialState(cpu=cpu)
+
+
+def num_processes() -> int:
+    """Number of processes of this run (1 without a process group)."""
+    if _dist_ready():
+        return torch.distributed.get_world_size()
+    if launched_distributed():
+        return distributed_state().num_processes
+    return 1
+
+
+def process_index() -> int:
+    """Index of this process (0 without a process group)."""
+    if _dist_ready():
+        return torch.distributed.get_rank()
+    if launched_distributed():
+        return distributed_state().process_index
+    return 0
+
+
+def is_main_process() -> bool:
+    """True in the process that writes caches, checkpoints and results (process 0)."""
+    return process_index() == 0
+
+
+def wait_for_everyone() -> None:
+    """Barrier across processes (no-op with one process)."""
+    if num_processes() > 1:
+        torch.distributed.barrier()
+
+
+def shard(items: Sequence[Any], *, index: int | None = None, world: int | None = None) -> list:
+    """This process's share of ``items``: every ``world``-th item from position ``index``."""
+    index = process_index() if index is None else int(index)
+    world = num_processes() if world is None else int(world)
+    return list(items)[index::world]
+
+
+def gather_object(obj: Any) -> list[Any]:
+    """``[obj of process 0, obj of process 1, ...]`` on every process (``[obj]`` alone).
+
+    Objects are pickled (tensors: move them to the CPU first to keep the transfer device-free).
+    """
+    n = num_processes()
+    if n == 1:
+        return [obj]
+    out: list[Any] = [None] * n
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def set_seed(seed: int, *, device_specific: bool = False) -> None:
+    """Seed python, numpy and torch (all devices) through :func:`accelerate.utils.set_seed`.
+
+    ``device_specific`` adds the process index, for per-process randomness (dreaming does not
+    need it: its noise is drawn from per-class generators, the same in every process).
+    """
+    from accelerate.utils import set_seed as _set_seed
+
+    _set_seed(int(seed), device_specific=device_specific)
