@@ -13,46 +13,83 @@ uses it as a judge independent of the continual learner. ``training_info.json`` 
 model saw (fonts, glyphs, augmentation), the settings, the loss curve, and the reference
 classifier's accuracy on class-conditional dreamer samples (the "are samples recognisable" check).
 
+Where a dreamer comes from (:func:`load_or_pretrain_offline_dreamer`):
+
+1. **shipped** -- the package carries the pretrained 16 px grey glyph dreamer
+   (``avalanche_d2l/data/dreamers/``, with the command that made it, its settings and the sha256 of
+   every file); a request whose settings match it gets it, so every machine dreams with the same
+   weights;
+2. **cache** -- other settings are pretrained once into ``$AVALANCHE_D2L_CACHE`` (default
+   ``~/.cache/avalanche_d2l``), in a folder named by a readable prefix plus a hash of every setting
+   that changes the weights (:func:`dreamer_key`).
+
+The learner's image shape never needs its own pretraining: the dreamer generates at its native
+size and channels and maps its output to the learner's (``DreamerConfig.output_size`` /
+``output_channels``: bilinear resize, grey repeated to RGB or RGB to luminance).
+
+Every folder is written into a temporary sibling and renamed into place, with ``manifest.json``
+(file hashes) written last; a folder that fails its hashes or does not load is reported with its
+path, moved aside and rebuilt.
+
 Command line (wired as ``avalanche-d2l pretrain-dreamer``)::
 
-    python -m avalanche_d2l.dreaming.pretrain --out DIR [--steps N] [--image-size 16]
+    avalanche-d2l pretrain-dreamer [--out DIR] [--steps N] [--image-size 16] [--channels 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
+import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
+import uuid
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..utils import resolve_device
 from .dreamer import (
+    CONFIG_NAME,
     Dreamer,
     DreamerConfig,
     _default_scheduler_config,
     default_unet_config,
     make_reference,
 )
-from .glyphs import GlyphBank, GlyphConfig
+from .glyphs import DEFAULT_GLYPHS, GlyphBank, GlyphConfig
 
 __all__ = [
+    "MANIFEST_NAME",
+    "NATIVE_SIZE",
     "PretrainConfig",
     "default_cache_dir",
+    "dreamer_key",
     "evaluate_dreamer",
     "load_or_pretrain_offline_dreamer",
     "main",
+    "offline_dreamer_available",
+    "pretrain_command",
     "pretrain_offline_dreamer",
+    "resolve_pretrain_config",
+    "shipped_dreamers",
+    "verify_dreamer_dir",
+    "weights_digest",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: bump when the training recipe changes, so stale caches are not reused
 RECIPE_VERSION = 1
@@ -102,6 +139,50 @@ class PretrainConfig:
     guidance_scale: float = 1.0
     prediction_type: str = "v_prediction"
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able settings (tuples as lists)."""
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are refused with the valid ones listed."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown PretrainConfig fields {unknown}; valid fields: {sorted(names)}"
+            )
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**kw)
+
+    def fingerprint(self) -> str:
+        """sha256 of :meth:`to_dict`: every field can change the saved dreamer."""
+        return _sha256_json(self.to_dict())
+
+
+#: native side of the shipped offline dreamer; learners of other sizes get its images resized
+NATIVE_SIZE = 16
+#: written last into every dreamer folder: settings, key, the command, sha256 of every file
+MANIFEST_NAME = "manifest.json"
+#: the files that hold weights (their sha256 is the folder's ``weights_sha256``)
+WEIGHT_FILES = ("unet/diffusion_pytorch_model.safetensors", "concepts.pt", "reference/model.pt")
+#: where the package's pretrained dreamers live (package data)
+SHIPPED_ROOT = Path(__file__).resolve().parents[1] / "data" / "dreamers"
+
+
+def _sha256_json(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
 
 def default_cache_dir() -> Path:
     """``$AVALANCHE_D2L_CACHE`` or ``~/.cache/avalanche_d2l``."""
@@ -134,8 +215,9 @@ def _train_reference(bank: GlyphBank, pc: PretrainConfig, gen: torch.Generator, 
 
     from ..models.classifiers import small_cnn
 
-    net = small_cnn(num_classes=bank.num_classes, in_channels=bank.channels,
-                    width=pc.reference_width)
+    net = small_cnn(
+        num_classes=bank.num_classes, in_channels=bank.channels, width=pc.reference_width
+    )
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     net.train()
     for _ in tqdm(range(pc.reference_steps), desc="reference classifier", disable=not progress):
@@ -196,51 +278,67 @@ def pretrain_offline_dreamer(
     config: PretrainConfig | None = None,
     glyph_config: GlyphConfig | None = None,
     channels: int = 1,
+    lr: float | None = None,
 ) -> Dreamer:
     """Pretrain the glyph dreamer and its reference classifier on CPU; save to ``out_dir``.
 
+    The folder is written whole or not at all: training and saving happen in a temporary sibling
+    that replaces ``out_dir`` at the end (an interruption leaves ``out_dir`` as it was; an
+    existing dreamer folder is replaced as a whole, so no stale file survives).
+
     Args:
-        out_dir: directory to write (``Dreamer.save_pretrained`` layout + ``samples.png``).
-        image_size: image side.
+        out_dir: directory to write (``Dreamer.save_pretrained`` layout + ``samples.png``,
+            ``TRAINED_ON.md`` and ``manifest.json``); it must be new, empty or a dreamer folder.
+        image_size: native image side of the dreamer.
         steps: denoiser training steps (default ``PretrainConfig.steps``).
         batch_size: images per step (default ``PretrainConfig.batch_size``).
         seed: seed of everything.
         progress: tqdm bars.
-        config: full settings (``image_size``/``steps``/``batch_size``/``seed`` override it).
+        config: full settings (``image_size``/``seed`` and the given ``steps``/``batch_size``/
+            ``lr`` override it).
         glyph_config: the glyph world's settings (default :class:`GlyphConfig`).
         channels: 1 (grey glyphs) or 3 (each glyph in its own colours on its own background).
+        lr: peak learning rate (default ``PretrainConfig.lr``).
 
     Returns:
         The frozen :class:`Dreamer` (on the CPU), with ``training_info`` attached.
+
+    Raises:
+        ValueError: an invalid setting, or ``out_dir`` is a file or a non-empty folder that is
+            not a dreamer folder.
+        OSError: ``out_dir``'s parent cannot be created or written.
     """
+    pc, gc = resolve_pretrain_config(
+        image_size=image_size,
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        lr=lr,
+        config=config,
+        glyph_config=glyph_config,
+        channels=channels,
+    )
+    out_dir = Path(out_dir)
+    tmp = _make_temp_sibling(out_dir)  # fails here, before any work, when out_dir is unusable
+    try:
+        dreamer = _train(tmp, pc, gc, progress)
+        _write_manifest(tmp, pc, gc, weights_digest(dreamer))
+        _replace_dir(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dreamer
+
+
+def _train(out_dir: Path, pc: PretrainConfig, gc: GlyphConfig, progress: bool) -> Dreamer:
     from accelerate.utils import set_seed
     from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
     from tqdm.auto import tqdm
 
-    pc = dataclasses.replace(config or PretrainConfig(), image_size=image_size, seed=seed)
-    if steps is not None:
-        pc.steps = int(steps)
-        if config is None and pc.steps < PretrainConfig.steps:
-            # a short stand-in (tests, --quick): keep the reference classifier and the sample check
-            # in proportion, they would otherwise dominate its cost
-            pc.reference_steps = min(pc.reference_steps, max(30, 2 * pc.steps))
-            pc.eval_per_class = 1
-    if batch_size is not None:
-        pc.batch_size = int(batch_size)
-    if pc.prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(
-            f"prediction_type must be 'epsilon' or 'v_prediction', got {pc.prediction_type!r}"
-        )
-    if pc.steps < 1:
-        raise ValueError(f"steps must be >= 1, got {pc.steps}")
     t_start = time.time()
     set_seed(pc.seed)
     gen = torch.Generator().manual_seed(pc.seed)
 
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
-    gc = dataclasses.replace(glyph_config or GlyphConfig(), image_size=pc.image_size,
-                             color=channels == 3)
     bank = GlyphBank(gc)
     C = bank.channels
     K, L, D = bank.num_classes, pc.prompt_len, pc.prompt_dim
@@ -380,7 +478,6 @@ def pretrain_offline_dreamer(
         "total_seconds": round(time.time() - t_start, 1),
         "torch_threads": torch.get_num_threads(),
     }
-    out_dir = Path(out_dir)
     dreamer.save_pretrained(out_dir, training_info=info)
     _save_sample_grid(dreamer, out_dir / "samples.png", seed=pc.seed)
     (out_dir / "TRAINED_ON.md").write_text(_trained_on_md(info))
@@ -417,98 +514,645 @@ def _trained_on_md(info: dict) -> str:
     )
 
 
-def _cache_name(image_size: int, steps: int, seed: int, channels: int = 1) -> str:
-    colour = "_rgb" if channels == 3 else ""
-    return f"glyph_dreamer_v{RECIPE_VERSION}{colour}_s{image_size}_n{steps}_seed{seed}"
+# ------------------------------------------------------------------------------------------------
+# settings, keys, manifests
+
+
+def resolve_pretrain_config(
+    *,
+    image_size: int = 16,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    lr: float | None = None,
+    config: PretrainConfig | None = None,
+    glyph_config: GlyphConfig | None = None,
+    channels: int = 1,
+) -> tuple[PretrainConfig, GlyphConfig]:
+    """The full, checked settings a pretraining with these arguments uses.
+
+    ``(PretrainConfig, GlyphConfig)``; together they determine the weights (see
+    :func:`dreamer_key`). A short run (``steps`` below the default, no ``config``) also shortens
+    the reference classifier's training and the sample check, which would otherwise dominate it.
+
+    Raises:
+        ValueError: an invalid setting (one sentence saying which and what is allowed).
+    """
+    pc = dataclasses.replace(config or PretrainConfig(), image_size=int(image_size), seed=int(seed))
+    if steps is not None:
+        pc.steps = int(steps)
+        if config is None and pc.steps < PretrainConfig.steps:
+            pc.reference_steps = min(pc.reference_steps, max(30, 2 * pc.steps))
+            pc.eval_per_class = 1
+    if batch_size is not None:
+        pc.batch_size = int(batch_size)
+    if lr is not None:
+        pc.lr = float(lr)
+    if pc.prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(
+            f"prediction_type must be 'epsilon' or 'v_prediction', got {pc.prediction_type!r}"
+        )
+    if pc.steps < 1:
+        raise ValueError(f"steps must be >= 1, got {pc.steps}")
+    if pc.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {pc.batch_size}")
+    if not pc.lr > 0:
+        raise ValueError(f"lr must be > 0, got {pc.lr}")
+    if pc.seed < 0:
+        raise ValueError(f"seed must be >= 0, got {pc.seed}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    levels = len(pc.block_out_channels)
+    step = 2 ** (levels - 1)
+    if pc.image_size < 8 or pc.image_size % step:
+        raise ValueError(
+            f"image_size must be >= 8 and a multiple of {step} (the UNet halves it "
+            f"{levels - 1} times), got {pc.image_size}; other learner sizes are served by "
+            "resizing a dreamer's output (load_or_pretrain_offline_dreamer(image_size=...))"
+        )
+    gc = dataclasses.replace(
+        glyph_config or GlyphConfig(), image_size=pc.image_size, color=channels == 3
+    )
+    return pc, gc
+
+
+def _fingerprint(pc: PretrainConfig, gc: GlyphConfig) -> dict[str, Any]:
+    return {"recipe_version": RECIPE_VERSION, "pretrain": pc.to_dict(), "glyphs": gc.to_dict()}
+
+
+def dreamer_key(pc: PretrainConfig, gc: GlyphConfig) -> str:
+    """Folder name of a dreamer: readable prefix + 12 hex of the hash of every setting.
+
+    The prefix names the main settings (recipe version, colour, size, steps, batch size, seed);
+    the hash covers all of :class:`PretrainConfig` (learning rate, widths, EMA, reference
+    classifier...) and :class:`GlyphConfig` (glyph set, jitter), so settings that change the
+    weights never share a folder.
+    """
+    colour = "_rgb" if gc.color else ""
+    h = _sha256_json(_fingerprint(pc, gc))[:12]
+    return (
+        f"glyph_dreamer_v{RECIPE_VERSION}{colour}_s{pc.image_size}_n{pc.steps}"
+        f"_b{pc.batch_size}_seed{pc.seed}_{h}"
+    )
+
+
+def pretrain_command(pc: PretrainConfig, gc: GlyphConfig, out: str | None = None) -> str | None:
+    """The ``avalanche-d2l pretrain-dreamer`` command that reproduces these settings.
+
+    ``None`` when a setting has no command-line flag (made through the Python API).
+    """
+    flags = {"image_size", "steps", "batch_size", "lr", "seed"}
+    base = resolve_pretrain_config(
+        image_size=pc.image_size,
+        steps=pc.steps,
+        batch_size=pc.batch_size,
+        seed=pc.seed,
+        lr=pc.lr,
+        channels=3 if gc.color else 1,
+    )
+    same_pc = {k: v for k, v in pc.to_dict().items() if k not in flags} == {
+        k: v for k, v in base[0].to_dict().items() if k not in flags
+    }
+    same_gc = {k: v for k, v in gc.to_dict().items() if k != "chars"} == {
+        k: v for k, v in base[1].to_dict().items() if k != "chars"
+    }
+    if not (same_pc and same_gc):
+        return None
+    parts = ["avalanche-d2l", "pretrain-dreamer"]
+    if out is not None:
+        parts += ["--out", out]
+    parts += [
+        "--image-size",
+        str(pc.image_size),
+        "--channels",
+        "3" if gc.color else "1",
+        "--steps",
+        str(pc.steps),
+        "--batch-size",
+        str(pc.batch_size),
+        "--lr",
+        repr(pc.lr),
+        "--seed",
+        str(pc.seed),
+    ]
+    if gc.chars != DEFAULT_GLYPHS:
+        parts += ["--glyphs", "'" + gc.chars.replace("'", "'\\''") + "'"]
+    return " ".join(parts + ["--threads", "1"])
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import matplotlib
+
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "matplotlib": matplotlib.__version__,
+    }
+
+
+def weights_digest(dreamer: Dreamer) -> str:
+    """sha256 of the dreamer's weights as float32 values (UNet, concepts, reference network).
+
+    Independent of the file format, so a reproduction can be compared with a saved dreamer.
+    """
+    tensors: dict[str, torch.Tensor] = {
+        f"unet.{k}": v for k, v in dreamer.unet.state_dict().items()
+    }
+    for name in ("concept_table", "null_prompt"):
+        t = getattr(dreamer, name)
+        if t is not None:
+            tensors[name] = t
+    ref = dreamer.reference_network()
+    if ref is not None:
+        tensors.update({f"reference.{k}": v for k, v in ref.net.state_dict().items()})
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        if t.is_floating_point():
+            t = t.float()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _write_manifest(folder: Path, pc: PretrainConfig, gc: GlyphConfig, digest: str) -> dict:
+    """Write ``manifest.json`` (last: its presence marks a complete folder)."""
+    files = {
+        p.relative_to(folder).as_posix(): _sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST_NAME
+    }
+    missing = [f for f in WEIGHT_FILES if f not in files]
+    if missing:
+        raise RuntimeError(f"{folder}: the saved dreamer lacks {missing}; nothing was written")
+    manifest = {
+        "format": 1,
+        "key": dreamer_key(pc, gc),
+        "fingerprint": _fingerprint(pc, gc),
+        "command": pretrain_command(pc, gc),
+        "weights_sha256": _sha256_json({f: files[f] for f in WEIGHT_FILES}),
+        "weights_digest": digest,
+        "files": files,
+        "versions": _versions(),
+    }
+    tmp = folder / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, folder / MANIFEST_NAME)
+    return manifest
+
+
+class DreamerFolderError(RuntimeError):
+    """A dreamer folder is incomplete, corrupt or does not load (``path`` says which)."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def verify_dreamer_dir(folder: str | os.PathLike) -> dict | None:
+    """Check a dreamer folder against its ``manifest.json``; the manifest, or ``None`` without one.
+
+    Raises:
+        DreamerFolderError: no ``dreamer_config.json``, an unreadable manifest, or a file
+            missing or with another sha256 than recorded.
+    """
+    folder = Path(folder)
+    if not (folder / CONFIG_NAME).is_file():
+        raise DreamerFolderError(folder, f"no {CONFIG_NAME} (not a complete dreamer folder)")
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        files = dict(manifest["files"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DreamerFolderError(folder, f"unreadable {MANIFEST_NAME} ({err})") from err
+    for rel, expected in files.items():
+        p = folder / rel
+        if not p.is_file():
+            raise DreamerFolderError(folder, f"{rel} is missing")
+        if _sha256_file(p) != expected:
+            raise DreamerFolderError(folder, f"{rel} does not match its recorded sha256")
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------------
+# atomic folders
+
+
+def _make_temp_sibling(target: Path) -> Path:
+    """A fresh temporary folder beside ``target`` (same file system: the rename is atomic)."""
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target} is a file; pass a folder path for the dreamer")
+    if target.is_dir() and any(target.iterdir()) and not (target / CONFIG_NAME).is_file():
+        raise ValueError(
+            f"{target} is a non-empty folder that does not hold a saved dreamer; pass a new or "
+            "empty folder (a dreamer folder is replaced as a whole)"
+        )
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as err:
+        raise OSError(
+            f"cannot write beside {target} ({err.strerror or err}); pass a folder in a "
+            "writable location"
+        ) from err
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Move the finished ``tmp`` to ``target``, replacing an existing folder as a whole."""
+    try:
+        os.rename(tmp, target)  # target absent (or an empty folder): one atomic step
+        return
+    except OSError:
+        if not target.is_dir():
+            raise
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _move_aside(folder: Path) -> Path:
+    aside = folder.with_name(f"{folder.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+    if aside.exists():
+        aside = aside.with_name(f"{aside.name}-{uuid.uuid4().hex[:6]}")
+    os.rename(folder, aside)
+    return aside
+
+
+# ------------------------------------------------------------------------------------------------
+# shipped dreamers, cache, loading
+
+
+def shipped_dreamers() -> dict[str, Path]:
+    """``{key: folder}`` of the dreamers shipped with the package (see :func:`dreamer_key`)."""
+    out = {}
+    if SHIPPED_ROOT.is_dir():
+        for manifest in sorted(SHIPPED_ROOT.glob(f"*/{MANIFEST_NAME}")):
+            try:
+                out[json.loads(manifest.read_text())["key"]] = manifest.parent
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # reported by verify_dreamer_dir when that folder is requested
+    return out
+
+
+def _load_folder(
+    folder: Path, *, device: str | torch.device | None, overrides: dict[str, Any]
+) -> Dreamer:
+    """Verify and load a folder; float weights are cast to float32 (fp16 files allowed)."""
+    verify_dreamer_dir(folder)
+    try:
+        dreamer = Dreamer.from_pretrained(folder, device="cpu", **overrides)
+    except Exception as err:  # any loader error means: this folder cannot be used
+        raise DreamerFolderError(folder, f"does not load ({type(err).__name__}: {err})") from err
+    if dreamer.dtype != torch.float32:
+        dreamer = dreamer.to(torch.float32)
+    return dreamer.to(resolve_device(device))
+
+
+def _resolve_request(
+    *, native_size, native_channels, steps, seed, batch_size, lr, config, glyph_config
+) -> tuple[PretrainConfig, GlyphConfig]:
+    return resolve_pretrain_config(
+        image_size=NATIVE_SIZE if native_size is None else native_size,
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        lr=lr,
+        config=config,
+        glyph_config=glyph_config,
+        channels=native_channels,
+    )
+
+
+def offline_dreamer_available(
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    native_size: int | None = None,
+    native_channels: int = 1,
+    steps: int | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    config: PretrainConfig | None = None,
+    glyph_config: GlyphConfig | None = None,
+) -> str | None:
+    """Where :func:`load_or_pretrain_offline_dreamer` would get this dreamer without pretraining.
+
+    ``"shipped"``, ``"cache"`` or ``None`` (it would be pretrained first). Files are not
+    hash-checked here (that happens on load). The output size and channels do not matter: they
+    are a mapping of the native images.
+    """
+    pc, gc = _resolve_request(
+        native_size=native_size,
+        native_channels=native_channels,
+        steps=steps,
+        seed=seed,
+        batch_size=batch_size,
+        lr=lr,
+        config=config,
+        glyph_config=glyph_config,
+    )
+    key = dreamer_key(pc, gc)
+    if key in shipped_dreamers():
+        return "shipped"
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return "cache" if (root / key / CONFIG_NAME).is_file() else None
 
 
 def load_or_pretrain_offline_dreamer(
     cache_dir: str | os.PathLike | None = None,
     *,
-    image_size: int = 16,
+    image_size: int = NATIVE_SIZE,
+    channels: int = 1,
+    native_size: int | None = None,
+    native_channels: int = 1,
     steps: int | None = None,
     seed: int = 0,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    config: PretrainConfig | None = None,
+    glyph_config: GlyphConfig | None = None,
     progress: bool = True,
     device: str | torch.device | None = "cpu",
-    channels: int = 1,
 ) -> Dreamer:
-    """The offline glyph dreamer: load it from the cache, pretraining it there first if missing.
+    """The offline glyph dreamer for a learner of ``channels x image_size x image_size`` images.
+
+    The dreamer generates at its *native* size and channels (default: 16 px grey, the shipped
+    one) and maps its images to the learner's shape (``output_size``/``output_channels``:
+    bilinear resize, grey repeated to RGB); no pretraining is needed for a 28 px or a 32 px RGB
+    learner. The native dreamer comes from, in order:
+
+    1. the package's shipped dreamer when the native settings match it exactly;
+    2. the cache ``cache_dir/<dreamer_key>``;
+    3. a pretraining into that cache folder (atomic; minutes on CPU at 600 steps).
+
+    A cached folder that fails its hashes or does not load is reported (warning naming its path),
+    moved aside as ``<folder>.broken-<time>`` and pretrained again. The returned dreamer has an
+    ``offline_source`` dict: ``source`` (``"shipped"``, ``"cache"`` or ``"pretrained"``),
+    ``path``, ``key``, ``native_shape`` and ``output_shape``.
 
     Args:
-        cache_dir: parent folder (default :func:`default_cache_dir`); the model lives in a
-            sub-folder named by the settings, so different settings never collide.
-        image_size: image side.
+        cache_dir: parent folder of the cache (default :func:`default_cache_dir`).
+        image_size: side of the images the learner takes (the dreamer's ``output_size``).
+        channels: channels the learner takes, 1 or 3 (the dreamer's ``output_channels``).
+        native_size: side the dreamer is trained and generates at (default
+            :data:`NATIVE_SIZE`); a size other than the shipped one is pretrained and cached.
+        native_channels: 1 (grey glyph world, shipped) or 3 (coloured glyph world, pretrained
+            and cached).
         steps: training steps (default ``PretrainConfig.steps``).
         seed: training seed.
+        batch_size: training batch size (default ``PretrainConfig.batch_size``).
+        lr: peak learning rate (default ``PretrainConfig.lr``).
+        config: full pretraining settings (see :func:`resolve_pretrain_config`).
+        glyph_config: the glyph world's settings.
         progress: tqdm bars while pretraining.
-        device: where to load it.
-        channels: 1 (grey glyph world) or 3 (coloured glyph world).
+        device: where to load it (``None``: CUDA when available).
     """
-    steps = int(steps or PretrainConfig.steps)
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = root / _cache_name(image_size, steps, seed, channels)
-    if not (target / "dreamer_config.json").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        # write into a temporary sibling and rename: concurrent callers never see half a model
-        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=root))
+    if int(image_size) < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3 (grey or RGB learners), got {channels}")
+    pc, gc = _resolve_request(
+        native_size=native_size,
+        native_channels=native_channels,
+        steps=steps,
+        seed=seed,
+        batch_size=batch_size,
+        lr=lr,
+        config=config,
+        glyph_config=glyph_config,
+    )
+    key = dreamer_key(pc, gc)
+    overrides: dict[str, Any] = {}
+    if int(image_size) != pc.image_size:
+        overrides["output_size"] = int(image_size)
+    if channels != native_channels:
+        overrides["output_channels"] = channels
+
+    dreamer, source, folder = None, None, None
+    shipped = shipped_dreamers().get(key)
+    if shipped is not None:
         try:
-            pretrain_offline_dreamer(
-                tmp, image_size=image_size, steps=steps, seed=seed, progress=progress,
-                channels=channels,
+            dreamer = _load_folder(shipped, device=device, overrides=overrides)
+            source, folder = "shipped", shipped
+        except DreamerFolderError as err:
+            warnings.warn(
+                f"the shipped offline dreamer is damaged ({err}); reinstall avalanche-d2l. "
+                "Using the cache instead (pretraining it there if missing).",
+                stacklevel=2,
             )
+    if dreamer is None:
+        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        folder = root / key
+        if folder.exists():
             try:
-                tmp.rename(target)
-            except OSError:
-                if not (target / "dreamer_config.json").is_file():
-                    raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return Dreamer.from_pretrained(target, device=device)
+                dreamer, source = _load_folder(folder, device=device, overrides=overrides), "cache"
+            except DreamerFolderError as err:
+                aside = _move_aside(folder)
+                warnings.warn(
+                    f"the cached offline dreamer {folder} cannot be used ({err.reason}); moved it "
+                    f"to {aside} and pretraining it again",
+                    stacklevel=2,
+                )
+        if dreamer is None:
+            logger.info("pretraining the offline glyph dreamer into %s", folder)
+            pretrain_offline_dreamer(
+                folder,
+                image_size=pc.image_size,
+                steps=pc.steps,
+                batch_size=pc.batch_size,
+                seed=pc.seed,
+                lr=pc.lr,
+                config=pc,
+                glyph_config=gc,
+                channels=native_channels,
+                progress=progress,
+            )
+            dreamer = _load_folder(folder, device=device, overrides=overrides)
+            source = "pretrained"
+    dreamer.offline_source = {
+        "source": source,
+        "path": str(folder),
+        "key": key,
+        "native_shape": (native_channels, pc.image_size, pc.image_size),
+        "output_shape": tuple(dreamer.output_shape),
+    }
+    logger.info(
+        "offline dreamer: %s %s (%s), native %s mapped to %s",
+        source,
+        key,
+        folder,
+        dreamer.offline_source["native_shape"],
+        dreamer.offline_source["output_shape"],
+    )
+    return dreamer
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``avalanche-d2l pretrain-dreamer``: pretrain the glyph dreamer into a directory."""
+def _cache_name(image_size: int, steps: int, seed: int, channels: int = 1) -> str:
+    """Folder name of the default-settings dreamer of this native size/steps/seed/channels
+    (kept for callers of the old API; prefer :func:`dreamer_key`)."""
+    return dreamer_key(
+        *resolve_pretrain_config(image_size=image_size, steps=steps, seed=seed, channels=channels)
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# command line
+
+
+def _positive_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{name} must be a whole number, got {text!r}"
+            ) from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
+        return v
+
+    return parse
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed must be a whole number, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"--seed must be >= 0, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lr must be a number, got {text!r}") from None
+    if not v > 0 or math.isinf(v):
+        raise argparse.ArgumentTypeError(f"--lr must be a finite number > 0, got {text}")
+    return v
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = PretrainConfig()
     p = argparse.ArgumentParser(
         prog="avalanche-d2l pretrain-dreamer",
         description="Pretrain the offline glyph dreamer (conditional pixel diffusion on font "
-        "glyphs, no digits) and its reference classifier on CPU.",
+        "glyphs, no digits) and its reference classifier on CPU. The package ships the default "
+        "16 px grey dreamer; this command reproduces it or makes others.",
     )
     p.add_argument(
         "--out",
         type=Path,
         default=None,
-        help="output directory (default: the cache used by the strategies, "
-        f"{default_cache_dir()}/<settings>)",
+        help="output folder, new or a dreamer folder (replaced as a whole); default: the cache "
+        f"the strategies read, {default_cache_dir()}/<settings key>",
     )
-    p.add_argument("--image-size", type=int, default=16)
-    p.add_argument("--channels", type=int, default=1, choices=(1, 3),
-                   help="3: coloured glyphs (for RGB streams such as split_color_digits)")
-    p.add_argument("--steps", type=int, default=PretrainConfig.steps)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=PretrainConfig.batch_size)
+    p.add_argument(
+        "--image-size",
+        type=_positive_int("--image-size"),
+        default=NATIVE_SIZE,
+        help=f"native image side (>= 8, a multiple of 4; default {NATIVE_SIZE})",
+    )
+    p.add_argument(
+        "--channels",
+        type=int,
+        default=1,
+        choices=(1, 3),
+        help="1: grey glyphs (default); 3: coloured glyphs",
+    )
+    p.add_argument(
+        "--steps",
+        type=_positive_int("--steps"),
+        default=d.steps,
+        help=f"denoiser training steps (default {d.steps})",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int("--batch-size"),
+        default=d.batch_size,
+        help=f"glyph images per step (default {d.batch_size})",
+    )
+    p.add_argument(
+        "--lr", type=_positive_float, default=d.lr, help=f"peak learning rate (default {d.lr})"
+    )
+    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument(
+        "--glyphs",
+        default=None,
+        help="the glyph set, one concept per character (no digits; default: Latin, "
+        "Greek and symbols)",
+    )
     p.add_argument(
         "--threads",
-        type=int,
+        type=_positive_int("--threads"),
         default=None,
-        help="torch CPU threads (default: torch's choice; 1 is fastest on a busy 2-core machine)",
+        help="torch CPU threads (default: torch's choice; 1 is fastest on a busy "
+        "2-core machine and is what the shipped dreamer used)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``avalanche-d2l pretrain-dreamer``: pretrain the glyph dreamer into a folder."""
+    p = _parser()
     args = p.parse_args(argv)
+    try:
+        glyph_config = GlyphConfig(chars=args.glyphs) if args.glyphs is not None else None
+        pc, gc = resolve_pretrain_config(
+            image_size=args.image_size,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            lr=args.lr,
+            glyph_config=glyph_config,
+            channels=args.channels,
+        )
+    except ValueError as err:
+        p.error(str(err))
+    key = dreamer_key(pc, gc)
+    out = args.out if args.out is not None else default_cache_dir() / key
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = args.out or default_cache_dir() / _cache_name(args.image_size, args.steps, args.seed,
-                                                        args.channels)
-    dreamer = pretrain_offline_dreamer(
-        out,
-        image_size=args.image_size,
-        steps=args.steps,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-        channels=args.channels,
-    )
+    shipped = shipped_dreamers().get(key)
+    if shipped is not None:
+        print(
+            f"these are the settings of the shipped dreamer ({shipped}); the strategies use "
+            "that copy, this run reproduces it",
+            file=sys.stderr,
+        )
+    try:
+        dreamer = pretrain_offline_dreamer(
+            out,
+            image_size=pc.image_size,
+            steps=pc.steps,
+            batch_size=pc.batch_size,
+            seed=pc.seed,
+            lr=pc.lr,
+            glyph_config=glyph_config,
+            progress=not args.no_progress,
+            channels=args.channels,
+        )
+    except (ValueError, OSError) as err:
+        print(f"avalanche-d2l pretrain-dreamer: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {out} was left as it was", file=sys.stderr)
+        return 130
     info = dreamer.training_info
+    digest = weights_digest(dreamer)
     print(f"saved to {out}")
     print(f"loss {info['loss_first']:.4f} -> {info['loss_final']:.4f} in {info['train_seconds']} s")
     print(
@@ -516,6 +1160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         json.dumps(info["reference_accuracy_on_samples"]),
         f"(chance {info['chance']:.3f})",
     )
+    print(f"weights digest {digest}")
+    if shipped is not None:
+        ref = json.loads((shipped / MANIFEST_NAME).read_text()).get("weights_digest")
+        same = "identical to" if ref == digest else "different from"
+        print(f"{same} the shipped dreamer's weights ({ref})")
     return 0
 
 
