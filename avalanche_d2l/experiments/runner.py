@@ -462,6 +462,7 @@ def run_experiment(
     device: str | None = None,
     precision: str | None = None,
     dreamer_device: str | None = None,
+    dreamer: str | None = None,
     quick: bool = False,
     max_experiences: int | None = None,
     progress: bool = True,
@@ -484,6 +485,7 @@ def run_experiment(
         strategies: a subset / other strategies (names or aliases; each needs a section in the
             experiment or runs with its defaults).
         seeds, mem_sizes, epochs, device, precision, dreamer_device: overrides.
+        dreamer: a dreamer (hub id or local folder) for every strategy that has one (D2L).
         quick: tiny settings for smoke tests (2 epochs unless ``epochs``; methods shrink too).
         max_experiences: train only the first K experiences.
         progress: progress bars.
@@ -509,6 +511,8 @@ def run_experiment(
         exp = dataclasses.replace(exp, strategies={n: exp.strategies.get(n, {}) for n in names})
     else:
         names = list(exp.strategies)
+    if dreamer is not None:
+        exp = with_dreamer(exp, dreamer, names)
     if epochs is not None:
         if int(epochs) < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -626,6 +630,23 @@ def run_experiment(
     _write_results(results_path, results)
     write_report(results, out)
     return results
+
+
+def with_dreamer(exp: Experiment, dreamer: str, names: Sequence[str]) -> Experiment:
+    """``exp`` with ``dreamer`` (a local folder is made absolute) in the section of every strategy
+    of ``names`` whose config has a ``dreamer`` field."""
+    local = Path(dreamer).expanduser()
+    value = str(local.resolve()) if local.exists() else str(dreamer)
+    sections = dict(exp.strategies)
+    hits = []
+    for name in names:
+        cfg_type = get_strategy(name).config_type
+        if cfg_type is not None and "dreamer" in {f.name for f in dataclasses.fields(cfg_type)}:
+            sections[name] = {**sections.get(name, {}), "dreamer": value}
+            hits.append(name)
+    if not hits:
+        raise ValueError(f"--dreamer given, but none of {', '.join(names)} uses a dreamer")
+    return dataclasses.replace(exp, strategies=sections)
 
 
 def _collect(exp: Experiment, keys: list[RunKey], records: dict[RunKey, dict]) -> dict:
