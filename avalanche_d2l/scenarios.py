@@ -312,8 +312,13 @@ class ImagePathDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        with Image.open(self.paths[index]) as img:
-            rgb = img.convert("RGB")  # greyscale / CMYK / palette files -> 3 channels
+        path = self.paths[index]
+        try:
+            with Image.open(path) as img:
+                rgb = img.convert("RGB")  # greyscale / CMYK / palette files -> 3 channels
+        except (OSError, SyntaxError, ValueError) as err:  # truncated or not an image
+            raise OSError(f"cannot read image {path}: {err} (remove or replace the file; "
+                          "`--check-data` lists every unreadable one before training)") from err
         return rgb, self.targets[index]
 
 

@@ -219,3 +219,34 @@ def test_killed_d2l_run_resumes_with_the_dreamer(tmp_path, data_root, dreamer_di
     assert [{k: r[k] for k in keys} for r in resumed["runs"]] == [
         {k: r[k] for k in keys} for r in clean["runs"]
     ]
+
+
+def test_truncated_image_is_named_and_check_data_lists_it(tmp_path, data_root, capsys):
+    import shutil
+
+    root = Path(shutil.copytree(data_root, tmp_path / "data"))
+    bad = sorted((root / "train" / "n00000002").glob("*.png"))[0]
+    bad.write_bytes(bad.read_bytes()[:60])  # a truncated PNG
+    args = [
+        "compare",
+        "--benchmark",
+        "split_mini_imagenet",
+        "--data-root",
+        str(root),
+        "--strategies",
+        "naive",
+        "--seeds",
+        "0",
+        "--epochs",
+        "1",
+        "--quick",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert main([*args, "--check-data"]) == 2
+    err = capsys.readouterr().err
+    assert "1 item(s) could not be read" in err and str(bad) in err
+    assert not (tmp_path / "o" / "runs").exists()  # stopped before training
+    assert main(args) == 2  # without the check, training stops at the file, naming it
+    assert str(bad) in capsys.readouterr().err
