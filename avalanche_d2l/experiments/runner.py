@@ -499,6 +499,7 @@ def run_experiment(
         ``{"experiment": ..., "runs": [...]}`` as written to ``results.json``.
     """
     # ---- 1. check every input --------------------------------------------------------------
+    full = exp  # every strategy section of the file (finished runs of others stay in the report)
     if strategies is not None:
         names = [resolve_name(s) for s in strategies]
         if not names:
@@ -600,13 +601,14 @@ def run_experiment(
         todo.append(key)
     if len(records):
         log(f"{len(records)} finished run(s) reused from {out / 'runs'}; {len(todo)} to run")
+    extras = _other_finished_runs(out, full, exp, keys, opts)
 
     def finish(key: RunKey, record: dict) -> None:
         settings = run_settings(exp, key, opts)
         record = {**record, "fingerprint": fingerprint(settings), "settings": settings}
         atomic_write(out / "runs" / f"{key.name}.json", json.dumps(record, indent=1))
         records[key] = record
-        _write_results(results_path, _collect(exp, keys, records))
+        _write_results(results_path, _collect(exp, keys, records, extras))
         (out / "checkpoints" / f"{key.name}.pkl").unlink(missing_ok=True)
 
     # ---- 3. run ---------------------------------------------------------------------------
@@ -626,7 +628,7 @@ def run_experiment(
                 finish(futures[fut], fut.result())
                 bar.update(1)
     bar.close()
-    results = _collect(exp, keys, records)
+    results = _collect(exp, keys, records, extras)
     _write_results(results_path, results)
     write_report(results, out)
     return results
@@ -649,10 +651,38 @@ def with_dreamer(exp: Experiment, dreamer: str, names: Sequence[str]) -> Experim
     return dataclasses.replace(exp, strategies=sections)
 
 
-def _collect(exp: Experiment, keys: list[RunKey], records: dict[RunKey, dict]) -> dict:
+def _other_finished_runs(
+    out: Path, full: Experiment, exp: Experiment, keys: list[RunKey], opts: RunOptions
+) -> list[dict]:
+    """Finished runs in ``out/runs`` that this call did not ask for (other strategies or seeds of
+    earlier calls) and whose settings are still those of this experiment: they stay in the
+    report, so a call with fewer strategies never hides earlier results."""
+    asked = {k.name for k in keys}
+    extras = []
+    for path in sorted((out / "runs").glob("*.json")):
+        if path.stem in asked:
+            continue
+        try:
+            rec = json.loads(path.read_text())
+            key = RunKey(rec["strategy"], int(rec["seed"]), rec["mem_size"])
+            section = full.strategies.get(key.strategy, exp.strategies.get(key.strategy, {}))
+            other = dataclasses.replace(exp, strategies={key.strategy: section})
+            if rec.get("fingerprint") == fingerprint(run_settings(other, key, opts)):
+                extras.append(rec)
+        except (ValueError, KeyError, TypeError, OSError):
+            continue  # not a record of this experiment
+    return sorted(extras, key=lambda r: (r["seed"], r["strategy"], r["mem_size"] or 0))
+
+
+def _collect(
+    exp: Experiment, keys: list[RunKey], records: dict[RunKey, dict], extras: Sequence[dict] = ()
+) -> dict:
     """``results.json``'s content: the resolved experiment and the finished runs in plan order
-    (the same whatever order they finished in)."""
-    return {"experiment": exp.to_dict(), "runs": [records[k] for k in keys if k in records]}
+    (the same whatever order they finished in), then the other still-valid runs of the folder."""
+    return {
+        "experiment": exp.to_dict(),
+        "runs": [records[k] for k in keys if k in records] + list(extras),
+    }
 
 
 def dry_run(

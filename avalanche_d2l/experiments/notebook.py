@@ -1,0 +1,111 @@
+"""What the reproduction notebooks share: parameters with environment overrides, the comparison
+through the engine, and the method illustrations, each cached on disk under the settings that made
+it (so a re-executed notebook reads instead of retraining)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from avalanche_d2l.experiments.report import atomic_write
+from avalanche_d2l.experiments.runner import RunKey, RunOptions, build_run, run_settings
+from avalanche_d2l.experiments.schema import Experiment
+
+__all__ = ["notebook_params", "cached", "settings_key", "trained_run"]
+
+ENV_PREFIX = "AVALANCHE_D2L_NB_"
+
+
+def _parse(raw: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected 1/0 (true/false), got {raw!r}")
+    if isinstance(default, list):
+        items = [s.strip() for s in raw.split(",") if s.strip()]
+        return [int(s) for s in items] if default and isinstance(default[0], int) else items
+    if isinstance(default, int) or default is None:
+        return int(raw) if raw.lstrip("-").isdigit() else raw
+    return type(default)(raw)
+
+
+def notebook_params(**defaults: Any) -> SimpleNamespace:
+    """The notebook's parameters: ``defaults``, each overridable by the environment variable
+    ``AVALANCHE_D2L_NB_<NAME>`` (lists comma-separated, flags 1/0), as the notebook tests do."""
+    values = {}
+    for name, default in defaults.items():
+        raw = os.environ.get(ENV_PREFIX + name, "").strip()
+        values[name] = default if raw == "" else _parse(raw, default)
+    return SimpleNamespace(**values)
+
+
+def cached(path: Path, key: dict, compute: Callable[[], Any]) -> tuple[Any, bool]:
+    """``compute()``'s value, stored at ``path`` with ``key``; read back while the key is the
+    same. Returns ``(value, reused)``. Written atomically."""
+    path = Path(path)
+    key = json.loads(json.dumps(key, default=str))
+    if path.is_file():
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+            if saved.get("key") == key:
+                return saved["value"], True
+        except Exception:  # noqa: BLE001 -- an unreadable cache is recomputed
+            pass
+    value = compute()
+    buffer = io.BytesIO()
+    torch.save({"key": key, "value": value}, buffer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, buffer.getvalue())
+    return value, False
+
+
+def trained_run(
+    exp: Experiment,
+    strategy: str,
+    seed: int,
+    *,
+    quick: bool = False,
+    mem_size: int | None = None,
+    section: dict | None = None,
+):
+    """Train one run of ``exp`` in memory (the comparison's own builders and seeds) and return
+    ``(benchmark, strategy)``; ``section`` updates the strategy's settings (e.g. to also train
+    Genifer's GAN after the last experience, for a grid of every class)."""
+    from avalanche_d2l.utils import seed_everything
+
+    if section:
+        merged = {**exp.strategies.get(strategy, {}), **section}
+        exp = dataclasses.replace(exp, strategies={**exp.strategies, strategy: merged})
+    mem = (
+        (mem_size if mem_size is not None else exp.mem_sizes[0])
+        if exp.keeps_buffer(strategy)
+        else None
+    )
+    key = RunKey(strategy, seed, mem)
+    opts = RunOptions(quick=quick, progress=False)
+    benchmark, strat = build_run(exp, key, opts)
+    for k, experience in enumerate(benchmark.train_stream):
+        seed_everything(seed * 1000 + k)
+        strat.train(experience, eval_streams=[])
+    return benchmark, strat
+
+
+def settings_key(exp: Experiment, strategy: str, seed: int, quick: bool, **extra) -> dict:
+    """The cache key of an illustration made from one run: that run's recorded settings."""
+    mem = exp.mem_sizes[0] if exp.keeps_buffer(strategy) and exp.mem_sizes else None
+    settings = run_settings(exp, RunKey(strategy, seed, mem), RunOptions(quick=quick))
+    return {
+        "run": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest(),
+        **extra,
+    }
