@@ -1,0 +1,228 @@
+"""Dreaming at scale, on CPU: micro-batch invariance, 2-process sharding (gloo), loss scaling."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import tiny_pixel_dreamer
+from torch import nn
+
+from avalanche_d2l.dreaming import accel
+from avalanche_d2l.dreaming.oracle import STEP_CAP
+from avalanche_d2l.dreaming.prompts import DreamConfig, dream_classes
+
+HEADS, SEEN = [3, 4, 6, 7, 9], [0, 1]
+
+
+class TinyHeads(nn.Module):
+    """A small learner with head-space logits and features (BatchNorm for the coherence term)."""
+
+    def __init__(self, n_heads: int = 10, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(2)
+        )
+        self.head = nn.Linear(24, n_heads)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            bn = self.features[1]
+            bn.running_mean.copy_(torch.randn(6, generator=g) * 0.1)
+            bn.running_var.copy_(torch.rand(6, generator=g) + 0.5)
+
+    def forward_heads(self, x, *, return_features: bool = False):
+        f = self.features(x)
+        logits = self.head(f.flatten(1))
+        return (logits, f) if return_features else logits
+
+
+def _setup(**cfg):
+    dreamer = tiny_pixel_dreamer(num_inference_steps=2)
+    base = dict(
+        steps=3,
+        lr=0.2,
+        batch_per_class=2,
+        samples_per_class=3,
+        generate_batch_size=4,
+        oracle_threshold=1.01,
+        w_coherence=0.5,
+        progress=False,
+    )
+    base.update(cfg)
+    return dreamer, TinyHeads(), DreamConfig(**base)
+
+
+def _run(dreamer, model, config, **kw):
+    return dream_classes(
+        dreamer=dreamer, classifier=model, heads=HEADS, seen_heads=SEEN, config=config, **kw
+    )
+
+
+def _assert_same(a, b, atol=1e-5):
+    torch.testing.assert_close(a.prompts, b.prompts, atol=atol, rtol=1e-4)
+    torch.testing.assert_close(a.images, b.images, atol=atol, rtol=1e-4)
+    assert a.labels.tolist() == b.labels.tolist() and a.heads.tolist() == b.heads.tolist()
+    assert {h: s["reason"] for h, s in a.history["stop"].items()} == {
+        h: s["reason"] for h, s in b.history["stop"].items()
+    }
+    for name in ("loss", "distinct", "coherence", "target_prob"):
+        torch.testing.assert_close(
+            torch.tensor(a.history[name]), torch.tensor(b.history[name]), atol=atol, rtol=1e-4
+        )
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_result_does_not_depend_on_micro_batch(eta):
+    runs = {}
+    for mb in (None, 2, 4, 7):  # all classes in one pass; 1; 2; 3 (7 rounds down to 3 x 2)
+        dreamer, model, config = _setup(micro_batch=mb)
+        dreamer.config.eta = eta
+        runs[mb] = _run(dreamer, model, config)
+    ref = runs[None]
+    assert ref.history["steps"] == 3 and ref.history["micro_batch"] == 10
+    assert runs[2].history["micro_batch"] == 2 and runs[7].history["micro_batch"] == 6
+    # the terms that couple classes are on: the prompts moved because of them too
+    assert max(ref.history["distinct"]) > 0 and min(ref.history["coherence"]) > 0
+    for mb in (2, 4, 7):
+        _assert_same(runs[mb], ref)
+    assert ref.images.shape == (15, 1, 8, 8)
+    # micro_batch is not part of the fingerprint: caches stay valid when it changes
+    assert DreamConfig(micro_batch=2).fingerprint() == DreamConfig(micro_batch=None).fingerprint()
+
+
+def test_micro_batch_bounds_the_images_per_pass():
+    dreamer, model, config = _setup(micro_batch=4, steps=1)
+    sizes = []
+    orig = dreamer.sample
+
+    def spy(prompt_embeds, **kw):
+        if kw.get("grad", True):
+            sizes.append(prompt_embeds.shape[0])
+        return orig(prompt_embeds, **kw)
+
+    dreamer.sample = spy
+    _run(dreamer, model, config)
+    assert sizes == [4, 4, 2]  # 5 classes x 2 images, 2 classes per pass
+
+
+def test_oracle_state_is_recorded(tmp_path):
+    dreamer, model, config = _setup(steps=1)
+    result = _run(dreamer, model, config)
+    summary = result.to_dict()
+    assert summary["oracle"]["reference_present"] is False
+    assert "no reference network" in summary["oracle"]["reference_missing"]
+    assert summary["oracle"]["stop_reasons"] == {str(h): STEP_CAP for h in HEADS}
+    assert summary["heads"] == HEADS and summary["n_images"] == 15
+    with pytest.raises(RuntimeError, match="oracle_reference"):
+        _run(dreamer, model, DreamConfig(**{**config.to_dict(), "require_reference": True}))
+
+
+def test_oracle_reference_from_a_transformers_directory(tmp_path):
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    net = ResNetForImageClassification(
+        ResNetConfig(
+            num_channels=3, embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1], num_labels=4
+        )
+    )
+    net.save_pretrained(tmp_path / "ref")
+    dreamer, model, config = _setup(steps=1, require_reference=True)
+    config.oracle_reference = str(tmp_path / "ref")
+    result = _run(dreamer, model, config)
+    assert result.oracle["reference_present"] is True
+    assert result.oracle["reference_source"] == str(tmp_path / "ref")
+    assert dreamer.reference_info()["present"]  # kept by the dreamer for the next phases
+    logits = dreamer.reference_network()(result.images[:2])  # grey 8 px -> RGB 224 px
+    assert logits.shape == (2, 4)
+    with pytest.raises(OSError, match="no reference network"):
+        dreamer.set_reference(tmp_path / "missing", local_files_only=True)
+
+
+def test_prompt_loss_scaler_skips_only_the_overflowing_prompt():
+    a = nn.Parameter(torch.ones(3))
+    b = nn.Parameter(torch.ones(3))
+    scaler = accel.PromptLossScaler(enabled=True, init_scale=2.0**10, growth_interval=2)
+    loss = scaler.scale_loss((a * 2).sum() + (b * 3).sum())
+    loss.backward()
+    assert torch.equal(a.grad, torch.full((3,), 2.0**11))
+    assert scaler.unscale_([a, b]) == []
+    assert torch.equal(a.grad, torch.full((3,), 2.0)) and torch.equal(b.grad, torch.full((3,), 3.0))
+    b.grad = torch.tensor([1.0, float("inf"), 0.0])
+    a.grad = torch.ones(3)
+    assert scaler.unscale_([a, b]) == [b]
+    assert b.grad is None and a.grad is not None and scaler.scale == 2.0**9
+    off = accel.PromptLossScaler(enabled=False)
+    assert off.scale_loss(torch.tensor(3.0)) == 3.0
+    assert accel.resolve_precision("auto", "cpu") == "no"
+    assert accel.resolve_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ValueError, match="precision"):
+        accel.resolve_precision("fp8", "cpu")
+
+
+# ---- two processes (gloo, through accelerate's PartialState) ----------------------------------
+
+
+def _worker(rank: int, world: int, port: int, out: str, tests_dir: str) -> None:
+    sys.path.insert(0, tests_dir)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)
+    state = accel.distributed_state(cpu=True)  # accelerate initialises the gloo process group
+    assert state.num_processes == world and accel.process_index() == rank
+    dreamer, model, config = _setup(micro_batch=2)
+    result = _run(dreamer, model, config)
+    if accel.is_main_process():
+        torch.save(
+            {"prompts": result.prompts, "images": result.images, "history": result.history},
+            out + ".tmp",
+        )
+        os.replace(out + ".tmp", out)
+    else:  # the other process ends with the same full result
+        torch.save({"prompts": result.prompts, "images": result.images}, out + f".{rank}")
+    accel.wait_for_everyone()
+    state.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "rank0.pt")
+    tests_dir = str(Path(__file__).resolve().parent)
+    mp.start_processes(
+        _worker, args=(2, _free_port(), out, tests_dir), nprocs=2, join=True, start_method="spawn"
+    )
+    dreamer, model, config = _setup(micro_batch=4)
+    single = _run(dreamer, model, config, distributed=False)
+    got = torch.load(out, weights_only=False)
+    other = torch.load(out + ".1", weights_only=False)
+    assert got["history"]["processes"] == 2 and single.history["processes"] == 1
+    torch.testing.assert_close(got["prompts"], single.prompts, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got["images"], single.images, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(other["images"], got["images"], atol=0, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(got["history"]["loss"]),
+        torch.tensor(single.history["loss"]),
+        atol=1e-5,
+        rtol=1e-4,
+    )
+    assert accel.is_main_process() and accel.num_processes() == 1  # this process: no group
