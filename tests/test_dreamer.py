@@ -179,6 +179,15 @@ def test_random_prompt_near_concepts():
     assert p.std(0).mean() > 0.1 * table.std(0).mean()  # not all the same prompt
 
 
+def test_latent_size_for_learner_resolution():
+    from avalanche_d2l.dreaming.dreamer import latent_size_for
+
+    assert [latent_size_for(r) for r in (28, 84, 224, 256, 257, 512)] == [32, 32, 32, 32, 40, 64]
+    assert latent_size_for(84, 8, min_latent=8) == 16
+    with pytest.raises(ValueError, match="resolution"):
+        latent_size_for(0)
+
+
 def test_encode_text_pixel_kind_errors():
     with pytest.raises(RuntimeError, match="concept table"):
         tiny_dreamer().encode_text(["a cat"])
@@ -304,6 +313,16 @@ def test_latent_dreamer_from_diffusers_layout(tmp_path, monkeypatch):
     x.mean().backward()
     assert prompt.grad.abs().sum() > 0
     assert all(p.grad is None for p in d.parameters())
+    # per-block checkpointing of the UNet and of the VAE decoder: same images and gradient
+    g_plain = prompt.grad.clone()
+    prompt.grad = None
+    d.config.gradient_checkpointing = True
+    x_ckpt = d.sample(prompt, generator=gen(1))
+    assert d.unet.is_gradient_checkpointing and d.vae.is_gradient_checkpointing
+    x_ckpt.mean().backward()
+    torch.testing.assert_close(x_ckpt, x)
+    torch.testing.assert_close(prompt.grad, g_plain, atol=1e-6, rtol=1e-4)
+    d.config.gradient_checkpointing = False
     # guidance with the CLIP empty prompt, and our own save/load round trip
     d.config.guidance_scale = 3.0
     y = d.sample(prompt.detach(), generator=gen(1))
@@ -311,6 +330,11 @@ def test_latent_dreamer_from_diffusers_layout(tmp_path, monkeypatch):
     d2 = Dreamer.from_pretrained(tmp_path / "ours", device="cpu")
     torch.testing.assert_close(d2.sample(prompt.detach(), generator=gen(1)), y)
     torch.testing.assert_close(d2.encode_text(["a cat"]), emb[:1])
+    # the learner's resolution picks the latent size (at least 32, a multiple of 8)
+    d3 = Dreamer.from_pretrained(root, device="cpu", local_files_only=True, resolution=20)
+    assert (d3.config.latent_size, d3.config.image_size, d3.config.out_size) == (32, 64, 20)
+    with pytest.raises(ValueError, match="latent_size=8 x VAE scale factor 2"):
+        Dreamer.from_pretrained(root, device="cpu", local_files_only=True, image_size=20)
     # no ImageNet weights in the (empty) torch hub cache: None with a warning, no download
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.warns(UserWarning, match="no reference network"):
