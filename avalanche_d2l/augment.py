@@ -7,8 +7,13 @@ probability ``p``; :class:`AdaptiveAugment` adapts ``p`` so that the discriminat
 features, ``E[sign(D(real))]``, stays near a target (0.5), capped at ``p_max``.
 
 Geometric operations (x-flip, 90-degree rotation, integer translation, isotropic scaling,
-rotation) are composed into one affine matrix per image and applied with a single
-``grid_sample``; colour operations (brightness, contrast, saturation) are arithmetic.
+rotation, anisotropic scaling, fractional translation) are composed into one affine matrix per
+image and applied with a single ``grid_sample``; colour operations (brightness, contrast, luma
+flip, hue rotation, saturation) are arithmetic. The StyleGAN2-ADA pipeline the authors' Genifer
+code uses has all twelve, each at strength 1 (its defaults: translation 0.125, scale and
+anisotropy std 0.2, rotation +-180 degrees, fractional translation std 0.125, brightness std 0.2,
+contrast std 0.5, hue +-180 degrees, saturation std 1); :meth:`AugmentConfig.reference` is that
+setting.
 """
 
 from __future__ import annotations
@@ -37,6 +42,14 @@ class AugmentConfig:
         contrast_std: std of ``log2`` of the contrast factor.
         saturation_std: std of ``log2`` of the saturation factor (RGB only).
         padding_mode: ``grid_sample`` padding for the geometric operations.
+        aniso_std: std of ``log2`` of an anisotropic scale (x by ``s``, y by ``1/s``); 0 = off.
+        xfrac_std: std of a fractional translation, as a fraction of the side; 0 = off.
+        lumaflip: invert the luminance around ``color_center`` (RGB: along the grey axis).
+        hue_max: rotation of the hue around the grey axis, up to this fraction of 180 degrees
+            (RGB only); 0 = off.
+        color_center: value the contrast of the luma flip and the hue rotation pivot around
+            (0.5 for images in [0, 1]; 0 for mean/std-normalised images). Contrast scales around
+            each image's mean.
     """
 
     xflip: bool = True
@@ -48,6 +61,31 @@ class AugmentConfig:
     contrast_std: float = 0.5
     saturation_std: float = 1.0
     padding_mode: str = "reflection"
+    aniso_std: float = 0.0
+    xfrac_std: float = 0.0
+    lumaflip: bool = False
+    hue_max: float = 0.0
+    color_center: float = 0.5
+
+    @classmethod
+    def reference(cls, *, color_center: float = 0.0) -> AugmentConfig:
+        """All twelve operations of the authors' pipeline at its default strengths."""
+        return cls(
+            xflip=True,
+            rotate90=True,
+            translate=0.125,
+            scale_std=0.2,
+            rotate_max_deg=180.0,
+            brightness_std=0.2,
+            contrast_std=0.5,
+            saturation_std=1.0,
+            padding_mode="reflection",
+            aniso_std=0.2,
+            xfrac_std=0.125,
+            lumaflip=True,
+            hue_max=1.0,
+            color_center=color_center,
+        )
 
 
 def _rand(n: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -58,8 +96,13 @@ def _randn(n: int, generator: torch.Generator | None) -> torch.Tensor:
     return torch.randn(n, generator=generator)
 
 
-def augment(x: torch.Tensor, p: float, config: AugmentConfig | None = None, *,
-            generator: torch.Generator | None = None) -> torch.Tensor:
+def augment(
+    x: torch.Tensor,
+    p: float,
+    config: AugmentConfig | None = None,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Augment a batch ``x`` (N, C, H, W); each operation hits each image with probability ``p``.
 
     Random draws come from ``generator`` (a CPU generator) so runs are reproducible on any device.
@@ -113,11 +156,28 @@ def augment(x: torch.Tensor, p: float, config: AugmentConfig | None = None, *,
         ang = (_rand(n, generator) * 2 - 1) * math.radians(cfg.rotate_max_deg) * hit()
         compose(_rotation(ang))
         geometric = True
+    if cfg.aniso_std > 0:
+        s = torch.exp2(_randn(n, generator) * cfg.aniso_std * hit())
+        m = torch.eye(3).repeat(n, 1, 1)
+        m[:, 0, 0] = 1 / s
+        m[:, 1, 1] = s
+        compose(m)
+        geometric = True
+    if cfg.xfrac_std > 0:
+        g = hit()
+        tx = _randn(n, generator) * cfg.xfrac_std * g
+        ty = _randn(n, generator) * cfg.xfrac_std * g
+        m = torch.eye(3).repeat(n, 1, 1)
+        m[:, 0, 2] = 2 * tx
+        m[:, 1, 2] = 2 * ty
+        compose(m)
+        geometric = True
     if geometric and not torch.equal(mat, torch.eye(3).expand(n, 3, 3)):
         theta = mat[:, :2, :].to(device=x.device, dtype=x.dtype)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode=cfg.padding_mode,
-                          align_corners=False)
+        x = F.grid_sample(
+            x, grid, mode="bilinear", padding_mode=cfg.padding_mode, align_corners=False
+        )
 
     # 2. colour
     def col(v: torch.Tensor) -> torch.Tensor:
@@ -129,11 +189,32 @@ def augment(x: torch.Tensor, p: float, config: AugmentConfig | None = None, *,
         factor = col(torch.exp2(_randn(n, generator) * cfg.contrast_std * hit()))
         mean = x.mean(dim=[1, 2, 3], keepdim=True)
         x = (x - mean) * factor + mean
+    center = float(cfg.color_center)
+    if cfg.lumaflip:
+        flip = col(hit() * torch.floor(_rand(n, generator) * 2))  # 0 or 1
+        if c == 3:  # reflect the component along the grey axis
+            grey = (x - center).mean(dim=1, keepdim=True)
+            x = x - 2 * flip * grey
+        else:
+            x = x + flip * (2 * center - 2 * x)
+    if cfg.hue_max > 0 and c == 3:
+        theta = (_rand(n, generator) * 2 - 1) * math.pi * cfg.hue_max * hit()
+        rot = _hue_rotation(theta).to(device=x.device, dtype=x.dtype)  # (n, 3, 3)
+        x = torch.einsum("nij,njhw->nihw", rot, x - center) + center
     if cfg.saturation_std > 0 and c == 3:
         factor = col(torch.exp2(_randn(n, generator) * cfg.saturation_std * hit()))
         luma = (x * x.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
         x = luma + (x - luma) * factor
     return x
+
+
+def _hue_rotation(theta: torch.Tensor) -> torch.Tensor:
+    """Rotation matrices by ``theta`` around the grey axis (1, 1, 1) / sqrt(3) (Rodrigues)."""
+    v = torch.full((3,), 1 / math.sqrt(3))
+    vv = torch.outer(v, v)
+    k = torch.tensor([[0.0, -v[2], v[1]], [v[2], 0.0, -v[0]], [-v[1], v[0], 0.0]])
+    cos, sin = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]
+    return cos * torch.eye(3) + sin * k + (1 - cos) * vv
 
 
 def _rotation(angle: torch.Tensor) -> torch.Tensor:
@@ -158,8 +239,14 @@ class AdaptiveAugment(nn.Module):
         kimg: speed of the adaptation, thousands of images for a full 0 -> 1 swing.
     """
 
-    def __init__(self, *, config: AugmentConfig | None = None, target: float = 0.5,
-                 p_max: float = 0.5, kimg: float = 20.0):
+    def __init__(
+        self,
+        *,
+        config: AugmentConfig | None = None,
+        target: float = 0.5,
+        p_max: float = 0.5,
+        kimg: float = 20.0,
+    ):
         super().__init__()
         self.config = config or AugmentConfig()
         self.target = target

@@ -5,7 +5,8 @@ two metrics of ours:
 
 * :class:`AverageIncrementalAccuracy` -- after each training experience, the accuracy on the test
   samples of all classes seen so far; the mean of these values over experiences (the headline metric
-  of Genifer and of the GFR protocol).
+  of Genifer and of the GFR protocol), and the same mean without experience 0 (the authors'
+  Genifer code reports both: with a large first task the first value dominates otherwise).
 * :class:`ForwardTransferAtStart` -- accuracy on experience k measured at the start of its training,
   *after* the strategy's own start-of-experience step (D2L assigns heads there) and before the first
   update, minus the accuracy of a random-initialised copy of the model on the same experience; the
@@ -20,7 +21,9 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import warnings
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -41,16 +44,19 @@ from .utils import training_mode
 
 __all__ = [
     "make_evaluator",
+    "close_evaluator",
     "AverageIncrementalAccuracy",
     "ForwardTransferAtStart",
     "experience_accuracy",
     "SEEN_ACC",
     "AIA",
+    "AIA_WO_FIRST",
     "FWT_STREAM",
 ]
 
 SEEN_ACC = "Top1_Acc_SeenClasses/eval_phase/test_stream"
 AIA = "AverageIncrementalAccuracy/eval_phase/test_stream"
+AIA_WO_FIRST = "AverageIncrementalAccuracyWithoutFirst/eval_phase/test_stream"
 FWT_STREAM = "ForwardTransferAtStart/train_phase/test_stream"
 FWT_EXP = "ForwardTransferAtStart_Exp/train_phase/test_stream/Exp{:03d}"
 ACC_AT_START = "Top1_Acc_AtStart_Exp/train_phase/test_stream/Exp{:03d}"
@@ -99,6 +105,11 @@ class AverageIncrementalAccuracy(PluginMetric[float]):
             return None
         return sum(self.history.values()) / len(self.history)
 
+    def result_without_first(self) -> float | None:
+        """The mean over experiences 1.. (0-based): leaves out the accuracy after the first."""
+        later = [v for k, v in self.history.items() if k >= 2]
+        return sum(later) / len(later) if later else None
+
     def before_training_exp(self, strategy):
         self._in_experience = True
 
@@ -127,10 +138,13 @@ class AverageIncrementalAccuracy(PluginMetric[float]):
         seen_acc = self._correct / self._total
         self.history[self._n_trained] = seen_acc
         x = strategy.clock.train_iterations
-        return [
+        values = [
             MetricValue(self, SEEN_ACC, seen_acc, x),
             MetricValue(self, AIA, self.result(), x),
         ]
+        if self.result_without_first() is not None:
+            values.append(MetricValue(self, AIA_WO_FIRST, self.result_without_first(), x))
+        return values
 
     def __str__(self) -> str:
         return "AverageIncrementalAccuracy"
@@ -181,8 +195,9 @@ class ForwardTransferAtStart(PluginMetric[float]):
             )
         # Plugins' before_training_exp hooks (e.g. D2L head assignment) have already run:
         # the evaluator comes after the user plugins in strategy.plugins.
-        acc = experience_accuracy(strategy.model, self.test_stream[k], strategy.device,
-                                  self.eval_mb_size)
+        acc = experience_accuracy(
+            strategy.model, self.test_stream[k], strategy.device, self.eval_mb_size
+        )
         self.accuracy_at_start[k] = acc
         self.transfer[k] = acc - self.random_init_accuracy[k]
         x = strategy.clock.train_iterations
@@ -216,7 +231,8 @@ def make_evaluator(
         benchmark: the Avalanche benchmark; its ``test_stream`` is used for forward transfer.
         loggers: extra Avalanche loggers (added to the ones below).
         interactive: show Avalanche's interactive (progress-bar) logger.
-        text_log: path of a text log file.
+        text_log: path of a text log file (appended to; closed when the evaluator is
+            garbage-collected, or by :func:`close_evaluator`).
         csv_dir: folder for Avalanche's CSV logger.
         tensorboard_dir: folder for TensorBoard event files.
         timing: include epoch/experience timing metrics.
@@ -230,9 +246,11 @@ def make_evaluator(
     all_loggers = list(loggers or [])
     if interactive:
         all_loggers.append(InteractiveLogger())
+    log_file = None
     if text_log is not None:
         os.makedirs(os.path.dirname(os.path.abspath(text_log)), exist_ok=True)
-        all_loggers.append(TextLogger(open(text_log, "a")))
+        log_file = open(text_log, "a")  # noqa: SIM115 -- owned by the evaluator, closed below
+        all_loggers.append(TextLogger(log_file))
     if csv_dir is not None:
         all_loggers.append(CSVLogger(log_folder=str(csv_dir)))
     if tensorboard_dir is not None:
@@ -251,4 +269,21 @@ def make_evaluator(
         # Without loggers Avalanche warns that nothing is logged; the metrics are still collected
         # and returned by strategy.eval(), which is what a non-interactive run wants.
         warnings.filterwarnings("ignore", message="No loggers specified")
-        return EvaluationPlugin(*metrics, loggers=all_loggers, collect_all=True)
+        evaluator = EvaluationPlugin(*metrics, loggers=all_loggers, collect_all=True)
+    if log_file is not None:
+        # the file is closed with the evaluator (garbage collection or interpreter exit), or
+        # earlier by close_evaluator(); nothing is stored on the evaluator, so it still pickles
+        weakref.finalize(evaluator, log_file.close)
+    return evaluator
+
+
+def close_evaluator(evaluator: EvaluationPlugin) -> None:
+    """Close the files of the evaluator's text loggers (not the standard streams)."""
+    for logger in evaluator.loggers:
+        f = getattr(logger, "file", None)
+        if (
+            isinstance(logger, TextLogger)
+            and f not in (None, sys.stdout, sys.stderr)
+            and hasattr(f, "close")
+        ):
+            f.close()

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from avalanche_d2l.augment import AdaptiveAugment, AugmentConfig, augment
 from avalanche_d2l.checkpointing import load_strategy, save_strategy
 from avalanche_d2l.models.classifiers import small_cnn
+from avalanche_d2l.models.feature_gan import FeatureGANTrainer, frozen_copy
 from avalanche_d2l.models.gan import (
     DiscriminatorConfig,
     EqualConv2d,
@@ -28,18 +29,26 @@ from avalanche_d2l.models.gan import (
     GeneratorConfig,
     StyleGenerator,
 )
-from avalanche_d2l.registry import RunConfig
+from avalanche_d2l.registry import RunConfig, get_strategy
 from avalanche_d2l.scenarios import tensor_benchmark
 from avalanche_d2l.strategies import Genifer, GeniferConfig, GeniferPlugin
-from avalanche_d2l.strategies.genifer import build_genifer, default_config
+from avalanche_d2l.strategies.genifer import build_genifer
 from avalanche_d2l.utils import capture_features, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 4
 
 # Few GAN steps, tiny widths: enough for 8 px digits on CPU.
-TINY = GeniferConfig(gan_steps_first=120, gan_steps=120, gan_batch_size=32, progress=False,
-                     ce_weight=1.0, kd_weight=1.0, fd_weight=1.0)
+TINY = GeniferConfig(
+    gan_steps_first=120,
+    gan_steps=120,
+    gan_batch_size=32,
+    progress=False,
+    ce_weight=1.0,
+    kd_weight=1.0,
+    fd_weight=1.0,
+    output_range=(0.0, 1.0),
+)
 
 
 def _digits(image_size: int = 8, classes: int = 6):
@@ -78,16 +87,25 @@ def _run(bench, *, genifer: bool, use_naive_door: bool = False, model=None, conf
     seed_everything(0)
     model = model or small_cnn(num_classes=6, in_channels=1, width=16)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    common = {"train_mb_size": 32, "train_epochs": EPOCHS, "eval_mb_size": 256,
-              "evaluator": _evaluator()}
+    common = {
+        "train_mb_size": 32,
+        "train_epochs": EPOCHS,
+        "eval_mb_size": 256,
+        "evaluator": _evaluator(),
+    }
     if not genifer:
         strategy = Naive(model=model, optimizer=opt, **common)
     elif use_naive_door:
-        strategy = Naive(model=model, optimizer=opt,
-                         plugins=[GeniferPlugin(feature_layer="block3", config=config)], **common)
+        strategy = Naive(
+            model=model,
+            optimizer=opt,
+            plugins=[GeniferPlugin(feature_layer="block3", config=config)],
+            **common,
+        )
     else:
-        strategy = Genifer(model=model, optimizer=opt, feature_layer="block3", config=config,
-                           **common)
+        strategy = Genifer(
+            model=model, optimizer=opt, feature_layer="block3", config=config, **common
+        )
     for exp in bench.train_stream:
         strategy.train(exp)
     results = strategy.eval(bench.test_stream)
@@ -108,9 +126,18 @@ def _plugin(strategy) -> GeniferPlugin:
 @pytest.mark.parametrize("channels", [1, 3])
 def test_generator_shapes_and_range(resolution, channels):
     torch.manual_seed(0)
-    g = StyleGenerator(config=GeneratorConfig(num_classes=5, resolution=resolution,
-                                              img_channels=channels, z_dim=16, w_dim=16,
-                                              embed_dim=8, channel_base=64, channel_max=16))
+    g = StyleGenerator(
+        config=GeneratorConfig(
+            num_classes=5,
+            resolution=resolution,
+            img_channels=channels,
+            z_dim=16,
+            w_dim=16,
+            embed_dim=8,
+            channel_base=64,
+            channel_max=16,
+        )
+    )
     x = g.generate(6, [0, 3], generator=torch.Generator().manual_seed(1))
     assert x.shape == (6, channels, resolution, resolution)
     assert x.min() >= 0 and x.max() <= 1
@@ -143,11 +170,10 @@ def test_equalised_lr_scales_at_runtime():
 
 def test_discriminator_reads_features_not_pixels(tiny_bench):
     model = small_cnn(num_classes=6, in_channels=1, width=8)
-    plugin = GeniferPlugin(feature_layer="block2", config=dataclasses.replace(
-        TINY, gan_steps_first=3, num_classes=6))
-    from avalanche_d2l.strategies.genifer import _frozen_copy
-
-    plugin.teacher = _frozen_copy(model)
+    plugin = GeniferPlugin(
+        feature_layer="block2", config=dataclasses.replace(TINY, gan_steps_first=3, num_classes=6)
+    )
+    plugin.teacher = frozen_copy(model)
     exp = tiny_bench.train_stream[0]
     plugin.build_models(image_shape=(1, 8, 8), num_classes=6, classifier=plugin.teacher)
     d = plugin.discriminator
@@ -170,8 +196,9 @@ def test_discriminator_reads_features_not_pixels(tiny_bench):
 
 
 def test_discriminator_on_feature_vectors():
-    d = FeatureDiscriminator(config=DiscriminatorConfig(feature_shape=(12,), num_classes=3,
-                                                        channels=8))
+    d = FeatureDiscriminator(
+        config=DiscriminatorConfig(feature_shape=(12,), num_classes=3, channels=8)
+    )
     out = d(torch.randn(6, 12), torch.tensor([0, 1, 2, 0, 1, 2]))
     assert out.shape == (6,) and torch.isfinite(out).all()
 
@@ -188,8 +215,15 @@ def test_augment_is_differentiable_and_identity_at_p0():
 
 def test_integer_ops_are_exact():
     x = torch.rand(4, 1, 8, 8)
-    cfg = AugmentConfig(xflip=True, rotate90=False, translate=0.0, scale_std=0.0,
-                        rotate_max_deg=0.0, brightness_std=0.0, contrast_std=0.0)
+    cfg = AugmentConfig(
+        xflip=True,
+        rotate90=False,
+        translate=0.0,
+        scale_std=0.0,
+        rotate_max_deg=0.0,
+        brightness_std=0.0,
+        contrast_std=0.0,
+    )
     y = augment(x, 1.0, cfg, generator=torch.Generator().manual_seed(3))
     for a, b in zip(x, y):  # every image is either unchanged or exactly mirrored
         assert torch.allclose(a, b, atol=1e-5) or torch.allclose(a.flip(-1), b, atol=1e-5)
@@ -225,11 +259,10 @@ def test_gan_steps_move_features_toward_real(tiny_bench):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
-    plugin = GeniferPlugin(feature_layer="block3", config=dataclasses.replace(
-        TINY, num_classes=6, ema_kimg=0.5))
-    from avalanche_d2l.strategies.genifer import _frozen_copy
-
-    plugin.teacher = _frozen_copy(model)
+    plugin = GeniferPlugin(
+        feature_layer="block3", config=dataclasses.replace(TINY, num_classes=6, ema_kimg=0.5)
+    )
+    plugin.teacher = frozen_copy(model)
 
     def feature_gap() -> float:
         gap = 0.0
@@ -238,7 +271,8 @@ def test_gan_steps_move_features_toward_real(tiny_bench):
                 plugin.teacher(x[y == c])
                 real = hook.pop().mean(0)
                 fake_x = plugin.generator_ema.generate(
-                    64, torch.full((64,), c), generator=torch.Generator().manual_seed(0))
+                    64, torch.full((64,), c), generator=torch.Generator().manual_seed(0)
+                )
                 plugin.teacher(fake_x)
                 gap += float((hook.pop().mean(0) - real).norm() / real.norm())
         return gap
@@ -324,22 +358,32 @@ def test_state_dict_and_checkpoint_round_trip(tiny_bench, genifer_run, tmp_path)
     fresh.load_state_dict(plugin.state_dict(), model=strategy.model)
     with torch.no_grad():
         assert torch.equal(fresh.generator_ema(z, labels, noise), ref)
-    assert float(fresh.ada.p) == float(plugin.ada.p)
+    assert float(fresh.gan.ada.p) == float(plugin.gan.ada.p)
     assert fresh.seen_classes == plugin.seen_classes
-    assert fresh.opt_g.state_dict()["state"].keys() == plugin.opt_g.state_dict()["state"].keys()
+    assert (
+        fresh.gan.opt_g.state_dict()["state"].keys()
+        == plugin.gan.opt_g.state_dict()["state"].keys()
+    )
     for a, b in zip(fresh.teacher.state_dict().values(), plugin.teacher.state_dict().values()):
         assert torch.equal(a, b)
     # 2. dill (what Avalanche's save_checkpoint uses) round trip of the plugin, optimisers too
     restored = dill.loads(dill.dumps(plugin))
     with torch.no_grad():
         assert torch.equal(restored.generator_ema(z, labels, noise), ref)
-    assert restored.opt_g.state_dict()["state"].keys() == plugin.opt_g.state_dict()["state"].keys()
+    assert (
+        restored.gan.opt_g.state_dict()["state"].keys()
+        == plugin.gan.opt_g.state_dict()["state"].keys()
+    )
     # 3. the whole strategy through Avalanche's checkpointing (as the command line does)
     fname = tmp_path / "ckpt.pkl"
     save_strategy(strategy, fname)
-    other = Genifer(model=small_cnn(num_classes=6, in_channels=1, width=16),
-                    optimizer=torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1),
-                    feature_layer="block3", config=TINY, evaluator=_evaluator())
+    other = Genifer(
+        model=small_cnn(num_classes=6, in_channels=1, width=16),
+        optimizer=torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1),
+        feature_layer="block3",
+        config=TINY,
+        evaluator=_evaluator(),
+    )
     other, _ = load_strategy(other, fname)
     with torch.no_grad():
         assert torch.equal(_plugin(other).generator_ema(z, labels, noise), ref)
@@ -353,8 +397,9 @@ def test_naive_with_plugin_is_the_same_algorithm(tiny_bench):
     for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert ka == kb and torch.equal(va, vb), ka
     pa, pb = _plugin(a), _plugin(b)
-    for va, vb in zip(pa.generator_ema.state_dict().values(),
-                      pb.generator_ema.state_dict().values()):
+    for va, vb in zip(
+        pa.generator_ema.state_dict().values(), pb.generator_ema.state_dict().values()
+    ):
         assert torch.equal(va, vb)
 
 
@@ -363,9 +408,15 @@ def test_incremental_classifier_head(tiny_bench):
     model = small_cnn(num_classes=2, in_channels=1, width=16)
     model.classifier = IncrementalClassifier(model.classifier.in_features, initial_out_features=2)
     cfg = dataclasses.replace(TINY, gan_steps_first=20, gan_steps=20)
-    strategy = Genifer(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
-                       feature_layer="block3", config=cfg, train_mb_size=32, train_epochs=1,
-                       evaluator=_evaluator())
+    strategy = Genifer(
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+        feature_layer="block3",
+        config=cfg,
+        train_mb_size=32,
+        train_epochs=1,
+        evaluator=_evaluator(),
+    )
     kd_shapes = []
     original = strategy.genifer.kd_loss
 
@@ -386,36 +437,569 @@ def test_incremental_classifier_head(tiny_bench):
 def test_wrong_feature_layer_is_a_clear_error():
     model = small_cnn(num_classes=6, in_channels=1)
     with pytest.raises(ValueError, match="block3"):
-        Genifer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                feature_layer="layer3", evaluator=_evaluator())
+        Genifer(
+            model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            feature_layer="layer3",
+            evaluator=_evaluator(),
+        )
 
 
-# ---------------------------------------------------------------- configs / factory
-def test_configs_round_trip(tmp_path):
-    cfg = GeniferConfig(z_dim=7, augment=AugmentConfig(xflip=False))
-    cfg.to_json(tmp_path / "c.json", extra={"note": 1})
-    assert GeniferConfig.from_json(tmp_path / "c.json") == cfg
-    # the split_digits file holds exactly the built-in CPU defaults
-    assert GeniferConfig.from_json(ROOT / "benchmarks/configs/genifer_split_digits.json") == \
-        GeniferConfig()
-    cifar = GeniferConfig.from_json(ROOT / "benchmarks/configs/genifer_cifar100_b50.json")
-    assert (cifar.resolution, cifar.z_dim, cifar.gan_steps_first, cifar.gan_steps) == \
-        (32, 512, 250_000, 80_000)
-    raw = json.loads((ROOT / "benchmarks/configs/genifer_cifar100_b50.json").read_text())
-    assert raw["classifier"]["feature_layer"] == "layer3"
+# ---------------------------------------------------------------- configs / registry / factory
+def test_registered_with_cpu_preset_defaults():
+    info = get_strategy("genifer")
+    assert info.config_type is GeniferConfig and info.keeps_buffer is False
+    assert info.make_config({}) == GeniferConfig()
+    cfg = GeniferConfig()  # the tuned CPU preset of the 16 px offline streams
+    assert (cfg.ce_weight, cfg.kd_weight, cfg.fd_weight) == (1.0, 3.0, 0.1)
+    assert (cfg.gan_steps_first, cfg.gan_steps, cfg.gan_batch_size) == (200, 200, 64)
+    assert (cfg.z_dim, cfg.g_channel_base, cfg.g_channel_max, cfg.d_channels) == (64, 256, 32, 64)
+    assert (cfg.ema_kimg, cfg.ema_rampup, cfg.ada_kimg, cfg.replay_crop_pad) == (5.0, 0.05, 20.0, 2)
+    assert (cfg.head, cfg.teacher_bn, cfg.r1_lazy_scaling) == ("fixed", "eval", "interval")
+    assert cfg.output_range is None  # measured from the data
     with pytest.raises(ValueError, match="unknown GeniferConfig keys"):
         GeniferConfig.from_dict({"gan_stepz": 3})
-    assert default_config("split_digits", quick=True).gan_steps <= 40
+    with pytest.raises(ValueError, match="head must be one of"):
+        GeniferConfig(head="grown")
+    assert GeniferConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert cfg.fingerprint() == dataclasses.replace(cfg, progress=False).fingerprint()
+    assert cfg.fingerprint() != dataclasses.replace(cfg, kd_weight=1.0).fingerprint()
 
 
-def test_build_genifer_factory(tiny_bench):
-    run = RunConfig(benchmark="split_digits", feature_layer="block3", epochs=1, quick=True,
-                    seed=3)
+def test_build_genifer_factory(tiny_bench, tmp_path):
+    run = RunConfig(
+        benchmark="split_digits",
+        feature_layer="block3",
+        epochs=1,
+        quick=True,
+        seed=3,
+        work_dir=str(tmp_path),
+    )
     model = small_cnn(num_classes=6, in_channels=1, width=8)
-    strategy = build_genifer(model=model, optimizer=torch.optim.Adam(model.parameters()),
-                             criterion=nn.CrossEntropyLoss(), benchmark=tiny_bench, run=run,
-                             evaluator=_evaluator(), device="cpu")
-    cfg = strategy.genifer.config
+    strategy = build_genifer(
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters()),
+        criterion=nn.CrossEntropyLoss(),
+        benchmark=tiny_bench,
+        run=run,
+        config=GeniferConfig(kd_weight=2.0),
+        evaluator=_evaluator(),
+        device="cpu",
+    )
+    plugin = strategy.genifer
     assert isinstance(strategy, Genifer)
-    assert (cfg.seed, cfg.num_classes, cfg.resolution) == (3, 6, 8)
-    assert cfg.gan_steps <= 40 and strategy.train_epochs == 1
+    assert (plugin.config.seed, plugin.config.num_classes, plugin.config.kd_weight) == (3, 6, 2.0)
+    assert plugin.image_shape == (1, 8, 8) and plugin.checkpoint_dir == str(tmp_path)
+    assert plugin.config.gan_steps <= 40 and strategy.train_epochs == 1
+
+
+# ---------------------------------------------------------------- the reference preset
+@pytest.fixture(scope="module")
+def reference():
+    from avalanche_d2l.experiments import load_experiment
+
+    exp = load_experiment("genifer_cifar100")
+    return exp, exp.method_config("genifer")
+
+
+def test_reference_preset_architecture(reference):
+    """Generator and discriminator of the authors' CIFAR-100 code (deviation 9)."""
+    _, cfg = reference
+    assert (cfg.z_dim, cfg.embed_dim, cfg.w_dim, cfg.mapping_layers) == (512, 256, 512, 2)
+    assert (cfg.g_family, cfg.output_activation) == ("reference", "none")  # linear output
+    assert (cfg.g_channel_base, cfg.g_channel_max) == (2048, 512)  # 512, 256, 128, 64
+    assert (cfg.d_family, cfg.d_channels, cfg.mbstd_group, cfg.d_cmap_dim) == (
+        "reference",
+        512,
+        32,
+        128,
+    )
+    g = StyleGenerator(
+        config=GeneratorConfig(
+            num_classes=100,
+            resolution=32,
+            img_channels=3,
+            z_dim=8,
+            embed_dim=4,
+            w_dim=8,
+            channel_base=cfg.g_channel_base,
+            channel_max=cfg.g_channel_max,
+            family="reference",
+            output_activation="none",
+        )
+    )
+    assert [(c.weight.shape[1], c.weight.shape[0]) for c in g.convs] == [
+        (512, 512),
+        (512, 256),
+        (256, 256),
+        (256, 128),
+        (128, 128),
+        (128, 64),
+        (64, 64),
+    ]
+    assert g.noise_sizes == [4, 4, 8, 8, 16, 16, 32]
+    assert g.to_img.weight.shape[-1] == 3 and g.to_img.noise_strength is None  # 3x3, no noise
+    assert torch.equal(g.const, torch.ones_like(g.const))
+    assert g(torch.randn(2, 8), torch.tensor([0, 99])).shape == (2, 3, 32, 32)
+    d = FeatureDiscriminator(
+        config=DiscriminatorConfig(
+            feature_shape=(256, 8, 8),
+            num_classes=100,
+            channels=cfg.d_channels,
+            mbstd_group=cfg.mbstd_group,
+            cmap_dim=cfg.d_cmap_dim,
+            family="reference",
+        )
+    )
+    convs = [
+        (m.weight.shape[1], m.weight.shape[0]) for b in d.blocks for m in b if hasattr(m, "weight")
+    ]
+    assert convs == [(256, 256), (256, 256), (256, 512), (512, 512)]
+    assert d.final_conv.weight.shape[:2] == (512, 513)
+    assert d.fc.weight.shape == (512, 2048) and d.out.weight.shape == (128, 512)
+    assert d.label_embed.bias is None
+    assert d(torch.randn(64, 256, 8, 8), torch.arange(64)).shape == (64,)
+
+
+def test_reference_preset_gan_training(reference):
+    """Lazy R1, EMA, optimisers, self-distillation, augmentation, checkpoints (4, 5, 7, 10, 11)."""
+    _, cfg = reference
+    assert (cfg.r1_gamma, cfg.r1_interval, cfg.r1_lazy_scaling) == (0.5, 16, "reference")
+    lr, betas, factor = FeatureGANTrainer(config=cfg, rng=torch.Generator()).d_adam_settings()
+    assert factor == pytest.approx(16 / 17) and lr == pytest.approx(0.0025 * 16 / 17)
+    assert betas == (0.0, pytest.approx(0.99 ** (16 / 17)))
+    assert (cfg.gan_steps_first, cfg.gan_steps, cfg.gan_batch_size) == (250_000, 80_000, 64)
+    assert (cfg.g_lr, cfg.adam_betas, cfg.gan_optimizer_reset) == (0.0025, (0.0, 0.99), True)
+    assert (cfg.ema_kimg, cfg.ema_rampup, cfg.ema_ramp_phase) == (500.0, None, 0.5)
+    trainer = FeatureGANTrainer(config=cfg, rng=torch.Generator())
+    assert trainer.ema_beta(0, 1000, 64) == 0.0  # the ramp restarts every phase
+    assert trainer.ema_beta(500, 1000, 64) == pytest.approx(0.5 ** (64 / 500_000))
+    assert trainer.ema_beta(250, 1000, 64) == pytest.approx(0.5 ** (64 / 250_000))
+    # self-distillation and colour augmentation in the reference's normalised space
+    from avalanche_d2l.scenarios import CIFAR100_MEAN, CIFAR100_STD
+
+    exp, _ = reference
+    a = cfg.augment
+    if exp.benchmark.get("normalize"):  # the data is normalised already: no extra scale
+        assert cfg.g_distill_std is None and (a.brightness_std, a.color_center) == (0.2, 0.0)
+    else:  # [0, 1] pixels: divide by the dataset's std; brightness 0.2 normalised units
+        assert cfg.g_distill_std == CIFAR100_STD
+        assert a.brightness_std == pytest.approx(0.2 * sum(CIFAR100_STD) / 3, abs=1e-4)
+        assert a.color_center == pytest.approx(sum(CIFAR100_MEAN) / 3, abs=1e-3)
+    assert cfg.g_distill_weight == 10.0
+    assert (a.aniso_std, a.xfrac_std, a.lumaflip, a.hue_max) == (0.2, 0.125, True, 1.0)
+    assert (a.translate, a.scale_std, a.rotate_max_deg, a.contrast_std, a.saturation_std) == (
+        0.125,
+        0.2,
+        180.0,
+        0.5,
+        1.0,
+    )
+    assert (cfg.ada_target, cfg.ada_p_max, cfg.ada_interval, cfg.ada_kimg) == (0.5, 0.5, 4, 256.0)
+    assert cfg.gan_checkpoint_every == 10_000
+
+
+def test_reference_preset_classifier_update(reference):
+    """Loss weights, head, teacher BN, batch split, replay augmentation, optimisers (1-3, 6, 8)."""
+    exp, cfg = reference
+    assert (cfg.ce_weight, cfg.kd_weight, cfg.fd_weight, cfg.kd_temperature) == (
+        0.02,
+        0.98,
+        1.0,
+        1.0,
+    )
+    assert (cfg.head, cfg.teacher_bn) == ("fresh_per_task", "train")
+    assert (cfg.replay_split, exp.training.train_mb_size) == (0.5, 32)  # 16 real + 16 replayed
+    assert (cfg.replay_crop_pad, cfg.replay_flip, cfg.replay_padding) == (4, True, "edge")
+    first, later = exp.training.first_experience, exp.training.optimizer
+    assert (first.name, first.lr, first.weight_decay, first.nesterov) == ("sgd", 0.1, 5e-4, True)
+    assert (later.name, later.lr, later.weight_decay, later.decoupled_weight_decay) == (
+        "radam",
+        1e-4,
+        5e-4,
+        True,
+    )
+
+
+# ---------------------------------------------------------------- any image shape (issue 12)
+class UserCNN(nn.Module):
+    """A user's own classifier (not the package's small_cnn)."""
+
+    def __init__(self, channels: int, n_classes: int = 4):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4),
+        )
+        self.head = nn.Linear(8 * 16, n_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+
+
+def _shape_bench(channels: int, size: int, low: float = -0.5, high: float = 1.5):
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat_interleave(24)
+    x = low + (high - low) * torch.rand(len(y), channels, size, size, generator=g)
+    x[:, :, : size // 2] *= (y[:, None, None, None] % 2).float()  # class-dependent patterns
+    return tensor_benchmark(x, y, x, y, n_experiences=2, class_order=list(range(4)))
+
+
+class _CaptureReplay:
+    """Records the mixed mini-batch right after Genifer's before_forward (plugin order)."""
+
+    def __init__(self, plugin):
+        self.plugin, self.batches, self.built_before_training = plugin, [], None
+
+    def before_training_iteration(self, strategy, **kw):
+        if self.built_before_training is None:
+            self.built_before_training = self.plugin.generator is not None
+
+    def before_forward(self, strategy, **kw):
+        if self.plugin._replay is not None:
+            n = self.plugin._replay["n_real"]
+            self.batches.append((strategy.mb_x[:n].clone(), strategy.mb_x[n:].clone()))
+
+
+@pytest.mark.parametrize("channels,size", [(1, 16), (1, 28), (3, 32)])
+def test_replay_matches_real_images(channels, size):
+    bench = _shape_bench(channels, size)
+    model = UserCNN(channels)
+    plugin = GeniferPlugin(
+        feature_layer="features.2",
+        config=GeniferConfig(gan_steps_first=2, gan_batch_size=8, progress=False),
+    )
+    capture = _CaptureReplay(plugin)
+    strategy = Naive(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+        train_mb_size=16,
+        train_epochs=1,
+        evaluator=_evaluator(),
+        plugins=[plugin, capture],
+    )
+    for exp in bench.train_stream:
+        strategy.train(exp)
+    assert capture.built_before_training  # G fitted to the data before any training
+    gc = plugin.generator.config
+    assert gc.resolution == {16: 16, 28: 32, 32: 32}[size]
+    assert gc.output_size == (None if size in (16, 32) else (28, 28))
+    real, replay = capture.batches[0]
+    assert replay.dtype == real.dtype and replay.shape[1:] == real.shape[1:] == (
+        channels,
+        size,
+        size,
+    )
+    data = torch.cat([bench.train_stream[0].dataset[i][0][None] for i in range(48)])
+    lo, hi = data.amin(dim=(0, 2, 3)), data.amax(dim=(0, 2, 3))
+    assert (replay.amin(dim=(0, 2, 3)) >= lo - 1e-6).all()
+    assert (replay.amax(dim=(0, 2, 3)) <= hi + 1e-6).all()
+    assert replay.min() < 0.5 * lo.max() or replay.max() > 0.5 * hi.min()  # not in [0, 1] only
+
+
+def test_unservable_shapes_are_clear_errors():
+    plugin = GeniferPlugin(feature_layer="features.2", config=TINY)
+    with pytest.raises(ValueError, match="image_shape"):
+        plugin.fit_to_data(image_shape=(64,), num_classes=4, classifier=UserCNN(1))
+    with pytest.raises(ValueError, match="too small"):
+        plugin.fit_to_data(image_shape=(1, 2, 2), num_classes=4, classifier=UserCNN(1))
+    g = StyleGenerator(
+        config=GeneratorConfig(
+            num_classes=4,
+            resolution=16,
+            img_channels=1,
+            z_dim=8,
+            w_dim=8,
+            embed_dim=4,
+            channel_base=32,
+            channel_max=8,
+        )
+    )
+    plugin = GeniferPlugin(feature_layer="features.2", config=TINY, generator=g)
+    with pytest.raises(ValueError, match=r"img_channels=3, output_size=\(16, 16\)"):
+        plugin.fit_to_data(image_shape=(3, 16, 16), num_classes=4, classifier=UserCNN(3))
+
+
+# ---------------------------------------------------------------- head semantics (deviation 2)
+class _Spy:
+    def __init__(self, plugin):
+        self.plugin, self.outputs = plugin, []
+
+    def before_backward(self, strategy, **kw):
+        self.outputs.append(strategy.mb_output.detach().clone())
+
+
+def test_fresh_per_task_head_with_fixed_size_model():
+    bench = _shape_bench(1, 8, 0.0, 1.0)
+    model = UserCNN(1, n_classes=4)
+    cfg = GeniferConfig(gan_steps_first=2, gan_batch_size=8, progress=False, head="fresh_per_task")
+    plugin = GeniferPlugin(feature_layer="features.2", config=cfg)
+    spy = _Spy(plugin)
+    strategy = Naive(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        train_mb_size=16,
+        train_epochs=1,
+        evaluator=_evaluator(),
+        plugins=[plugin, spy],
+    )
+    strategy.train(bench.train_stream[0])
+    # experience 0: units 2, 3 (unseen) are masked in the loss and get no gradient
+    assert (spy.outputs[0][:, 2:] == -1e4).all() and (spy.outputs[0][:, :2] > -1e3).all()
+    rows_before = model.head.weight[2:].detach().clone()
+    seen = []
+
+    class _Rows:
+        def before_training_iteration(self, strategy, **kw):
+            if not seen:
+                seen.append(model.head.weight[2:].detach().clone())
+
+    strategy.plugins.append(_Rows())
+    out = strategy.eval(bench.test_stream[:1])
+    assert out["Top1_Acc_Stream/eval_phase/test_stream/Task000"] > 0.5
+    with torch.no_grad():
+        x = bench.test_stream[0].dataset[0][0][None]
+        strategy.model.eval()
+        strategy.mb_output = model(x)
+        plugin.after_eval_forward(strategy)
+        assert int(strategy.mb_output.argmax(1)) in (0, 1)  # never an unseen class
+    strategy.train(bench.train_stream[1])
+    # experience 1: the new classes' rows were re-initialised (fresh head) before training
+    assert not torch.equal(seen[0], rows_before)
+    assert seen[0].abs().max() <= 1 / math.sqrt(model.head.in_features)
+    assert (spy.outputs[-1] > -1e3).all()  # all four classes active now
+
+
+def test_fresh_per_task_head_with_incremental_classifier(tiny_bench):
+    seed_everything(0)
+    model = small_cnn(num_classes=2, in_channels=1, width=8)
+    model.classifier = IncrementalClassifier(model.classifier.in_features, initial_out_features=2)
+    cfg = dataclasses.replace(
+        TINY, gan_steps_first=3, gan_steps=3, head="fresh_per_task", teacher_bn="train"
+    )
+    strategy = Genifer(
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
+        feature_layer="block3",
+        config=cfg,
+        train_mb_size=32,
+        train_epochs=2,
+        evaluator=_evaluator(),
+    )
+    kd = []
+    original = strategy.genifer.kd_loss
+
+    def spy(student, teacher):
+        kd.append((student.shape[1], teacher.shape[1], float(original(student, teacher))))
+        return original(student, teacher)
+
+    strategy.genifer.kd_loss = spy
+    for exp in tiny_bench.train_stream[:2]:
+        strategy.train(exp)
+    res = strategy.eval(tiny_bench.test_stream[:2])
+    assert model.classifier.classifier.out_features == 4
+    assert kd and all(s == 4 and t == 2 and math.isfinite(v) for s, t, v in kd)
+    # the new classes are learnt (experience 1's test accuracy well above chance)
+    assert res["Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp001"] > 0.5
+
+
+# ---------------------------------------------------------------- classifier update (3, 6)
+def test_teacher_bn_train_and_batch_split(tiny_bench):
+    cfg = dataclasses.replace(
+        TINY, gan_steps_first=2, gan_steps=2, teacher_bn="train", replay_split=0.5
+    )
+    model = small_cnn(num_classes=6, in_channels=1, width=8)
+    strategy = Genifer(
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+        feature_layer="block3",
+        config=cfg,
+        train_mb_size=32,
+        train_epochs=1,
+        evaluator=_evaluator(),
+    )
+    strategy.train(tiny_bench.train_stream[0])
+    calls = []
+    teacher = strategy.genifer.teacher
+    original = teacher.forward
+
+    def spy(x):
+        calls.append((x.shape[0], teacher.training))
+        return original(x)
+
+    teacher.forward = spy
+    sizes = []
+
+    class _Size:
+        def before_backward(self, strategy, **kw):
+            sizes.append(strategy.mb_output.shape[0])
+
+    strategy.plugins.append(_Size())
+    strategy.train(tiny_bench.train_stream[1])
+    # the teacher saw the whole mixed batch (16 real + 16 replayed) in train mode
+    assert calls[0] == (32, True) and not teacher.training
+    assert sizes[0] == 16  # the criterion sees the 16 real images of the 32-image batch
+
+
+# ---------------------------------------------------------------- GAN details (4, 7, 11)
+def _trainer(cfg, n_classes=4):
+    torch.manual_seed(0)
+    trainer = FeatureGANTrainer(config=cfg, rng=torch.Generator().manual_seed(0))
+    trainer.set_generator(
+        StyleGenerator(
+            config=GeneratorConfig(
+                num_classes=n_classes,
+                resolution=8,
+                img_channels=1,
+                z_dim=cfg.z_dim,
+                embed_dim=4,
+                w_dim=8,
+                channel_base=32,
+                channel_max=8,
+            )
+        )
+    )
+    classifier = frozen_copy(small_cnn(num_classes=n_classes, in_channels=1, width=4))
+    trainer.build_discriminator((8, 2, 2), n_classes)
+    return trainer, classifier
+
+
+def _phase_data():
+    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([2, 3]).repeat(8)
+    return tensor_benchmark(x, y, x, y, n_experiences=1).train_stream[0].dataset
+
+
+SMALL_GAN = GeniferConfig(
+    z_dim=8, d_channels=8, gan_batch_size=8, progress=False, output_range=(0.0, 1.0), r1_interval=2
+)
+
+
+def test_r1_lazy_scaling_interval_vs_reference():
+    cpu = FeatureGANTrainer(config=GeniferConfig(), rng=torch.Generator())
+    assert cpu.d_adam_settings() == (0.0025, (0.0, 0.99), 16.0)  # StyleGAN2's lazy weight
+    ref = FeatureGANTrainer(
+        config=GeniferConfig(r1_lazy_scaling="reference"), rng=torch.Generator()
+    )
+    lr, _, c = ref.d_adam_settings()
+    assert c * 17 == pytest.approx(16) and lr == pytest.approx(0.0025 * 16 / 17)
+    ref.set_generator(
+        StyleGenerator(
+            config=GeneratorConfig(
+                resolution=8, z_dim=8, w_dim=8, embed_dim=4, channel_base=32, channel_max=8
+            )
+        )
+    )
+    ref.build_discriminator((8, 2, 2), 10)
+    ref.make_optimizers()
+    assert ref.opt_d.param_groups[0]["betas"][1] == pytest.approx(0.99 ** (16 / 17))
+
+
+def test_self_distillation_in_normalised_space():
+    data = _phase_data()
+    out = {}
+    for std in (None, (0.25,)):
+        cfg = dataclasses.replace(SMALL_GAN, g_distill_std=std)
+        trainer, classifier = _trainer(cfg)
+        trainer.history.append({})  # a previous phase exists: G starts from the EMA copy
+        out[std] = trainer.train_phase(
+            classifier=classifier,
+            feature_layer="block2",
+            dataset=data,
+            new_classes=[2, 3],
+            old_classes=[0, 1],
+            steps=1,
+        )["distill"]
+    assert out[(0.25,)] == pytest.approx(4 * out[None], rel=1e-5)
+
+
+def test_gan_optimizer_reset_per_phase():
+    data = _phase_data()
+    for reset in (False, True):
+        trainer, classifier = _trainer(dataclasses.replace(SMALL_GAN, gan_optimizer_reset=reset))
+        for _ in range(2):
+            trainer.train_phase(
+                classifier=classifier,
+                feature_layer="block2",
+                dataset=data,
+                new_classes=[2, 3],
+                old_classes=[],
+                steps=2,
+            )
+        step = next(iter(trainer.opt_g.state.values()))["step"]
+        assert int(step) == (2 if reset else 4)
+
+
+def test_killed_gan_phase_resumes_exactly(tmp_path):
+    data = _phase_data()
+    cfg = dataclasses.replace(SMALL_GAN, gan_checkpoint_every=2)
+    kw = dict(feature_layer="block2", dataset=data, new_classes=[2, 3], old_classes=[0, 1], steps=6)
+    ref, classifier = _trainer(cfg)
+    ref.history.append({})
+    ref.train_phase(classifier=classifier, **kw)
+    ckpt = tmp_path / "phase.pt"
+    killed, classifier = _trainer(cfg)
+    killed.history.append({})
+    calls = {"n": 0}
+    original = killed.discriminator.forward
+
+    def crash(*a):
+        calls["n"] += 1
+        if calls["n"] > 2 * 3:  # two D calls per step: dies in step 4 (after the step-4 ckpt)
+            raise KeyboardInterrupt
+        return original(*a)
+
+    killed.discriminator.forward = crash
+    with pytest.raises(KeyboardInterrupt):
+        killed.train_phase(classifier=classifier, checkpoint_path=ckpt, **kw)
+    assert ckpt.exists() and not list(tmp_path.glob("*.tmp"))
+    resumed, classifier = _trainer(cfg)
+    resumed.history.append({})
+    summary = resumed.train_phase(classifier=classifier, checkpoint_path=ckpt, **kw)
+    assert summary["resumed_at"] == 2 and not ckpt.exists()
+    for a, b in zip(
+        ref.generator_ema.state_dict().values(), resumed.generator_ema.state_dict().values()
+    ):
+        assert torch.equal(a, b)
+    for a, b in zip(
+        ref.discriminator.state_dict().values(), resumed.discriminator.state_dict().values()
+    ):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- augmentation (10)
+def test_reference_augmentation_ops():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 1, 8, 8, generator=g)
+    only = dict(
+        xflip=False,
+        rotate90=False,
+        translate=0.0,
+        scale_std=0.0,
+        rotate_max_deg=0.0,
+        brightness_std=0.0,
+        contrast_std=0.0,
+        saturation_std=0.0,
+    )
+    y = augment(x, 1.0, AugmentConfig(**only, lumaflip=True), generator=g)
+    for a, b in zip(x, y):  # each image unchanged or inverted around 0.5
+        assert torch.allclose(a, b) or torch.allclose(1 - a, b, atol=1e-6)
+    rgb = torch.rand(8, 3, 8, 8, generator=g)
+    grey = rgb.mean(1, keepdim=True).expand_as(rgb)
+    h = augment(grey, 1.0, AugmentConfig(**only, hue_max=1.0), generator=g)
+    assert torch.allclose(h, grey, atol=1e-5)  # grey pixels have no hue
+    h = augment(rgb, 1.0, AugmentConfig(**only, hue_max=1.0), generator=g)
+    assert torch.allclose(h.mean(1), rgb.mean(1), atol=1e-5) and not torch.allclose(h, rgb)
+    xr = x.clone().requires_grad_(True)
+    z = augment(xr, 1.0, AugmentConfig(**only, aniso_std=0.2, xfrac_std=0.125), generator=g)
+    assert not torch.allclose(z, x)
+    z.sum().backward()
+    assert xr.grad.abs().sum() > 0
+    # adaptation speed: 4 steps x 64 images move p by 0.001 with ada_kimg=256 (4k steps 0 -> 1)
+    ada = AdaptiveAugment(target=0.5, p_max=0.5, kimg=256.0)
+    for _ in range(4):
+        ada.accumulate(torch.ones(64))
+    ada.adjust()
+    assert float(ada.p) == pytest.approx(0.001)

@@ -9,6 +9,24 @@
   (or feature vector), reduces it with convolutions and average pools to 2x2, appends the
   minibatch standard deviation and conditions on the label by projection.
 
+Each comes in two families (``family`` in its config):
+
+* ``"stylegan2"`` / ``"compact"`` (CPU default): demodulated convolutions, 1x1 output layer,
+  normalised ``z`` and label embedding, gain-corrected leaky ReLU; a narrow discriminator with a
+  1x1 input layer and a normalised label projection.
+* ``"reference"``: the layer family of the authors' CIFAR-100 code. Generator: style
+  modulation as ``x * scale(w) + shift(w)`` without demodulation, per-channel noise strengths, a
+  constant of ones, two convolutions per resolution with the bilinear 2x upsampling (corners
+  aligned) after each pair, one at the final size, a 3x3 output convolution; equalised
+  convolution weights scaled by ``sqrt(2 / fan_in)``, plain leaky ReLU (0.2), ``z`` and label
+  embedding used as they are. Discriminator: per 2x level two 3x3 convolutions (channels doubled
+  up to ``channels``) and an average pool down to 2x2, minibatch stddev (group 32), a 3x3
+  convolution, a dense layer, a 128-d output and an unnormalised, bias-free label projection.
+
+A generator whose data size is not a power of two synthesises at the next power of two and is
+resized (bilinear, antialiased) to ``output_size``. Its outputs are mapped to ``output_range``,
+one ``(low, high)`` pair for all channels or per-channel lists.
+
 Both are configured by typed dataclasses (:class:`GeneratorConfig`, :class:`DiscriminatorConfig`)
 kept on the module as ``.config`` so that they can be rebuilt from a checkpoint.
 """
@@ -30,8 +48,39 @@ __all__ = [
     "FeatureDiscriminator",
     "GeneratorConfig",
     "ModulatedConv2d",
+    "ReferenceStyleConv2d",
     "StyleGenerator",
+    "next_power_of_two",
+    "range_tensors",
 ]
+
+_FAMILIES_G = ("stylegan2", "reference")
+_FAMILIES_D = ("compact", "reference")
+
+
+def next_power_of_two(n: int) -> int:
+    """The smallest power of two >= ``max(n, 4)``."""
+    return max(4, 1 << (int(n) - 1).bit_length())
+
+
+def range_tensors(output_range, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(low, high)`` as (C,) tensors from ``(lo, hi)`` floats or per-channel sequences."""
+    lo, hi = output_range
+    lo_t = torch.as_tensor(lo, dtype=torch.float32).flatten()
+    hi_t = torch.as_tensor(hi, dtype=torch.float32).flatten()
+    if lo_t.numel() == 1:
+        lo_t = lo_t.expand(channels)
+    if hi_t.numel() == 1:
+        hi_t = hi_t.expand(channels)
+    if lo_t.numel() != channels or hi_t.numel() != channels:
+        raise ValueError(
+            f"output_range {output_range!r} does not fit {channels} channels: give "
+            "two floats or two lists of one value per channel"
+        )
+    if bool((hi_t <= lo_t).any()):
+        raise ValueError(f"output_range {output_range!r}: every high must exceed its low")
+    return lo_t.clone(), hi_t.clone()
+
 
 _LRELU_GAIN = math.sqrt(2.0)
 
@@ -52,8 +101,15 @@ class EqualLinear(nn.Module):
     ``lr_mul / sqrt(in_features)`` so that every layer learns at the same speed under Adam.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
-                 bias_init: float = 0.0, lr_mul: float = 1.0):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = True,
+        bias_init: float = 0.0,
+        lr_mul: float = 1.0,
+    ):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_mul)
         self.bias = nn.Parameter(torch.full((out_features,), float(bias_init))) if bias else None
@@ -68,8 +124,15 @@ class EqualLinear(nn.Module):
 class EqualConv2d(nn.Module):
     """2-D convolution with equalised learning rate (runtime weight scale ``1/sqrt(fan_in)``)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *,
-                 bias: bool = True, padding: int | None = None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        bias: bool = True,
+        padding: int | None = None,
+    ):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
@@ -87,9 +150,18 @@ class ModulatedConv2d(nn.Module):
     (mathematically identical, and much cheaper on CPU than a grouped convolution).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, w_dim: int, *, kernel_size: int = 3,
-                 demodulate: bool = True, upsample: bool = False, use_noise: bool = True,
-                 activation: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        w_dim: int,
+        *,
+        kernel_size: int = 3,
+        demodulate: bool = True,
+        upsample: bool = False,
+        use_noise: bool = True,
+        activation: bool = True,
+    ):
         super().__init__()
         self.affine = EqualLinear(w_dim, in_channels, bias_init=1.0)
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
@@ -101,8 +173,9 @@ class ModulatedConv2d(nn.Module):
         self.activation = activation
         self.padding = kernel_size // 2
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor,
-                noise: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, w: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
         styles = self.affine(w)  # (N, Cin)
         weight = self.weight * self.weight_gain
         if self.upsample:
@@ -112,17 +185,81 @@ class ModulatedConv2d(nn.Module):
         x = F.conv2d(x, weight.to(x.dtype), padding=self.padding)
         # 2. demodulate: rescale every output channel back to unit expected variance
         if self.demodulate:
-            dcoefs = ((weight[None] * styles[:, None, :, None, None]).square().sum(dim=[2, 3, 4])
-                      + 1e-8).rsqrt()
+            dcoefs = (
+                (weight[None] * styles[:, None, :, None, None]).square().sum(dim=[2, 3, 4]) + 1e-8
+            ).rsqrt()
             x = x * dcoefs[:, :, None, None].to(x.dtype)
         # 3. per-pixel noise, scaled by a learned strength (starts at zero)
         if self.noise_strength is not None:
             if noise is None:
-                noise = torch.randn(x.shape[0], 1, x.shape[2], x.shape[3], device=x.device,
-                                    dtype=x.dtype)
+                noise = torch.randn(
+                    x.shape[0], 1, x.shape[2], x.shape[3], device=x.device, dtype=x.dtype
+                )
             x = x + noise.to(x.dtype) * self.noise_strength
         x = x + self.bias[None, :, None, None].to(x.dtype)
         return _lrelu(x) if self.activation else x
+
+
+class ReferenceConv2d(nn.Module):
+    """Equalised 3x3 convolution of the reference family: weight ``N(0, 1)`` scaled at run time by
+    ``sqrt(2 / fan_in)``, bias unscaled (starts at zero)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.weight_gain = math.sqrt(2.0) / math.sqrt(in_channels * kernel_size * kernel_size)
+        self.padding = kernel_size // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(
+            x,
+            (self.weight * self.weight_gain).to(x.dtype),
+            self.bias.to(x.dtype),
+            padding=self.padding,
+        )
+
+
+class ReferenceStyleConv2d(ReferenceConv2d):
+    """Reference-family style convolution: ``conv(x * scale(w) + shift(w)) + strength * noise``.
+
+    No demodulation; ``scale`` starts at 1 and ``shift`` at 0; one learned noise strength per
+    output channel (starts at zero). No activation (the generator applies it).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        w_dim: int,
+        *,
+        kernel_size: int = 3,
+        use_noise: bool = True,
+    ):
+        super().__init__(in_channels, out_channels, kernel_size)
+        self.scale = EqualLinear(w_dim, in_channels, bias_init=1.0)
+        self.shift = EqualLinear(w_dim, in_channels, bias_init=0.0)
+        self.noise_strength = (
+            nn.Parameter(torch.zeros(1, out_channels, 1, 1)) if use_noise else None
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,  # type: ignore[override]
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x * self.scale(w)[:, :, None, None].to(x.dtype) + self.shift(w)[:, :, None, None].to(
+            x.dtype
+        )
+        x = super().forward(x)
+        if self.noise_strength is not None:
+            if noise is None:
+                noise = torch.randn(
+                    x.shape[0], 1, x.shape[2], x.shape[3], device=x.device, dtype=x.dtype
+                )
+            x = x + noise.to(x.dtype) * self.noise_strength.to(x.dtype)
+        return x
 
 
 @dataclass
@@ -142,7 +279,12 @@ class GeneratorConfig:
         channel_max: cap on the channels of any layer.
         output_activation: ``"sigmoid"`` or ``"tanh"`` map to ``output_range``; ``"none"`` leaves
             the last layer linear (then ``output_range`` only documents the expected range).
-        output_range: value range of the classifier's input images.
+        output_range: value range of the classifier's input images: ``(low, high)`` floats, or
+            two lists with one value per channel.
+        family: ``"stylegan2"`` or ``"reference"`` (see the module docstring).
+        output_size: ``(H, W)`` of the data when it differs from ``resolution`` (the synthesis
+            size); the output is resized to it (bilinear, antialiased). ``None``: square at
+            ``resolution``.
     """
 
     num_classes: int = 10
@@ -156,7 +298,16 @@ class GeneratorConfig:
     channel_base: int = 512
     channel_max: int = 64
     output_activation: str = "sigmoid"
-    output_range: tuple[float, float] = (0.0, 1.0)
+    output_range: tuple = (0.0, 1.0)
+    family: str = "stylegan2"
+    output_size: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        self.output_range = tuple(  # type: ignore[assignment]
+            tuple(v) if isinstance(v, (list, tuple)) else float(v) for v in self.output_range
+        )
+        if self.output_size is not None:
+            self.output_size = (int(self.output_size[0]), int(self.output_size[1]))
 
     def channels(self, res: int) -> int:
         return max(1, min(self.channel_base // res, self.channel_max))
@@ -175,6 +326,9 @@ class GeneratorConfig:
             )
         if self.num_classes < 1 or self.img_channels < 1:
             raise ValueError("num_classes and img_channels must be positive")
+        if self.family not in _FAMILIES_G:
+            raise ValueError(f"generator family must be one of {_FAMILIES_G}, got {self.family!r}")
+        range_tensors(self.output_range, self.img_channels)
 
 
 class StyleGenerator(nn.Module):
@@ -189,7 +343,8 @@ class StyleGenerator(nn.Module):
         config.validate()
         self.config = config
         c = config
-        # Mapping network: one-hot label -> embedding; [norm(z), norm(embed)] -> MLP -> w.
+        ref = c.family == "reference"
+        # Mapping network: one-hot label -> embedding; [z, embed] -> MLP -> w.
         self.embed = EqualLinear(c.num_classes, c.embed_dim)
         layers: list[nn.Module] = []
         dim = c.z_dim + c.embed_dim
@@ -197,11 +352,40 @@ class StyleGenerator(nn.Module):
             layers.append(EqualLinear(dim, c.w_dim, lr_mul=c.mapping_lr_mul))
             dim = c.w_dim
         self.mapping = nn.ModuleList(layers)
-        # Synthesis network: learned 4x4 constant, then two convs per 2x upsampling.
         ch4 = c.channels(4)
+        lo, hi = range_tensors(c.output_range, c.img_channels)
+        self.register_buffer("range_low", lo.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("range_high", hi.view(1, -1, 1, 1), persistent=False)
+        if ref:
+            # learned constant of ones; pairs of convs per resolution, upsampling after each pair,
+            # one conv at the final resolution, 3x3 output conv
+            self.const = nn.Parameter(torch.ones(ch4, 4, 4))
+            convs: list[nn.Module] = []
+            self.noise_sizes = []
+            self.upsample_after: list[bool] = []
+            res = 4
+            while True:
+                ch = c.channels(res)
+                if res == c.resolution:
+                    convs.append(ReferenceStyleConv2d(ch, ch, c.w_dim))
+                    self.noise_sizes.append(res)
+                    self.upsample_after.append(False)
+                    break
+                convs.append(ReferenceStyleConv2d(ch, ch, c.w_dim))
+                convs.append(ReferenceStyleConv2d(ch, c.channels(res * 2), c.w_dim))
+                self.noise_sizes += [res, res]
+                self.upsample_after += [False, True]
+                res *= 2
+            self.convs = nn.ModuleList(convs)
+            self.to_img = ReferenceStyleConv2d(
+                c.channels(c.resolution), c.img_channels, c.w_dim, use_noise=False
+            )
+            return
+        # Synthesis network: learned 4x4 constant, then two convs per 2x upsampling.
         self.const = nn.Parameter(torch.randn(ch4, 4, 4))
         convs = [ModulatedConv2d(ch4, ch4, c.w_dim)]
         self.noise_sizes = [4]
+        self.upsample_after = []
         prev, res = ch4, 8
         while res <= c.resolution:
             ch = c.channels(res)
@@ -210,8 +394,15 @@ class StyleGenerator(nn.Module):
             self.noise_sizes += [res, res]
             prev, res = ch, res * 2
         self.convs = nn.ModuleList(convs)
-        self.to_img = ModulatedConv2d(prev, c.img_channels, c.w_dim, kernel_size=1,
-                                      demodulate=False, use_noise=False, activation=False)
+        self.to_img = ModulatedConv2d(
+            prev,
+            c.img_channels,
+            c.w_dim,
+            kernel_size=1,
+            demodulate=False,
+            use_noise=False,
+            activation=False,
+        )
 
     @property
     def device(self) -> torch.device:
@@ -221,41 +412,74 @@ class StyleGenerator(nn.Module):
         """Style ``w`` for latents ``z`` (N, z_dim) and integer ``labels`` (N,)."""
         if z.shape[-1] != self.config.z_dim:
             raise ValueError(
-                f"z must have {self.config.z_dim} features, got shape {tuple(z.shape)}")
+                f"z must have {self.config.z_dim} features, got shape {tuple(z.shape)}"
+            )
         onehot = F.one_hot(labels.long(), self.config.num_classes).to(z.dtype)
+        if self.config.family == "reference":  # z and the embedding used as they are
+            h = torch.cat([z, self.embed(onehot)], 1)
+            for layer in self.mapping:
+                h = F.leaky_relu(layer(h), 0.2)
+            return h
         h = torch.cat([_normalize_2nd_moment(z), _normalize_2nd_moment(self.embed(onehot))], 1)
         for layer in self.mapping:
             h = _lrelu(layer(h))
         return h
 
-    def make_noise(self, n: int, *, generator: torch.Generator | None = None,
-                   device: torch.device | str | None = None) -> list[torch.Tensor]:
+    def make_noise(
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> list[torch.Tensor]:
         """Per-layer noise inputs; pass the same list to two generators to compare them."""
         gen_device = generator.device if generator is not None else None
-        noise = [torch.randn(n, 1, s, s, generator=generator, device=gen_device)
-                 for s in self.noise_sizes]
+        noise = [
+            torch.randn(n, 1, s, s, generator=generator, device=gen_device)
+            for s in self.noise_sizes
+        ]
         return [t.to(device or self.device) for t in noise]
 
-    def forward(self, z: torch.Tensor, labels: torch.Tensor,
-                noise: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self, z: torch.Tensor, labels: torch.Tensor, noise: Sequence[torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Images for latents ``z`` and ``labels``; ``noise`` from :meth:`make_noise`."""
         if noise is not None and len(noise) != len(self.convs):
             raise ValueError(f"expected {len(self.convs)} noise tensors, got {len(noise)}")
         w = self.mapping_forward(z, labels)
         x = self.const[None].expand(z.shape[0], -1, -1, -1)
-        for i, conv in enumerate(self.convs):
-            x = conv(x, w, None if noise is None else noise[i])
+        if self.config.family == "reference":
+            for i, conv in enumerate(self.convs):
+                x = F.leaky_relu(conv(x, w, None if noise is None else noise[i]), 0.2)
+                if self.upsample_after[i]:
+                    x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+        else:
+            for i, conv in enumerate(self.convs):
+                x = conv(x, w, None if noise is None else noise[i])
         x = self.to_img(x, w)
-        lo, hi = self.config.output_range
+        lo, hi = self.range_low.to(x.dtype), self.range_high.to(x.dtype)
         if self.config.output_activation == "sigmoid":
             x = lo + (hi - lo) * torch.sigmoid(x)
         elif self.config.output_activation == "tanh":
             x = lo + (hi - lo) * (torch.tanh(x) + 1) / 2
+        size = self.config.output_size
+        if size is not None and tuple(x.shape[-2:]) != size:
+            # synthesised at the next power of two, resized to the data's size
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
         return x
 
+    def clamp(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` clamped to ``output_range`` (per channel)."""
+        return torch.maximum(torch.minimum(x, self.range_high.to(x)), self.range_low.to(x))
+
     @torch.no_grad()
-    def generate(self, n: int, condition: torch.Tensor | Sequence[int] | None = None, *,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+    def generate(
+        self,
+        n: int,
+        condition: torch.Tensor | Sequence[int] | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """``n`` images (no grad) in the classifier's input range.
 
         Args:
@@ -265,18 +489,30 @@ class StyleGenerator(nn.Module):
             generator: torch RNG for ``z``, labels and noise (CPU generator recommended).
         """
         labels = self.sample_labels(n, condition, generator=generator)
-        z = torch.randn(n, self.config.z_dim, generator=generator,
-                        device=generator.device if generator is not None else None)
+        z = torch.randn(
+            n,
+            self.config.z_dim,
+            generator=generator,
+            device=generator.device if generator is not None else None,
+        )
         noise = self.make_noise(n, generator=generator)
         return self(z.to(self.device), labels.to(self.device), noise)
 
-    def sample_labels(self, n: int, condition: torch.Tensor | Sequence[int] | None = None, *,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_labels(
+        self,
+        n: int,
+        condition: torch.Tensor | Sequence[int] | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Labels for :meth:`generate`: ``condition`` as given, or drawn uniformly from it."""
         if isinstance(condition, torch.Tensor) and condition.dim() == 1 and len(condition) == n:
             return condition.long()
-        classes = torch.arange(self.config.num_classes) if condition is None else \
-            torch.as_tensor(list(condition), dtype=torch.long)
+        classes = (
+            torch.arange(self.config.num_classes)
+            if condition is None
+            else torch.as_tensor(list(condition), dtype=torch.long)
+        )
         if classes.numel() == 0:
             raise ValueError("condition lists no class to generate")
         gen_device = generator.device if generator is not None else None
@@ -298,6 +534,7 @@ class DiscriminatorConfig:
         channels: width of every layer.
         mbstd_group: group size of the minibatch standard-deviation layer.
         cmap_dim: size of the projection space (defaults to ``channels``).
+        family: ``"compact"`` or ``"reference"`` (see the module docstring).
     """
 
     feature_shape: tuple[int, ...] = (64, 4, 4)
@@ -305,6 +542,19 @@ class DiscriminatorConfig:
     channels: int = 64
     mbstd_group: int = 4
     cmap_dim: int | None = None
+    family: str = "compact"
+
+    def __post_init__(self) -> None:
+        self.feature_shape = tuple(int(v) for v in self.feature_shape)
+        if self.family not in _FAMILIES_D:
+            raise ValueError(
+                f"discriminator family must be one of {_FAMILIES_D}, got {self.family!r}"
+            )
+
+
+class _LReLU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(x, 0.2)
 
 
 class _MinibatchStd(nn.Module):
@@ -344,6 +594,36 @@ class FeatureDiscriminator(nn.Module):
         ch = config.channels
         cmap = config.cmap_dim or ch
         self.mbstd = _MinibatchStd(config.mbstd_group)
+        self.reference = config.family == "reference" and len(shape) == 3
+        if self.reference:
+            # per 2x level: two 3x3 convs (channels doubled up to `channels`, the last level ends
+            # at `channels`), then a 2x average pool, down to 2x2
+            c, h, w = shape
+            blocks: list[nn.Module] = []
+            n_levels = 0
+            hh, ww = h, w
+            while max(hh, ww) > 2:
+                hh, ww = (hh + 1) // 2, (ww + 1) // 2
+                n_levels += 1
+            prev = c
+            for level in range(n_levels):
+                out = ch if level == n_levels - 1 else min(c * 2**level, ch)
+                blocks.append(
+                    nn.Sequential(
+                        ReferenceConv2d(prev, out), _LReLU(), ReferenceConv2d(out, out), _LReLU()
+                    )
+                )
+                prev = out
+            if n_levels == 0:
+                blocks.append(nn.Sequential(ReferenceConv2d(prev, ch), _LReLU()))
+            self.blocks = nn.ModuleList(blocks)
+            self.pool_after = [True] * n_levels + ([False] if n_levels == 0 else [])
+            self.final_conv = ReferenceConv2d(ch + 1, ch)
+            self.fc = EqualLinear(ch * hh * ww, ch)
+            self.out = EqualLinear(ch, cmap)
+            self.label_embed = EqualLinear(config.num_classes, cmap, bias=False)
+            self.cmap_dim = cmap
+            return
         if len(shape) == 3:
             c, h, w = shape
             self.from_features = EqualConv2d(c, ch, 1)
@@ -370,6 +650,18 @@ class FeatureDiscriminator(nn.Module):
                 f"{', '.join(map(str, self.feature_shape))}) and never reads pixels; got "
                 f"{tuple(features.shape)}. Pass the output of the hooked feature layer."
             )
+        if self.reference:
+            x = features
+            for block, pool in zip(self.blocks, self.pool_after):
+                x = block(x)
+                if pool:
+                    x = F.avg_pool2d(x, 2, ceil_mode=True)
+            x = self.mbstd(x)
+            x = F.leaky_relu(self.final_conv(x), 0.2)
+            x = F.leaky_relu(self.fc(x.flatten(1)), 0.2)
+            h = self.out(x)
+            emb = self.label_embed(F.one_hot(labels.long(), self.config.num_classes).to(h.dtype))
+            return (h * emb).sum(dim=1) / math.sqrt(self.cmap_dim)
         x = _lrelu(self.from_features(features))
         for conv in self.blocks:
             x = F.avg_pool2d(_lrelu(conv(x)), 2, ceil_mode=True)
@@ -379,5 +671,6 @@ class FeatureDiscriminator(nn.Module):
         h = self.out(x)
         # Projection conditioning: <h, embed(label)> / sqrt(dim).
         emb = _normalize_2nd_moment(
-            self.label_embed(F.one_hot(labels.long(), self.config.num_classes).to(h.dtype)))
+            self.label_embed(F.one_hot(labels.long(), self.config.num_classes).to(h.dtype))
+        )
         return (h * emb).sum(dim=1) / math.sqrt(self.cmap_dim)

@@ -2,36 +2,42 @@
 
 Data-free class-incremental learning. After each experience a class-conditional style-based
 generator G is trained so that the *classifier's hidden features* of its images cannot be told
-from those of real images by a discriminator D on those features (D never sees pixels). On the
-next experience G's images of old classes are replayed to the whole classifier, distilling from a
-frozen copy of the previous classifier. No real image of a past experience is kept.
+from those of real images by a discriminator D on those features (D never sees pixels; see
+:mod:`avalanche_d2l.models.feature_gan`). On the next experience G's images of old classes are
+replayed to the whole classifier, distilling from a frozen copy of the previous classifier. No
+real image of a past experience is kept.
 
 The whole method lives in :class:`GeniferPlugin`; :class:`Genifer` is ``SupervisedTemplate`` with
 that plugin, so ``Naive(model=..., optimizer=..., plugins=[GeniferPlugin(...)])`` is the same
 algorithm. Where it hooks in:
 
+* ``before_training_exp``: at the first experience, the image shape, value range and number of
+  classes are read from the data and G and D are built (before any training). With
+  ``head="fresh_per_task"`` the output rows of classes new to the model are re-initialised.
 * ``before_forward`` (t >= 1): replayed images of old classes, generated per batch as tensors by
-  the EMA generator, are appended to the mini-batch (half real / half replayed by default); the
-  frozen teacher's logits and features on them are computed.
+  the EMA generator, join the mini-batch (appended, or replacing part of it with
+  ``replay_split``); the frozen teacher's logits and features on them are computed (teacher in
+  eval mode, or in train mode on the whole mixed batch with ``teacher_bn="train"``).
 * ``after_forward``: the replayed part is split off, so the criterion and the training metrics see
-  only the real images; the student's features are read by a forward hook.
+  only the real images; the student's features are read by a forward hook. With
+  ``head="fresh_per_task"`` the logits of classes not seen yet are masked (here and at eval).
 * ``before_backward``: ``loss = ce_weight*CE(real) + kd_weight*KD(replayed, old classes)
   + fd_weight*||f_student - f_teacher||`` (0.02 / 0.98 / 1.0 in the paper).
 * ``after_training_exp``: the teacher is frozen from the trained classifier and the GAN is
   trained on its features (skipped after the last experience of a stream whose length is known;
   set ``train_gan_after_last=True`` to always train).
+
+The :class:`GeniferConfig` defaults are the CPU preset of the 16 px offline streams; the authors'
+CIFAR-100 setting is the ``genifer`` section of the ``genifer_cifar100`` experiment file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
-import time
-import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
-from copy import deepcopy
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -42,49 +48,91 @@ from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
-from avalanche_d2l.augment import AdaptiveAugment, AugmentConfig
+from avalanche_d2l.augment import AugmentConfig
+from avalanche_d2l.models.feature_gan import FeatureGANTrainer, feature_shape, frozen_copy
 from avalanche_d2l.models.gan import (
-    DiscriminatorConfig,
     FeatureDiscriminator,
     GeneratorConfig,
     StyleGenerator,
+    next_power_of_two,
 )
-from avalanche_d2l.utils import FeatureHook, get_module
+from avalanche_d2l.registry import RunConfig, benchmark_image_shape, register_strategy
+from avalanche_d2l.utils import FeatureHook, get_module, training_mode
 
-__all__ = ["Genifer", "GeniferConfig", "GeniferPlugin", "build_genifer", "default_config"]
+__all__ = ["Genifer", "GeniferConfig", "GeniferPlugin", "build_genifer"]
 
-_MIXED_PRECISION = ("no", "fp16", "bf16")
-_CONFIG_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "configs"
-CONFIG_ENV = "AVALANCHE_D2L_GENIFER_CONFIG"
+_CHOICES = {
+    "mixed_precision": ("no", "fp16", "bf16"),
+    "head": ("fixed", "fresh_per_task"),
+    "teacher_bn": ("eval", "train"),
+    "r1_lazy_scaling": ("interval", "reference"),
+    "g_family": ("stylegan2", "reference"),
+    "d_family": ("compact", "reference"),
+    "replay_padding": ("constant", "edge"),
+}
+_MASK_VALUE = -1e4  # logit of a class the model has not seen (softmax weight exactly 0)
 
 
 @dataclass
 class GeniferConfig:
-    """All settings of Genifer. The defaults are the CPU-scale ``split_digits`` setting.
+    """All settings of Genifer. The defaults are the CPU preset of the 16 px offline streams.
 
-    Generator (``None`` = inferred from the first experience's data / the benchmark):
-        resolution, num_classes, z_dim, embed_dim, w_dim, mapping_layers, g_channel_base,
-        g_channel_max, output_activation, output_range -- see :class:`GeneratorConfig`.
+    Generator (``None`` = taken from the data at the first experience):
+        resolution: synthesis size, a power of two (``None``: the next power of two of the data's
+            side; the output is resized to the data's size when they differ).
+        num_classes: size of the label space (``None``: the benchmark's ``n_classes``).
+        z_dim, embed_dim, w_dim, mapping_layers, g_channel_base, g_channel_max,
+        output_activation: see :class:`GeneratorConfig`.
+        output_range: value range of the classifier's input, ``(low, high)`` or per-channel lists
+            (``None``: min/max per channel of up to 1024 real images of the first experience).
+        g_family: ``"stylegan2"`` (demodulated, 1x1 output) or ``"reference"`` (the authors'
+            layers: modulation without demodulation, 3x3 output conv; use with
+            ``output_activation="none"`` for their linear output).
     Discriminator:
-        d_channels: width of D; mbstd_group: minibatch-stddev group size.
+        d_channels: width of D; mbstd_group: minibatch-stddev group size; d_cmap_dim: size of
+            the projection space (``None``: ``d_channels``); d_family: ``"compact"`` or
+            ``"reference"``.
     GAN training (after every experience):
         gan_steps_first: G/D steps after the first experience; gan_steps: after later ones.
         gan_batch_size, g_lr, d_lr, adam_betas: Adam settings for G and D.
+        gan_optimizer_reset: new Adam optimisers at every GAN phase (reference) instead of
+            keeping their state.
         r1_gamma, r1_interval: lazy R1 penalty on the real *features* every N steps.
-        ema_kimg, ema_rampup: EMA of G (half-life in thousands of images; ramp-up fraction).
+        r1_lazy_scaling: ``"interval"``: penalty x gamma/2 x N (StyleGAN2's lazy weighting);
+            ``"reference"``: x gamma/2 x N/(N+1), with D's lr x N/(N+1) and betas ** (N/(N+1)).
+        ema_kimg: half-life of the EMA generator in thousands of images.
+        ema_rampup: StyleGAN2 ramp: the half-life is at most this fraction of all images shown
+            so far (``None``: no ramp).
+        ema_ramp_phase: when set, the half-life instead grows linearly from 0 over this fraction
+            of *every* phase (the reference ramps over about the first half).
         g_distill_weight: self-distillation weight, multiplied by n_old / n_new classes.
+        g_distill_std: per-channel std the self-distillation difference is divided by (the
+            reference compares in mean/std-normalised space; ``None``: the classifier's input
+            space, which is that space when the data is already normalised).
+        gan_checkpoint_every: write a resumable checkpoint of a GAN phase every N steps (needs a
+            ``checkpoint_dir`` on the plugin); 0 = never.
     Adaptive augmentation (applied in image space to real and fake before the classifier):
-        augment, ada_target, ada_p_max, ada_interval, ada_kimg.
+        augment, ada_target, ada_p_max, ada_interval, ada_kimg (thousands of images for a full
+        0 -> 1 swing of p).
     Classifier update on experiences t >= 1:
         ce_weight, kd_weight, fd_weight, kd_temperature: loss weights (paper: 0.02 / 0.98 / 1.0
             with 100 RAdam epochs). The CPU default 1 / 3 / 0.1 is tuned for 10 epochs per
-            experience on split_digits (seed 0-1, one-at-a-time sweep): with the paper's weights
-            new classes barely learn in 10 epochs (final accuracy 0.24); with 1 / 1 / 1 the
-            feature term holds the backbone too tightly (0.59); KD 3 and FD 0.1 gave 0.92-0.93.
-        replay_ratio: replayed images per real image in a mini-batch (1.0 = half/half).
-        replay_crop_pad, replay_flip: random crop (pixels of padding) and flip of replayed images.
+            experience on split_digits (see the README's Genifer variants table).
+        head: ``"fixed"``: losses and prediction over every output unit; ``"fresh_per_task"``
+            (reference): the rows of classes new to the model are re-initialised at the start of
+            their experience and the logits of classes not seen yet are masked in CE, KD and the
+            evaluation argmax (a fixed-size head behaves like a head grown per task; Avalanche's
+            ``IncrementalClassifier`` works too).
+        head_module: name of the output ``nn.Linear`` (``None``: the model's last ``nn.Linear``).
+        teacher_bn: ``"eval"``: the teacher runs in eval mode on the replayed images;
+            ``"train"`` (reference): in train mode on the whole mixed mini-batch.
+        replay_ratio: replayed images appended per real image (1.0 = half/half) ...
+        replay_split: ... unless this is set: the fraction of the mini-batch that is replayed,
+            the real part being cut to the rest (reference 0.5: batch 32 = 16 real + 16 replayed).
+        replay_crop_pad, replay_flip, replay_padding: random crop (pixels of padding; padding
+            with the range minimum, ``"constant"``, or the border pixels, ``"edge"``) and flip of
+            replayed images.
     Misc:
         train_gan_after_last: also train the GAN after the last experience of the stream.
         real_cache_mb: the current experience's images are loaded once as a tensor for the GAN
@@ -103,20 +151,28 @@ class GeniferConfig:
     g_channel_base: int = 256
     g_channel_max: int = 32
     output_activation: str = "sigmoid"
-    output_range: tuple[float, float] = (0.0, 1.0)
+    output_range: tuple | None = None
+    g_family: str = "stylegan2"
     d_channels: int = 64
     mbstd_group: int = 4
+    d_cmap_dim: int | None = None
+    d_family: str = "compact"
     gan_steps_first: int = 200
     gan_steps: int = 200
     gan_batch_size: int = 64
     g_lr: float = 0.0025
     d_lr: float = 0.0025
     adam_betas: tuple[float, float] = (0.0, 0.99)
+    gan_optimizer_reset: bool = False
     r1_gamma: float = 0.5
     r1_interval: int = 16
+    r1_lazy_scaling: str = "interval"
     ema_kimg: float = 5.0
     ema_rampup: float | None = 0.05
+    ema_ramp_phase: float | None = None
     g_distill_weight: float = 10.0
+    g_distill_std: tuple[float, ...] | None = None
+    gan_checkpoint_every: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     ada_target: float = 0.5
     ada_p_max: float = 0.5
@@ -126,9 +182,14 @@ class GeniferConfig:
     kd_weight: float = 3.0
     fd_weight: float = 0.1
     kd_temperature: float = 1.0
+    head: str = "fixed"
+    head_module: str | None = None
+    teacher_bn: str = "eval"
     replay_ratio: float = 1.0
+    replay_split: float | None = None
     replay_crop_pad: int = 2
     replay_flip: bool = False
+    replay_padding: str = "constant"
     train_gan_after_last: bool = False
     real_cache_mb: float = 512.0
     mixed_precision: str = "no"
@@ -138,18 +199,33 @@ class GeniferConfig:
     def __post_init__(self) -> None:
         if isinstance(self.augment, dict):
             self.augment = AugmentConfig(**self.augment)
-        self.output_range = tuple(self.output_range)  # type: ignore[assignment]
+        if self.output_range is not None:
+            self.output_range = tuple(  # type: ignore[assignment]
+                tuple(v) if isinstance(v, (list, tuple)) else float(v) for v in self.output_range
+            )
+        if self.g_distill_std is not None:
+            self.g_distill_std = tuple(float(v) for v in self.g_distill_std)
         self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
-        if self.mixed_precision not in _MIXED_PRECISION:
-            raise ValueError(f"mixed_precision must be one of {_MIXED_PRECISION}, "
-                             f"got {self.mixed_precision!r}")
+        for name, valid in _CHOICES.items():
+            if getattr(self, name) not in valid:
+                raise ValueError(
+                    f"GeniferConfig.{name} must be one of {valid}, got {getattr(self, name)!r}"
+                )
         if self.gan_batch_size < 2:
             raise ValueError("gan_batch_size must be >= 2 (half real, half replayed for t > 0)")
         if self.replay_ratio < 0:
             raise ValueError("replay_ratio must be >= 0")
+        if self.replay_split is not None and not 0 < self.replay_split < 1:
+            raise ValueError("replay_split must be in (0, 1) (e.g. 0.5 = half of the mini-batch)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of the settings that change results (everything but ``progress``)."""
+        d = self.to_dict()
+        d.pop("progress")
+        return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GeniferConfig:
@@ -167,60 +243,14 @@ class GeniferConfig:
             data["augment"] = AugmentConfig(**data["augment"])
         return cls(**data)
 
-    def to_json(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
-        """Write ``{"genifer": <this config>, **extra}`` (extra: benchmark/classifier notes)."""
-        payload = {"genifer": self.to_dict(), **(extra or {})}
-        Path(path).write_text(json.dumps(payload, indent=2) + "\n")
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> GeniferConfig:
-        """Read a config written by :meth:`to_json` (or a bare dict of fields)."""
-        data = json.loads(Path(path).read_text())
-        return cls.from_dict(data.get("genifer", data))
-
     def quick(self) -> GeniferConfig:
         """A much shorter copy for tests and CI (same architecture, few GAN steps)."""
-        return replace(self, gan_steps_first=min(self.gan_steps_first, 40),
-                       gan_steps=min(self.gan_steps, 40), progress=False)
-
-
-def default_config(benchmark: str = "split_digits", *, quick: bool = False) -> GeniferConfig:
-    """The config for a benchmark name: ``$AVALANCHE_D2L_GENIFER_CONFIG`` when set, else
-    ``benchmarks/configs/genifer_<benchmark>.json`` when present, else the built-in CPU defaults.
-    """
-    env = os.environ.get(CONFIG_ENV)
-    if env:
-        cfg = GeniferConfig.from_json(env)
-    elif (_CONFIG_DIR / f"genifer_{benchmark}.json").exists():
-        cfg = GeniferConfig.from_json(_CONFIG_DIR / f"genifer_{benchmark}.json")
-    else:
-        cfg = GeniferConfig()
-    return cfg.quick() if quick else cfg
-
-
-class _StopForward(Exception):
-    """Raised by :class:`_FeatureTap` to skip the classifier layers after the feature layer."""
-
-
-class _FeatureTap(FeatureHook):
-    """Feature hook that stops the forward pass right after the hooked layer (saves the rest)."""
-
-    def _hook(self, module: nn.Module, inputs, output) -> None:
-        super()._hook(module, inputs, output)
-        raise _StopForward
-
-    def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        try:
-            model(x)
-        except _StopForward:
-            pass
-        return self.pop()
-
-
-def _frozen_copy(module: nn.Module) -> nn.Module:
-    copy = deepcopy(module).eval()
-    copy.requires_grad_(False)
-    return copy
+        return replace(
+            self,
+            gan_steps_first=min(self.gan_steps_first, 40),
+            gan_steps=min(self.gan_steps, 40),
+            progress=False,
+        )
 
 
 def _is_last_experience(experience) -> bool:
@@ -231,6 +261,14 @@ def _is_last_experience(experience) -> bool:
         return False
 
 
+def _value_range(dataset, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (min, max) of up to 1024 images of ``dataset`` (eval transforms)."""
+    ds = dataset.eval() if hasattr(dataset, "eval") else dataset
+    x = next(iter(torch.utils.data.DataLoader(ds, batch_size=1024, shuffle=False)))[0]
+    x = x.float().transpose(0, 1).reshape(channels, -1)
+    return tuple(x.min(1).values.tolist()), tuple(x.max(1).values.tolist())
+
+
 class GeniferPlugin(SupervisedPlugin):
     """All of Genifer's state and logic (see the module docstring for the schedule).
 
@@ -238,80 +276,76 @@ class GeniferPlugin(SupervisedPlugin):
         feature_layer: module name (``model.named_modules()``) whose output the discriminator
             reads and the feature distillation compares, e.g. ``"layer3"`` or ``"block3"``.
         config: settings; defaults to :class:`GeniferConfig` ().
-        generator: a :class:`StyleGenerator` to use; built to fit the data at the first GAN
-            phase when omitted.
+        generator: a :class:`StyleGenerator` to use; built to fit the data when omitted.
+        image_shape: ``(C, H, W)`` of the classifier's input; read from the first experience
+            when omitted.
+        checkpoint_dir: folder for mid-phase GAN checkpoints (``config.gan_checkpoint_every``).
     """
 
-    def __init__(self, *, feature_layer: str, config: GeniferConfig | None = None,
-                 generator: StyleGenerator | None = None):
+    def __init__(
+        self,
+        *,
+        feature_layer: str,
+        config: GeniferConfig | None = None,
+        generator: StyleGenerator | None = None,
+        image_shape: Sequence[int] | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+    ):
         super().__init__()
         self.feature_layer = feature_layer
         self.config = config or GeniferConfig()
-        cfg = self.config
-        self.generator: StyleGenerator | None = generator
-        self.generator_ema: StyleGenerator | None = (
-            _frozen_copy(generator) if generator is not None else None)  # type: ignore[assignment]
-        self.discriminator: FeatureDiscriminator | None = None
-        self.opt_g: torch.optim.Optimizer | None = None
-        self.opt_d: torch.optim.Optimizer | None = None
+        self.image_shape = None if image_shape is None else tuple(int(s) for s in image_shape)
+        if self.image_shape is not None and len(self.image_shape) != 3:
+            raise ValueError(f"image_shape must be (C, H, W), got {image_shape!r}")
+        self.checkpoint_dir = None if checkpoint_dir is None else str(checkpoint_dir)
+        self.rng = torch.Generator().manual_seed(self.config.seed)
+        self.gan = FeatureGANTrainer(config=self.config, rng=self.rng)
+        if generator is not None:
+            self.gan.set_generator(generator)
         self.teacher: nn.Module | None = None
-        self.ada = AdaptiveAugment(config=cfg.augment, target=cfg.ada_target,
-                                   p_max=cfg.ada_p_max, kimg=cfg.ada_kimg)
         self.seen_classes: list[int] = []  # classes the teacher was trained on
         self.generated_classes: list[int] = []  # classes the generator was trained on
-        self.gan_nimg = 0  # images shown to D so far (drives the EMA ramp-up)
-        self.history: list[dict[str, Any]] = []  # one summary per GAN phase
-        self.rng = torch.Generator().manual_seed(cfg.seed)
+        self.active_classes: list[int] = []  # classes the model may predict now (fresh head)
         # transient, per-iteration state (never pickled)
         self._hook: FeatureHook | None = None
         self._replay: dict[str, Any] | None = None
         self._replay_classes: list[int] = []
+
+    # ------------------------------------------------------------------ GAN parts
+    @property
+    def generator(self) -> StyleGenerator | None:
+        return self.gan.generator
+
+    @property
+    def generator_ema(self) -> StyleGenerator | None:
+        return self.gan.generator_ema
+
+    @property
+    def discriminator(self) -> FeatureDiscriminator | None:
+        return self.gan.discriminator
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.gan.history
 
     # ------------------------------------------------------------------ pickling / state
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_hook"] = None  # hook handles and per-batch tensors are not part of the state
         state["_replay"] = None
-        # torch optimisers do not always survive dill (a sentinel in torch's step wrapper):
-        # keep their state_dicts and rebuild them in __setstate__
-        for name in ("opt_g", "opt_d"):
-            opt = state.pop(name)
-            state[f"_{name}_state"] = None if opt is None else opt.state_dict()
         return state
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        opt_states = {n: state.pop(f"_{n}_state", None) for n in ("opt_g", "opt_d")}
-        self.__dict__.update(state)
-        self.opt_g = self.opt_d = None
-        if opt_states["opt_g"] is not None and self.generator is not None \
-                and self.discriminator is not None:
-            self._make_optimizers()
-            self.opt_g.load_state_dict(opt_states["opt_g"])  # type: ignore[union-attr]
-            self.opt_d.load_state_dict(opt_states["opt_d"])  # type: ignore[union-attr]
-
     def state_dict(self) -> dict[str, Any]:
-        """Generator, EMA generator, discriminator, optimisers, ADA ``p``, teacher, classes, RNG."""
-
-        def sd(m):
-            return None if m is None else m.state_dict()
-
+        """GAN trainer state, teacher, classes, image shape, RNG."""
         return {
             "config": self.config.to_dict(),
             "feature_layer": self.feature_layer,
-            "generator_config": None if self.generator is None else asdict(self.generator.config),
-            "discriminator_config": (None if self.discriminator is None
-                                     else asdict(self.discriminator.config)),
-            "generator": sd(self.generator),
-            "generator_ema": sd(self.generator_ema),
-            "discriminator": sd(self.discriminator),
-            "opt_g": sd(self.opt_g),
-            "opt_d": sd(self.opt_d),
-            "ada": self.ada.state_dict(),
-            "teacher": sd(self.teacher),
+            "image_shape": self.image_shape,
+            "gan": self.gan.state_dict(),
+            "teacher": None if self.teacher is None else self.teacher.state_dict(),
             "seen_classes": list(self.seen_classes),
             "generated_classes": list(self.generated_classes),
-            "gan_nimg": self.gan_nimg,
-            "history": deepcopy(self.history),
+            "active_classes": list(self.active_classes),
             "rng_state": self.rng.get_state(),
         }
 
@@ -319,45 +353,196 @@ class GeniferPlugin(SupervisedPlugin):
         """Restore :meth:`state_dict`. ``model`` (the classifier) is needed to rebuild the teacher
         when this plugin has none yet."""
         if state["feature_layer"] != self.feature_layer:
-            raise ValueError(f"state is for feature_layer={state['feature_layer']!r}, this plugin "
-                             f"uses {self.feature_layer!r}")
-        if state["generator_config"] is not None:
-            gcfg = GeneratorConfig(**state["generator_config"])
-            if self.generator is None or asdict(self.generator.config) != asdict(gcfg):
-                self.generator = StyleGenerator(config=gcfg)
-                self.generator_ema = _frozen_copy(self.generator)  # type: ignore[assignment]
-            self.generator.load_state_dict(state["generator"])
-            self.generator_ema.load_state_dict(state["generator_ema"])  # type: ignore[union-attr]
-        if state["discriminator_config"] is not None:
-            dcfg = DiscriminatorConfig(**state["discriminator_config"])
-            dcfg.feature_shape = tuple(dcfg.feature_shape)
-            self.discriminator = FeatureDiscriminator(config=dcfg)
-            self.discriminator.load_state_dict(state["discriminator"])
-        if state["opt_g"] is not None:
-            self._make_optimizers()
-            self.opt_g.load_state_dict(state["opt_g"])  # type: ignore[union-attr]
-            self.opt_d.load_state_dict(state["opt_d"])  # type: ignore[union-attr]
-        self.ada.load_state_dict(state["ada"])
+            raise ValueError(
+                f"state is for feature_layer={state['feature_layer']!r}, this plugin "
+                f"uses {self.feature_layer!r}"
+            )
+        self.gan.load_state_dict(state["gan"])
+        self.image_shape = None if state["image_shape"] is None else tuple(state["image_shape"])
         if state["teacher"] is not None:
             if self.teacher is None:
                 if model is None:
-                    raise ValueError("this state has a teacher classifier: pass model=<the "
-                                     "classifier> to load_state_dict so it can be rebuilt")
-                self.teacher = _frozen_copy(model)
+                    raise ValueError(
+                        "this state has a teacher classifier: pass model=<the "
+                        "classifier> to load_state_dict so it can be rebuilt"
+                    )
+                self.teacher = frozen_copy(model)
             self.teacher.load_state_dict(state["teacher"])
         self.seen_classes = list(state["seen_classes"])
         self.generated_classes = list(state["generated_classes"])
-        self.gan_nimg = int(state["gan_nimg"])
-        self.history = deepcopy(state["history"])
+        self.active_classes = list(state["active_classes"])
         self.rng.set_state(state["rng_state"])
+
+    # ------------------------------------------------------------------ fitting to the data
+    def _num_classes(self, experience) -> int:
+        if self.config.num_classes is not None:
+            return self.config.num_classes
+        try:
+            return int(experience.origin_stream.benchmark.n_classes)
+        except AttributeError as err:
+            raise ValueError(
+                "cannot infer the number of classes of the benchmark: set GeniferConfig.num_classes"
+            ) from err
+
+    def fit_to_data(
+        self,
+        *,
+        image_shape: Sequence[int],
+        num_classes: int,
+        classifier: nn.Module,
+        value_range: tuple | None = None,
+    ) -> None:
+        """Build G (unless given) for images of ``image_shape`` and D for the classifier's
+        features; check that a given generator fits.
+
+        Raises:
+            ValueError: the shape cannot be served (with what to pass instead).
+        """
+        cfg = self.config
+        if len(image_shape) != 3:
+            raise ValueError(
+                f"Genifer needs image batches (N, C, H, W); got samples of shape "
+                f"{tuple(image_shape)}: pass image_shape=(C, H, W) of the model's "
+                "input or reshape the dataset's images"
+            )
+        c, h, w = (int(s) for s in image_shape)
+        if min(h, w) < 4:
+            raise ValueError(
+                f"images of {h}x{w} px are too small for the generator (>= 4 px): "
+                "resize the benchmark's images"
+            )
+        self.image_shape = (c, h, w)
+        if self.generator is None:
+            res = cfg.resolution or next_power_of_two(max(h, w))
+            out_range = cfg.output_range if cfg.output_range is not None else value_range
+            if out_range is None:
+                raise ValueError(
+                    "no output_range: set GeniferConfig.output_range to the value "
+                    "range of the classifier's input, e.g. (0.0, 1.0)"
+                )
+            gen_cfg = GeneratorConfig(
+                num_classes=num_classes,
+                resolution=res,
+                img_channels=c,
+                z_dim=cfg.z_dim,
+                embed_dim=cfg.embed_dim,
+                w_dim=cfg.w_dim,
+                mapping_layers=cfg.mapping_layers,
+                channel_base=cfg.g_channel_base,
+                channel_max=cfg.g_channel_max,
+                output_activation=cfg.output_activation,
+                output_range=tuple(out_range),
+                family=cfg.g_family,
+                output_size=None if (h, w) == (res, res) else (h, w),
+            )
+            # initialised from the config's seed, leaving the global RNG (data order) untouched
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)
+                self.gan.set_generator(StyleGenerator(config=gen_cfg))
+        gc = self.generator.config  # type: ignore[union-attr]
+        made = (gc.img_channels, *(gc.output_size or (gc.resolution, gc.resolution)))
+        if tuple(made) != (c, h, w):
+            raise ValueError(
+                f"the generator makes {made[0]}x{made[1]}x{made[2]} images but the data is "
+                f"{c}x{h}x{w}: pass a generator with GeneratorConfig(img_channels={c}, "
+                f"output_size=({h}, {w})) or none (it is then built from the data)"
+            )
+        if self.discriminator is None:
+            shape = feature_shape(classifier, self.feature_layer, (c, h, w))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed + 1)
+                self.gan.build_discriminator(shape, gc.num_classes)
+
+    def build_models(
+        self,
+        *,
+        image_shape: Sequence[int],
+        num_classes: int,
+        classifier: nn.Module,
+        value_range: tuple | None = None,
+    ) -> None:
+        """Build G, its EMA copy and D for ``image_shape`` (value range: ``config.output_range``,
+        else ``value_range``)."""
+        self.fit_to_data(
+            image_shape=image_shape,
+            num_classes=num_classes,
+            classifier=classifier,
+            value_range=value_range,
+        )
+
+    def _setup(self, strategy) -> None:
+        exp = strategy.experience
+        shape = self.image_shape or tuple(exp.dataset[0][0].shape)
+        value_range = None
+        if self.generator is None and self.config.output_range is None:
+            value_range = _value_range(exp.dataset, int(shape[0]))
+        self.fit_to_data(
+            image_shape=shape,
+            num_classes=self._num_classes(exp),
+            classifier=strategy.model,
+            value_range=value_range,
+        )
+
+    # ------------------------------------------------------------------ output head
+    def _head(self, model: nn.Module) -> nn.Linear:
+        if self.config.head_module is not None:
+            head = get_module(model, self.config.head_module)
+            if not isinstance(head, nn.Linear):
+                raise ValueError(
+                    f"head_module {self.config.head_module!r} is a "
+                    f"{type(head).__name__}, not an nn.Linear"
+                )
+            return head
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError(
+                "head='fresh_per_task' needs the model's output nn.Linear: set "
+                "GeniferConfig.head_module to its name"
+            )
+        return linears[-1]
+
+    @torch.no_grad()
+    def _fresh_rows(self, model: nn.Module, classes: Sequence[int]) -> None:
+        """Re-initialise the output rows of ``classes`` (nn.Linear's default init)."""
+        head = self._head(model)
+        rows = [c for c in classes if c < head.out_features]
+        if not rows:
+            return
+        bound = 1 / math.sqrt(head.in_features)
+        idx = torch.as_tensor(rows, device=head.weight.device)
+        w = (torch.rand(len(rows), head.in_features, generator=self.rng) * 2 - 1) * bound
+        head.weight.index_copy_(0, idx, w.to(head.weight))
+        if head.bias is not None:
+            b = (torch.rand(len(rows), generator=self.rng) * 2 - 1) * bound
+            head.bias.index_copy_(0, idx, b.to(head.bias))
+
+    def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits of classes outside ``active_classes`` set to a large negative value
+        (``head="fresh_per_task"``; identity otherwise or before any experience)."""
+        if self.config.head != "fresh_per_task" or not self.active_classes:
+            return logits
+        mask = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
+        active = torch.as_tensor(
+            [c for c in self.active_classes if c < logits.shape[1]],
+            dtype=torch.long,
+            device=logits.device,
+        )
+        mask[active] = False
+        return logits.masked_fill(mask, _MASK_VALUE)
 
     # ------------------------------------------------------------------ Avalanche hooks
     def before_training(self, strategy, **kwargs) -> None:
         get_module(strategy.model, self.feature_layer)  # clear error for a wrong name
 
     def before_training_exp(self, strategy, **kwargs) -> None:
+        if self.generator is None or self.discriminator is None:
+            self._setup(strategy)  # G and D fit to the data before any training
+        current = [int(c) for c in strategy.experience.classes_in_this_experience]
+        if self.config.head == "fresh_per_task" and self.seen_classes:
+            self._fresh_rows(strategy.model, [c for c in current if c not in self.seen_classes])
+        self.active_classes = sorted(set(self.seen_classes) | set(current))
         device = strategy.device
-        ready = self.teacher is not None and self.generator_ema is not None
+        ready = self.teacher is not None and self.generated_classes
         self._replay_classes = list(self.generated_classes) if ready else []
         if ready:
             self.teacher.to(device)  # type: ignore[union-attr]
@@ -367,24 +552,36 @@ class GeniferPlugin(SupervisedPlugin):
         if not strategy.is_training or not self._replay_classes:
             return
         cfg = self.config
-        x = strategy.mb_x
-        n_real = x.shape[0]
-        n = max(1, round(n_real * cfg.replay_ratio))
+        mb = list(strategy.mbatch)
+        batch = mb[0].shape[0]
+        if cfg.replay_split is not None:  # replayed images replace part of the mini-batch
+            n = max(1, int(cfg.replay_split * batch))
+            n_real = max(1, batch - n)
+            mb = [t[:n_real] for t in mb]
+        else:
+            n = max(1, round(batch * cfg.replay_ratio))
+            n_real = batch
+        x = mb[0]
         g = self.generator_ema
+        teacher = self.teacher
         with torch.no_grad():
             # 1. old-class images from the frozen EMA generator, generated as one tensor
             labels = g.sample_labels(n, self._replay_classes, generator=self.rng)  # type: ignore
             xr = g.generate(n, labels, generator=self.rng)  # type: ignore[union-attr]
-            xr = self._replay_transform(xr.clamp(*cfg.output_range)).to(x.dtype)
-            # 2. the teacher's logits and features on them
-            hook = FeatureHook(self.teacher, self.feature_layer)  # type: ignore[arg-type]
+            xr = self._replay_transform(g.clamp(xr)).to(x.dtype)  # type: ignore[union-attr]
+            # 2. the teacher's logits and features on them (train mode: on the mixed batch)
+            hook = FeatureHook(teacher, self.feature_layer)  # type: ignore[arg-type]
             try:
-                t_logits = self.teacher(xr)  # type: ignore[misc]
-                t_feat = hook.pop()
+                if cfg.teacher_bn == "train":
+                    with training_mode(teacher, True):  # type: ignore[arg-type]
+                        t_logits = teacher(torch.cat([x, xr]))[n_real:]  # type: ignore[misc]
+                        t_feat = hook.pop()[n_real:]
+                else:
+                    t_logits = teacher(xr)  # type: ignore[misc]
+                    t_feat = hook.pop()
             finally:
                 hook.remove()
-        # 3. append them to the mini-batch and watch the student's features
-        mb = list(strategy.mbatch)
+        # 3. join them to the mini-batch and watch the student's features
         mb[0] = torch.cat([x, xr])
         mb[1] = torch.cat([mb[1], labels.to(mb[1].device, mb[1].dtype)])
         for i in range(2, len(mb)):  # task labels and any other per-sample field
@@ -394,7 +591,9 @@ class GeniferPlugin(SupervisedPlugin):
         self._hook = FeatureHook(strategy.model, self.feature_layer)
 
     def after_forward(self, strategy, **kwargs) -> None:
+        out = self.mask_logits(strategy.mb_output)
         if self._replay is None:
+            strategy.mb_output = out
             return
         hook, self._hook = self._hook, None
         try:
@@ -402,12 +601,14 @@ class GeniferPlugin(SupervisedPlugin):
         finally:
             hook.remove()  # type: ignore[union-attr]
         n = self._replay["n_real"]
-        out = strategy.mb_output
         self._replay["s_logits"] = out[n:]
         self._replay["s_feat"] = feats[n:]
         # the criterion and the training metrics see the real images only
         strategy.mb_output = out[:n]
         strategy.mbatch = [t[:n] for t in strategy.mbatch]
+
+    def after_eval_forward(self, strategy, **kwargs) -> None:
+        strategy.mb_output = self.mask_logits(strategy.mb_output)
 
     def before_backward(self, strategy, **kwargs) -> None:
         if self._replay is None:
@@ -417,8 +618,9 @@ class GeniferPlugin(SupervisedPlugin):
         ce = strategy.criterion()  # already in strategy.loss with weight 1
         kd = self.kd_loss(r["s_logits"], r["t_logits"])
         fd = (r["s_feat"] - r["t_feat"]).flatten(1).norm(dim=1).mean()
-        strategy.loss = strategy.loss + (cfg.ce_weight - 1.0) * ce + cfg.kd_weight * kd \
-            + cfg.fd_weight * fd
+        strategy.loss = (
+            strategy.loss + (cfg.ce_weight - 1.0) * ce + cfg.kd_weight * kd + cfg.fd_weight * fd
+        )
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         if self._hook is not None:  # an interrupted iteration must not leave a hook behind
@@ -428,8 +630,9 @@ class GeniferPlugin(SupervisedPlugin):
         exp = strategy.experience
         new = [int(c) for c in exp.classes_in_this_experience]
         self.seen_classes = sorted(set(self.seen_classes) | set(new))
+        self.active_classes = list(self.seen_classes)
         # C_t: frozen copy of the classifier; teacher of the next experience and D's feature map
-        self.teacher = _frozen_copy(strategy.model)
+        self.teacher = frozen_copy(strategy.model)
         if _is_last_experience(exp) and not self.config.train_gan_after_last:
             return  # no later experience will replay (set train_gan_after_last to override)
         self.train_gan(experience=exp, device=torch.device(strategy.device))
@@ -439,7 +642,7 @@ class GeniferPlugin(SupervisedPlugin):
         """``-sum_{c in old} softmax(teacher/T)_c * log_softmax(student/T)_c`` (times T^2).
 
         The teacher's softmax runs over its old classes only (a grown IncrementalClassifier
-        head, or a fixed head with unused units); the student's over all its outputs.
+        head, or a fixed head with unused units); the student's over all its (unmasked) outputs.
         """
         old = torch.as_tensor(self.seen_classes, device=teacher_logits.device)
         temp = self.config.kd_temperature
@@ -448,12 +651,17 @@ class GeniferPlugin(SupervisedPlugin):
         return -(p_t * log_s).sum(dim=1).mean() * temp * temp
 
     def _replay_transform(self, x: torch.Tensor) -> torch.Tensor:
-        """Random crop (zero-padded by ``replay_crop_pad`` px, value = range minimum) + flip."""
+        """Random crop (padded by ``replay_crop_pad`` px with the range minimum or the border
+        pixels) + flip, drawn per image."""
         cfg = self.config
         n, c, h, w = x.shape
         pad = cfg.replay_crop_pad
         if pad > 0:
-            xp = F.pad(x, (pad, pad, pad, pad), value=float(cfg.output_range[0]))
+            if cfg.replay_padding == "edge":
+                xp = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+            else:
+                low = self.generator_ema.range_low.to(x)  # type: ignore[union-attr]
+                xp = F.pad(x - low, (pad, pad, pad, pad)) + low
             oy = torch.randint(0, 2 * pad + 1, (n,), generator=self.rng).to(x.device)
             ox = torch.randint(0, 2 * pad + 1, (n,), generator=self.rng).to(x.device)
             rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
@@ -466,108 +674,16 @@ class GeniferPlugin(SupervisedPlugin):
             x = torch.where(flip, x.flip(3), x)
         return x
 
-    # ------------------------------------------------------------------ GAN
-    def _num_classes(self, experience) -> int:
-        if self.config.num_classes is not None:
-            return self.config.num_classes
-        try:
-            return int(experience.origin_stream.benchmark.n_classes)
-        except AttributeError as err:
-            raise ValueError("cannot infer the number of classes of the benchmark: set "
-                             "GeniferConfig.num_classes") from err
+    # ------------------------------------------------------------------ GAN phase
+    def gan_checkpoint_path(self, experience: int) -> Path | None:
+        """Where the mid-phase checkpoint of the GAN phase after ``experience`` is written."""
+        if self.checkpoint_dir is None or not self.config.gan_checkpoint_every:
+            return None
+        return Path(self.checkpoint_dir) / f"genifer_gan_after_exp{experience:03d}.pt"
 
-    def _make_optimizers(self) -> None:
-        cfg = self.config
-        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.g_lr,  # type: ignore
-                                      betas=cfg.adam_betas, eps=1e-8)
-        self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.d_lr,  # type: ignore
-                                      betas=cfg.adam_betas, eps=1e-8)
-
-    def build_models(self, *, image_shape: Sequence[int], num_classes: int,
-                     classifier: nn.Module) -> None:
-        """Create G (unless given), its EMA copy, D (sized by probing the classifier), Adams."""
-        cfg = self.config
-        c, h, w = (int(s) for s in image_shape)
-        if self.generator is None:
-            if h != w and cfg.resolution is None:
-                raise ValueError(f"images are {h}x{w}: set GeniferConfig.resolution for "
-                                 "non-square data")
-            self.generator = StyleGenerator(config=GeneratorConfig(
-                num_classes=num_classes, resolution=cfg.resolution or h, img_channels=c,
-                z_dim=cfg.z_dim, embed_dim=cfg.embed_dim, w_dim=cfg.w_dim,
-                mapping_layers=cfg.mapping_layers, channel_base=cfg.g_channel_base,
-                channel_max=cfg.g_channel_max, output_activation=cfg.output_activation,
-                output_range=cfg.output_range))
-            self.generator_ema = _frozen_copy(self.generator)  # type: ignore[assignment]
-        gc = self.generator.config
-        if (gc.img_channels, gc.resolution, gc.resolution) != (c, h, w):
-            raise ValueError(f"the generator makes {gc.img_channels}x{gc.resolution}x"
-                             f"{gc.resolution} images but the data is {c}x{h}x{w}; configure "
-                             "resolution/channels to match the classifier's input")
-        if self.generator_ema is None:
-            self.generator_ema = _frozen_copy(self.generator)  # type: ignore[assignment]
-        if self.discriminator is None:
-            device = next(classifier.parameters()).device
-            tap = _FeatureTap(classifier, self.feature_layer)
-            try:
-                with torch.no_grad():
-                    feat = tap(classifier, torch.zeros(2, c, h, w, device=device))
-            finally:
-                tap.remove()
-            self.discriminator = FeatureDiscriminator(config=DiscriminatorConfig(
-                feature_shape=tuple(feat.shape[1:]), num_classes=gc.num_classes,
-                channels=cfg.d_channels, mbstd_group=cfg.mbstd_group))
-        if self.opt_g is None or self.opt_d is None:
-            self._make_optimizers()
-
-    def _accelerator(self, device: torch.device):
-        """A fresh ``accelerate.Accelerator`` for autocast/backward (never kept: dill-safe)."""
-        from accelerate import Accelerator
-
-        try:
-            return Accelerator(cpu=device.type == "cpu",
-                               mixed_precision=self.config.mixed_precision)
-        except ValueError as err:
-            raise RuntimeError(
-                f"could not set up accelerate with mixed_precision="
-                f"{self.config.mixed_precision!r} (another Accelerator in this process uses other "
-                f"settings): {err}") from err
-
-    def _real_batches(self, dataset, n: int, device: torch.device) -> Iterator[tuple]:
-        """Endless batches (images, labels) of the current experience (eval transforms).
-
-        Small datasets are loaded once as tensors local to this generator (freed when the GAN
-        phase ends; nothing is kept on the plugin); large ones are streamed by a DataLoader.
-        """
-        ds = dataset.eval() if hasattr(dataset, "eval") else dataset
-        x0 = ds[0][0]
-        nbytes = len(ds) * x0.numel() * 4
-        if nbytes <= self.config.real_cache_mb * 2**20:
-            xs, ys = [], []
-            for batch in torch.utils.data.DataLoader(ds, batch_size=512, shuffle=False):
-                xs.append(batch[0])
-                ys.append(batch[1])
-            xs_t, ys_t = torch.cat(xs).to(device), torch.cat(ys).long().to(device)
-            total = len(ys_t)
-            while True:
-                if total >= n:
-                    perm = torch.randperm(total, generator=self.rng).to(device)
-                    for i in range(0, total - n + 1, n):
-                        idx = perm[i:i + n]
-                        yield xs_t[idx], ys_t[idx]
-                else:
-                    idx = torch.randint(total, (n,), generator=self.rng).to(device)
-                    yield xs_t[idx], ys_t[idx]
-        loader_rng = torch.Generator().manual_seed(int(torch.randint(2**31, (1,),
-                                                                     generator=self.rng)))
-        loader = torch.utils.data.DataLoader(ds, batch_size=n, shuffle=True,
-                                             drop_last=len(ds) >= n, generator=loader_rng)
-        while True:
-            for batch in loader:
-                yield batch[0].to(device), batch[1].long().to(device)
-
-    def train_gan(self, *, experience, device: torch.device | str = "cpu",
-                  steps: int | None = None) -> dict[str, Any]:
+    def train_gan(
+        self, *, experience, device: torch.device | str = "cpu", steps: int | None = None
+    ) -> dict[str, Any]:
         """Train G and D on the features of the frozen classifier ``self.teacher``.
 
         For the first GAN phase D's real batch is all real images of the experience; later, half
@@ -575,144 +691,48 @@ class GeniferPlugin(SupervisedPlugin):
         (and appends to ``self.history``) a summary of the phase.
         """
         if self.teacher is None:
-            raise RuntimeError("train_gan needs the trained classifier: call it from "
-                               "after_training_exp (it sets plugin.teacher)")
+            raise RuntimeError(
+                "train_gan needs the trained classifier: call it from "
+                "after_training_exp (it sets plugin.teacher)"
+            )
         cfg = self.config
         device = torch.device(device)
         classifier = self.teacher.to(device)
         new = [int(c) for c in experience.classes_in_this_experience]
         old = [c for c in self.generated_classes if c not in new]
-        x0 = experience.dataset[0][0]
-        self.build_models(image_shape=tuple(x0.shape), num_classes=self._num_classes(experience),
-                          classifier=classifier)
-        G, G_ema, D = self.generator, self.generator_ema, self.discriminator
-        assert G is not None and G_ema is not None and D is not None
-        G.to(device).train()
-        G_ema.to(device)
-        D.to(device).train()
-        for opt in (self.opt_g, self.opt_d):  # optimiser state follows the models' device
-            for st in opt.state.values():  # type: ignore[union-attr]
-                for k, v in st.items():
-                    if torch.is_tensor(v) and k != "step":
-                        st[k] = v.to(device)
-        if self.generated_classes:
-            # every phase starts from the EMA generator of the previous one (never re-initialised)
-            G.load_state_dict(G_ema.state_dict())
-        g_prev = _frozen_copy(G_ema) if old else None
-        steps = (cfg.gan_steps if self.generated_classes else cfg.gan_steps_first) \
-            if steps is None else steps
-        batch = cfg.gan_batch_size
-        n_old = batch // 2 if old else 0
-        n_new = batch - n_old
-        distill_w = cfg.g_distill_weight * len(old) / max(1, len(new))
-        self.ada.reset()
-        self.ada.to(device)
-        acc = self._accelerator(device)
-        tap = _FeatureTap(classifier, self.feature_layer)
-        real_iter = self._real_batches(experience.dataset, n_new, device)
-        sums = {"loss_d": 0.0, "loss_g": 0.0, "distill": 0.0, "r1": 0.0}
-        t0 = time.perf_counter()
-
-        def features(x: torch.Tensor) -> torch.Tensor:
-            return tap(classifier, self.ada(x, generator=self.rng))
-
-        def step_opt(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-            opt.zero_grad(set_to_none=True)
-            acc.backward(loss)
-            if acc.scaler is not None:  # fp16: the scaler unscales, skips inf steps, updates
-                acc.scaler.step(opt)
-                acc.scaler.update()
-            else:
-                opt.step()
-
-        bar = tqdm(range(steps), desc=f"Genifer GAN (classes {new})", disable=not cfg.progress,
-                   leave=False)
-        try:
-            for step in bar:
-                # 1. "real" batch: new-class images, plus old classes from the previous G
-                x_real, y_real = next(real_iter)
-                if old:
-                    y_old = G.sample_labels(n_old, old, generator=self.rng).to(device)
-                    x_old = g_prev.generate(n_old, y_old, generator=self.rng)  # type: ignore
-                    x_real = torch.cat([x_real.to(x_old.dtype), x_old])
-                    y_real = torch.cat([y_real, y_old])
-                # 2. fake batch (same labels), kept with its graph: the classifier is frozen, so
-                #    one pass through it serves both the D step (detached) and the G step
-                z = torch.randn(batch, cfg.z_dim, generator=self.rng).to(device)
-                noise = G.make_noise(batch, generator=self.rng, device=device)
-                with acc.autocast():
-                    fake = G(z, y_real, noise)
-                    f_fake = features(fake)
-                    with torch.no_grad():
-                        f_real = features(x_real)
-                # 3. discriminator step: softplus(D(fake)) + softplus(-D(real)) (+ lazy R1)
-                do_r1 = cfg.r1_gamma > 0 and step % cfg.r1_interval == 0
-                if do_r1:
-                    f_real = f_real.detach().float().requires_grad_(True)
-                with acc.autocast():
-                    d_fake = D(f_fake.detach(), y_real)
-                with nullcontext() if do_r1 else acc.autocast():
-                    d_real = D(f_real, y_real)
-                loss_d = F.softplus(d_fake).mean() + F.softplus(-d_real).mean()
-                if do_r1:
-                    (grad,) = torch.autograd.grad(d_real.float().sum(), f_real, create_graph=True)
-                    r1 = grad.square().flatten(1).sum(1).mean()
-                    loss_d = loss_d + r1 * (cfg.r1_gamma / 2) * cfg.r1_interval
-                    sums["r1"] += float(r1.detach())
-                self.ada.accumulate(d_real)
-                step_opt(self.opt_d, loss_d)  # type: ignore[arg-type]
-                # 4. generator step: fool the updated D through the frozen classifier, plus
-                #    L1 self-distillation to the previous generator on old classes (same z, noise)
-                D.requires_grad_(False)
-                with acc.autocast():
-                    loss_g = F.softplus(-D(f_fake, y_real)).mean()
-                    if old:
-                        with torch.no_grad():
-                            prev = g_prev(z[n_new:], y_real[n_new:],  # type: ignore[misc]
-                                          [t[n_new:] for t in noise])
-                        distill = (fake[n_new:].float() - prev.float()).abs().mean()
-                        loss_g = loss_g + distill_w * distill
-                        sums["distill"] += float(distill.detach())
-                step_opt(self.opt_g, loss_g)  # type: ignore[arg-type]
-                D.requires_grad_(True)
-                # 5. EMA of G (half-life ema_kimg thousand images, ramped up at the start)
-                self.gan_nimg += batch
-                ema_nimg = cfg.ema_kimg * 1000
-                if cfg.ema_rampup:
-                    ema_nimg = min(ema_nimg, self.gan_nimg * cfg.ema_rampup)
-                beta = 0.5 ** (batch / max(ema_nimg, 1e-8))
-                with torch.no_grad():
-                    for p_ema, p in zip(G_ema.parameters(), G.parameters()):
-                        p_ema.lerp_(p.detach(), 1 - beta)
-                # 6. adapt the augmentation probability
-                if (step + 1) % cfg.ada_interval == 0:
-                    self.ada.adjust()
-                sums["loss_d"] += float(loss_d.detach())
-                sums["loss_g"] += float(loss_g.detach())
-                if cfg.progress and step % 20 == 0:
-                    bar.set_postfix(d=f"{loss_d.item():.3f}", g=f"{loss_g.item():.3f}",
-                                    p=f"{float(self.ada.p):.2f}")
-        finally:
-            bar.close()
-            tap.remove()
-            real_iter.close()
-        G.eval()
+        if self.generator is None or self.discriminator is None:
+            shape = self.image_shape or tuple(experience.dataset[0][0].shape)
+            value_range = None
+            if self.generator is None and cfg.output_range is None:
+                value_range = _value_range(experience.dataset, int(shape[0]))
+            self.fit_to_data(
+                image_shape=shape,
+                num_classes=self._num_classes(experience),
+                classifier=classifier,
+                value_range=value_range,
+            )
+        if steps is None:
+            steps = cfg.gan_steps if self.generated_classes else cfg.gan_steps_first
+        exp_id = int(experience.current_experience)
+        summary = self.gan.train_phase(
+            classifier=classifier,
+            feature_layer=self.feature_layer,
+            dataset=experience.dataset,
+            new_classes=new,
+            old_classes=old,
+            steps=steps,
+            device=device,
+            experience=exp_id,
+            checkpoint_path=self.gan_checkpoint_path(exp_id),
+        )
         self.generated_classes = sorted(set(self.generated_classes) | set(new))
-        wall = time.perf_counter() - t0
-        summary = {
-            "experience": int(experience.current_experience), "new_classes": new,
-            "old_classes": old, "steps": steps, "wall_s": wall,
-            "steps_per_s": steps / wall if wall > 0 else math.inf,
-            "ada_p": float(self.ada.p),
-            **{k: v / max(1, steps) for k, v in sums.items()},
-        }
-        self.history.append(summary)
         return summary
 
     # ------------------------------------------------------------------ notebooks
     @torch.no_grad()
-    def sample_grid(self, n_per_class: int = 8, classes: Sequence[int] | None = None, *,
-                    seed: int = 0) -> torch.Tensor:
+    def sample_grid(
+        self, n_per_class: int = 8, classes: Sequence[int] | None = None, *, seed: int = 0
+    ) -> torch.Tensor:
         """Replayed images arranged class by class: (len(classes) * n_per_class, C, H, W).
 
         Use ``torchvision.utils.make_grid(grid, nrow=n_per_class)`` to draw it. Defaults to the
@@ -726,7 +746,7 @@ class GeniferPlugin(SupervisedPlugin):
         labels = torch.tensor(classes).repeat_interleave(n_per_class)
         rng = torch.Generator().manual_seed(seed)
         x = self.generator_ema.generate(len(labels), labels, generator=rng)
-        return x.clamp(*self.config.output_range).cpu()
+        return self.generator_ema.clamp(x).cpu()
 
 
 class Genifer(SupervisedTemplate):
@@ -739,44 +759,102 @@ class Genifer(SupervisedTemplate):
         feature_layer: module name read by the discriminator and the feature distillation.
         criterion: classification loss on the real images.
         generator: optional :class:`StyleGenerator`; built from the data when omitted.
-        config: :class:`GeniferConfig` (CPU ``split_digits`` defaults when omitted).
+        config: :class:`GeniferConfig` (CPU preset when omitted).
+        image_shape: ``(C, H, W)`` of the model's input; read from the first experience when
+            omitted.
+        checkpoint_dir: folder for mid-phase GAN checkpoints.
         train_mb_size, train_epochs, eval_mb_size, device, plugins, evaluator, eval_every,
             peval_mode: as for Avalanche's ``SupervisedTemplate``.
     """
 
-    def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, feature_layer: str,
-                 criterion: nn.Module | None = None, generator: StyleGenerator | None = None,
-                 config: GeniferConfig | None = None, train_mb_size: int = 32,
-                 train_epochs: int = 1, eval_mb_size: int = 256,
-                 device: str | torch.device = "cpu", plugins: Sequence[Any] | None = None,
-                 evaluator=default_evaluator, eval_every: int = -1, peval_mode: str = "epoch"):
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        feature_layer: str,
+        criterion: nn.Module | None = None,
+        generator: StyleGenerator | None = None,
+        config: GeniferConfig | None = None,
+        image_shape: Sequence[int] | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        train_mb_size: int = 32,
+        train_epochs: int = 1,
+        eval_mb_size: int = 256,
+        device: str | torch.device = "cpu",
+        plugins: Sequence[Any] | None = None,
+        evaluator=default_evaluator,
+        eval_every: int = -1,
+        peval_mode: str = "epoch",
+    ):
         get_module(model, feature_layer)  # fail early with the list of valid names
-        plugin = GeniferPlugin(feature_layer=feature_layer, config=config, generator=generator)
+        plugin = GeniferPlugin(
+            feature_layer=feature_layer,
+            config=config,
+            generator=generator,
+            image_shape=image_shape,
+            checkpoint_dir=checkpoint_dir,
+        )
         super().__init__(
-            model=model, optimizer=optimizer,
+            model=model,
+            optimizer=optimizer,
             criterion=criterion if criterion is not None else nn.CrossEntropyLoss(),
-            train_mb_size=train_mb_size, train_epochs=train_epochs, eval_mb_size=eval_mb_size,
-            device=device, plugins=[plugin, *(plugins or [])], evaluator=evaluator,
-            eval_every=eval_every, peval_mode=peval_mode)
+            train_mb_size=train_mb_size,
+            train_epochs=train_epochs,
+            eval_mb_size=eval_mb_size,
+            device=device,
+            plugins=[plugin, *(plugins or [])],
+            evaluator=evaluator,
+            eval_every=eval_every,
+            peval_mode=peval_mode,
+        )
         self.genifer = plugin
 
 
-def build_genifer(*, model, optimizer, criterion, benchmark, run, evaluator, device,
-                  plugins=None) -> Genifer:
-    """Registry factory (see :mod:`avalanche_d2l.registry`): Genifer with the benchmark's
-    default config (:func:`default_config`), seeded by ``run.seed``; ``run.quick`` shortens it."""
-    from avalanche_d2l.registry import benchmark_image_shape
-
-    cfg = default_config(run.benchmark, quick=run.quick)
-    _, h, _ = benchmark_image_shape(benchmark)
-    num_classes = cfg.num_classes or int(benchmark.n_classes)
-    if cfg.resolution is not None and cfg.resolution != h:
-        warnings.warn(f"Genifer config resolution {cfg.resolution} != data size {h}; using {h}",
-                      stacklevel=2)
-    cfg = replace(cfg, seed=run.seed, num_classes=num_classes, resolution=h,
-                  progress=cfg.progress and run.progress)
-    return Genifer(model=model, optimizer=optimizer, criterion=criterion,
-                   feature_layer=run.feature_layer, config=cfg,
-                   train_mb_size=run.train_mb_size, train_epochs=run.epochs,
-                   eval_mb_size=run.eval_mb_size, device=device, plugins=plugins,
-                   evaluator=evaluator)
+@register_strategy(
+    "genifer",
+    config=GeniferConfig,
+    keeps_buffer=False,
+    description="Genifer: data-free generative feature-driven image replay",
+)
+def build_genifer(
+    *,
+    model,
+    optimizer,
+    criterion,
+    benchmark,
+    run: RunConfig,
+    config: GeniferConfig | None,
+    evaluator,
+    device,
+    plugins=None,
+) -> Genifer:
+    """Registry factory: Genifer with ``config`` (class defaults when ``None``), seeded by
+    ``run.seed``, shortened by ``run.quick``, its GAN checkpoints under ``run.work_dir``."""
+    cfg = config or GeniferConfig()
+    shape = benchmark_image_shape(benchmark)
+    cfg = replace(
+        cfg,
+        seed=run.seed,
+        num_classes=cfg.num_classes or int(benchmark.n_classes),
+        progress=cfg.progress and run.progress,
+    )
+    if getattr(run, "precision", "no") != "no":
+        cfg = replace(cfg, mixed_precision=run.precision)
+    if run.quick:
+        cfg = cfg.quick()
+    return Genifer(
+        model=model,
+        optimizer=optimizer,
+        criterion=criterion,
+        feature_layer=run.feature_layer,
+        config=cfg,
+        image_shape=shape,
+        checkpoint_dir=run.work_dir,
+        train_mb_size=run.train_mb_size,
+        train_epochs=run.epochs,
+        eval_mb_size=run.eval_mb_size,
+        device=device,
+        plugins=plugins,
+        evaluator=evaluator,
+    )
