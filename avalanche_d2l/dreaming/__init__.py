@@ -3,6 +3,10 @@
 * :class:`Dreamer` / :class:`DreamerConfig` -- frozen denoiser + our differentiable DDIM loop.
 * :mod:`.glyphs` -- the offline glyph world (fonts shipped with matplotlib, no digits).
 * :mod:`.pretrain` -- pretrain / cache the offline glyph dreamer.
+* :mod:`.prompts` / :mod:`.oracle` -- soft-prompt dreaming (micro-batched, sharded across
+  processes) and its stop rule.
+* :mod:`.accel` -- processes (accelerate ``PartialState``), precision, loss scaling.
+* :mod:`.preflight` -- measure one pass of each kind of work and extrapolate to a run.
 """
 
 # ---- dreamer, glyph world, pretraining (dreamer.py, glyphs.py, pretrain.py) ---------------------
@@ -12,6 +16,8 @@ from .dreamer import (
     DreamerConfig,
     ReferenceNetwork,
     from_classifier_space,
+    latent_size_for,
+    load_reference_network,
     to_classifier_space,
 )
 from .glyphs import DEFAULT_GLYPHS, GlyphBank, GlyphConfig
@@ -35,12 +41,15 @@ __all__ = [
     "default_cache_dir",
     "evaluate_dreamer",
     "from_classifier_space",
+    "latent_size_for",
     "load_or_pretrain_offline_dreamer",
+    "load_reference_network",
     "pretrain_offline_dreamer",
     "to_classifier_space",
 ]
 
-# ---- soft-prompt optimisation and oracle (owned by the D2L strategy engineer) -------------------
+# ---- soft-prompt optimisation, oracle, processes, preflight ------------------------------------
+from .accel import is_main_process, num_processes, process_index  # noqa: E402
 from .oracle import (  # noqa: E402
     COLLAPSED,
     DEGENERATED,
@@ -49,6 +58,13 @@ from .oracle import (  # noqa: E402
     STEP_CAP,
     Oracle,
     ReferenceOracle,
+)
+from .preflight import (  # noqa: E402
+    GpuSpec,
+    PreflightError,
+    PreflightReport,
+    estimate_paper_cost,
+    preflight,
 )
 from .prompts import DreamConfig, DreamResult, dream_classes, dream_losses, init_prompts  # noqa: E402
 
@@ -65,4 +81,12 @@ __all__ += [
     "dream_classes",
     "dream_losses",
     "init_prompts",
+    "GpuSpec",
+    "PreflightError",
+    "PreflightReport",
+    "estimate_paper_cost",
+    "is_main_process",
+    "num_processes",
+    "preflight",
+    "process_index",
 ]
