@@ -108,7 +108,9 @@ def test_flops_and_saved_bytes_on_the_meta_device():
 
 def test_estimate_paper_cost_arithmetic():
     cfg = _config(steps=9, batch_per_class=4, samples_per_class=10, sleep_epochs=1)
-    gpu = GpuSpec(name="toy", memory_gib=1.0, peak_tflops=1.0, utilisation=1.0)
+    gpu = GpuSpec(
+        name="toy", memory_gib=1.0, peak_tflops=1.0, utilisation=1.0, learner_utilisation=0.5
+    )
     out = estimate_paper_cost(
         dream_config=cfg,
         n_dream_classes=2,
@@ -127,8 +129,7 @@ def test_estimate_paper_cost_arithmetic():
     )
     prompt = 10 * 8 * 1e12  # (steps + 1) x 2 classes x 4 images
     gen, sleep = 20 * 1e11, 4 * 1e10
-    assert out["phase_gpu_hours"] == pytest.approx((prompt + gen + sleep) / 1e12 / 3600)
-    assert out["run_gpu_hours"] == pytest.approx(
-        (3 * (prompt + gen + sleep) + 1000 * 1e10) / 1e12 / 3600
-    )
+    phase = (prompt + gen + 2 * sleep) / 1e12  # the learner's FLOPs at half the rate
+    assert out["phase_gpu_hours"] == pytest.approx(phase / 3600)
+    assert out["run_gpu_hours"] == pytest.approx((3 * phase + 2 * 1000 * 1e10 / 1e12) / 3600)
     assert out["memory_gib"] == pytest.approx(0.75) and out["fits"] is True

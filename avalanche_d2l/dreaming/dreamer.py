@@ -589,7 +589,8 @@ class Dreamer(nn.Module):
                 f"variance_noise must have shape {(steps, *shape)}, got "
                 f"{tuple(variance_noise.shape)}"
             )
-        self.scheduler.set_timesteps(steps, device=device)
+        # (on the meta device, used to count FLOPs and bytes, the timesteps stay on the CPU)
+        self.scheduler.set_timesteps(steps, device=device if device.type != "meta" else "cpu")
         x = noise.to(device=device, dtype=torch.float32) * self.scheduler.init_noise_sigma
         per_block = self._per_block_checkpointing()
         step_kw: dict[str, Any] = {"generator": generator}

@@ -495,14 +495,18 @@ class GpuSpec:
         name: label.
         memory_gib: device memory.
         peak_tflops: dense bf16/fp16 tensor-core peak.
-        utilisation: share of the peak these workloads reach (model FLOPs utilisation); diffusion
-            UNets at small latents with batch 4 reach about a third of it.
+        utilisation: share of the peak the dreamer's passes reach (model FLOPs utilisation);
+            diffusion UNets at small latents with micro-batches of 16 reach about a third of it.
+        learner_utilisation: the same for the learner's training steps (a ResNet-18 on
+            84-256 px minibatches of ~100 images is bound by kernel launches and data loading
+            far below the peak).
     """
 
     name: str = "A100-80GB"
     memory_gib: float = 80.0
     peak_tflops: float = 312.0
     utilisation: float = 0.35
+    learner_utilisation: float = 0.1
 
 
 def estimate_paper_cost(
@@ -525,7 +529,8 @@ def estimate_paper_cost(
 ) -> dict[str, Any]:
     """GPU memory and GPU-hours of a run from FLOP counts and activation sizes.
 
-    Time is ``FLOPs / (peak_tflops x utilisation)`` per part; a dreaming phase is counted at its
+    Time is ``FLOPs / (peak_tflops x utilisation)`` per part (the learner's steps with
+    ``learner_utilisation``); a dreaming phase is counted at its
     upper bound (every class runs the whole step cap; the oracle may stop classes earlier).
     Memory of the largest pass is ``weights + overhead x activations`` (``overhead`` for the
     backward transients, allocator fragmentation and the CUDA context), plus the learner's step.
@@ -566,8 +571,9 @@ def estimate_paper_cost(
     dream_batch = int(dream_batch or cfg.dream_batch_size or 32)
     sleep_steps = cfg.sleep_epochs * math.ceil(n_images / dream_batch)
     sleep_flops = sleep_steps * train_step_flops
-    phase_s = (prompt_flops + gen_flops + sleep_flops) / rate
-    train_s = train_steps_per_run * train_step_flops / rate
+    learner_rate = gpu.peak_tflops * 1e12 * gpu.learner_utilisation
+    phase_s = (prompt_flops + gen_flops) / rate + sleep_flops / learner_rate
+    train_s = train_steps_per_run * train_step_flops / learner_rate
     act = max(prompt_pass_activation_bytes, generate_activation_bytes)
     mem = weight_bytes + overhead * act + train_step_bytes
     return {
@@ -583,7 +589,8 @@ def estimate_paper_cost(
         "training_gpu_hours": train_s / 3600,
         "run_gpu_hours": (n_dreaming_phases * phase_s + train_s) / 3600,
         "assumptions": (
-            f"{gpu.name}: {gpu.peak_tflops:g} TFLOP/s peak at {gpu.utilisation:.0%} utilisation; "
+            f"{gpu.name}: {gpu.peak_tflops:g} TFLOP/s peak at {gpu.utilisation:.0%} utilisation "
+            f"for the dreamer, {gpu.learner_utilisation:.0%} for the learner; "
             "every dream class runs the full step cap; matmul/conv/attention FLOPs only; "
             f"memory = weights + {overhead:g} x activations + learner step"
         ),
