@@ -568,11 +568,13 @@ def resolve_pretrain_config(
         raise ValueError(
             f"image_size must be >= 8 and a multiple of {step} (the UNet halves it "
             f"{levels - 1} times), got {pc.image_size}; other learner sizes are served by "
-            "resizing a dreamer's output (load_or_pretrain_offline_dreamer(image_size=...))"
+            "mapping a dreamer's output (load_or_pretrain_offline_dreamer(output_size=...))"
         )
     gc = dataclasses.replace(
         glyph_config or GlyphConfig(), image_size=pc.image_size, color=channels == 3
     )
+    if len(gc.chars) < 2:
+        raise ValueError(f"the glyph set needs at least 2 characters, got {gc.chars!r}")
     return pc, gc
 
 
@@ -807,37 +809,23 @@ def shipped_dreamers() -> dict[str, Path]:
 def _load_folder(
     folder: Path, *, device: str | torch.device | None, overrides: dict[str, Any]
 ) -> Dreamer:
-    """Verify and load a folder; float weights are cast to float32 (fp16 files allowed)."""
+    """Verify and load a folder (on the CPU its float weights are float32)."""
     verify_dreamer_dir(folder)
+    dev = resolve_device(device)
     try:
-        dreamer = Dreamer.from_pretrained(folder, device="cpu", **overrides)
+        dreamer = Dreamer.from_pretrained(folder, device=dev, **overrides)
     except Exception as err:  # any loader error means: this folder cannot be used
         raise DreamerFolderError(folder, f"does not load ({type(err).__name__}: {err})") from err
-    if dreamer.dtype != torch.float32:
+    if dev.type == "cpu" and dreamer.dtype != torch.float32:
         dreamer = dreamer.to(torch.float32)
-    return dreamer.to(resolve_device(device))
-
-
-def _resolve_request(
-    *, native_size, native_channels, steps, seed, batch_size, lr, config, glyph_config
-) -> tuple[PretrainConfig, GlyphConfig]:
-    return resolve_pretrain_config(
-        image_size=NATIVE_SIZE if native_size is None else native_size,
-        steps=steps,
-        batch_size=batch_size,
-        seed=seed,
-        lr=lr,
-        config=config,
-        glyph_config=glyph_config,
-        channels=native_channels,
-    )
+    return dreamer
 
 
 def offline_dreamer_available(
     cache_dir: str | os.PathLike | None = None,
     *,
-    native_size: int | None = None,
-    native_channels: int = 1,
+    image_size: int = NATIVE_SIZE,
+    channels: int = 1,
     steps: int | None = None,
     seed: int = 0,
     batch_size: int | None = None,
@@ -847,19 +835,19 @@ def offline_dreamer_available(
 ) -> str | None:
     """Where :func:`load_or_pretrain_offline_dreamer` would get this dreamer without pretraining.
 
-    ``"shipped"``, ``"cache"`` or ``None`` (it would be pretrained first). Files are not
-    hash-checked here (that happens on load). The output size and channels do not matter: they
-    are a mapping of the native images.
+    ``"shipped"``, ``"cache"`` or ``None`` (it would be pretrained first). The arguments are the
+    native settings, as for :func:`load_or_pretrain_offline_dreamer`; files are hash-checked on
+    load, not here.
     """
-    pc, gc = _resolve_request(
-        native_size=native_size,
-        native_channels=native_channels,
+    pc, gc = resolve_pretrain_config(
+        image_size=image_size,
         steps=steps,
-        seed=seed,
         batch_size=batch_size,
+        seed=seed,
         lr=lr,
         config=config,
         glyph_config=glyph_config,
+        channels=channels,
     )
     key = dreamer_key(pc, gc)
     if key in shipped_dreamers():
@@ -873,8 +861,8 @@ def load_or_pretrain_offline_dreamer(
     *,
     image_size: int = NATIVE_SIZE,
     channels: int = 1,
-    native_size: int | None = None,
-    native_channels: int = 1,
+    output_size: int | None = None,
+    output_channels: int | None = None,
     steps: int | None = None,
     seed: int = 0,
     batch_size: int | None = None,
@@ -884,16 +872,24 @@ def load_or_pretrain_offline_dreamer(
     progress: bool = True,
     device: str | torch.device | None = "cpu",
 ) -> Dreamer:
-    """The offline glyph dreamer for a learner of ``channels x image_size x image_size`` images.
+    """The offline glyph dreamer: shipped, cached, or pretrained into the cache first.
 
-    The dreamer generates at its *native* size and channels (default: 16 px grey, the shipped
-    one) and maps its images to the learner's shape (``output_size``/``output_channels``:
-    bilinear resize, grey repeated to RGB); no pretraining is needed for a 28 px or a 32 px RGB
-    learner. The native dreamer comes from, in order:
+    Two kinds of arguments:
+
+    * **native** settings choose the model -- ``image_size`` (the side it is trained and
+      generates at), ``channels`` (1: grey glyph world, 3: coloured glyphs), ``steps``,
+      ``seed``, ``batch_size``, ``lr``, ``config``, ``glyph_config``;
+    * **output** settings map its images to a learner -- ``output_size`` / ``output_channels``
+      (bilinear resize, grey repeated to RGB or RGB to luminance); they never need pretraining.
+
+    So a 28 px grey or a 32 px RGB learner keeps the defaults (the shipped 16 px grey dreamer)
+    and passes ``output_size=28`` / ``output_size=32, output_channels=3``; only another
+    *native* setting (e.g. ``image_size=28``, ``channels=3``) pretrains a new dreamer (about
+    14 minutes on one CPU core at the default 600 steps). The model comes from, in order:
 
     1. the package's shipped dreamer when the native settings match it exactly;
     2. the cache ``cache_dir/<dreamer_key>``;
-    3. a pretraining into that cache folder (atomic; minutes on CPU at 600 steps).
+    3. a pretraining into that cache folder (atomic: temporary folder, then rename).
 
     A cached folder that fails its hashes or does not load is reported (warning naming its path),
     moved aside as ``<folder>.broken-<time>`` and pretrained again. The returned dreamer has an
@@ -902,12 +898,10 @@ def load_or_pretrain_offline_dreamer(
 
     Args:
         cache_dir: parent folder of the cache (default :func:`default_cache_dir`).
-        image_size: side of the images the learner takes (the dreamer's ``output_size``).
-        channels: channels the learner takes, 1 or 3 (the dreamer's ``output_channels``).
-        native_size: side the dreamer is trained and generates at (default
-            :data:`NATIVE_SIZE`); a size other than the shipped one is pretrained and cached.
-        native_channels: 1 (grey glyph world, shipped) or 3 (coloured glyph world, pretrained
-            and cached).
+        image_size: native side (default :data:`NATIVE_SIZE`, the shipped dreamer's).
+        channels: native glyph world: 1 (grey, shipped) or 3 (coloured glyphs).
+        output_size: side of the images the learner takes (``None``: native).
+        output_channels: channels the learner takes, 1 or 3 (``None``: native).
         steps: training steps (default ``PretrainConfig.steps``).
         seed: training seed.
         batch_size: training batch size (default ``PretrainConfig.batch_size``).
@@ -917,26 +911,26 @@ def load_or_pretrain_offline_dreamer(
         progress: tqdm bars while pretraining.
         device: where to load it (``None``: CUDA when available).
     """
-    if int(image_size) < 1:
-        raise ValueError(f"image_size must be >= 1, got {image_size}")
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3 (grey or RGB learners), got {channels}")
-    pc, gc = _resolve_request(
-        native_size=native_size,
-        native_channels=native_channels,
+    if output_size is not None and int(output_size) < 1:
+        raise ValueError(f"output_size must be >= 1, got {output_size}")
+    if output_channels not in (None, 1, 3):
+        raise ValueError(f"output_channels must be 1 or 3 (grey or RGB), got {output_channels}")
+    pc, gc = resolve_pretrain_config(
+        image_size=image_size,
         steps=steps,
-        seed=seed,
         batch_size=batch_size,
+        seed=seed,
         lr=lr,
         config=config,
         glyph_config=glyph_config,
+        channels=channels,
     )
     key = dreamer_key(pc, gc)
     overrides: dict[str, Any] = {}
-    if int(image_size) != pc.image_size:
-        overrides["output_size"] = int(image_size)
-    if channels != native_channels:
-        overrides["output_channels"] = channels
+    if output_size is not None and int(output_size) != pc.image_size:
+        overrides["output_size"] = int(output_size)
+    if output_channels is not None and output_channels != channels:
+        overrides["output_channels"] = output_channels
 
     dreamer, source, folder = None, None, None
     shipped = shipped_dreamers().get(key)
@@ -974,7 +968,7 @@ def load_or_pretrain_offline_dreamer(
                 lr=pc.lr,
                 config=pc,
                 glyph_config=gc,
-                channels=native_channels,
+                channels=channels,
                 progress=progress,
             )
             dreamer = _load_folder(folder, device=device, overrides=overrides)
@@ -983,7 +977,7 @@ def load_or_pretrain_offline_dreamer(
         "source": source,
         "path": str(folder),
         "key": key,
-        "native_shape": (native_channels, pc.image_size, pc.image_size),
+        "native_shape": (channels, pc.image_size, pc.image_size),
         "output_shape": tuple(dreamer.output_shape),
     }
     logger.info(
