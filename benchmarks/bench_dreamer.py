@@ -34,50 +34,8 @@ except ImportError:  # run from a checkout without `pip install -e .`
 from avalanche_d2l.dreaming import Dreamer, DreamerConfig
 from avalanche_d2l.dreaming.pretrain import load_or_pretrain_offline_dreamer
 
-# The SD-1.5 UNet and VAE configs (public diffusers configs of runwayml/stable-diffusion-v1-5).
-SD15_UNET = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "layers_per_block": 2,
-    "block_out_channels": (320, 640, 1280, 1280),
-    "down_block_types": (
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-    ),
-    "up_block_types": (
-        "UpBlock2D",
-        "CrossAttnUpBlock2D",
-        "CrossAttnUpBlock2D",
-        "CrossAttnUpBlock2D",
-    ),
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "norm_num_groups": 32,
-}
-SD15_VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 4,
-    "block_out_channels": (128, 256, 512, 512),
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "sample_size": 512,
-    "scaling_factor": 0.18215,
-}
-SD15_SCHEDULER = {
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_sd15 import SD15_SCHEDULER, SD15_UNET, SD15_VAE  # noqa: E402  (one copy of the configs)
 
 
 def _sync(device: torch.device) -> None:

@@ -226,3 +226,29 @@ def test_two_processes_equal_one(tmp_path):
         rtol=1e-4,
     )
     assert accel.is_main_process() and accel.num_processes() == 1  # this process: no group
+
+
+# ---- the full-size Stable Diffusion 1.5 path (slow: builds a ~4 GB checkpoint) ----------------
+
+
+@pytest.mark.slow
+def test_full_size_sd15_end_to_end(tmp_path):
+    """Random-weight SD-1.5 in the diffusers layout -> Dreamer.from_pretrained -> dreaming.
+
+    Set ``AVALANCHE_D2L_SD15`` to a folder to keep (and reuse) the checkpoint."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sd15.py"
+    spec = importlib.util.spec_from_file_location("bench_sd15", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    root = bench.build_sd15(Path(os.environ.get("AVALANCHE_D2L_SD15", tmp_path / "sd15")))
+    dreamer = bench.load_cpu_dreamer(root)
+    assert sum(p.numel() for p in dreamer.unet.parameters()) > 8.5e8
+    # SD-1.4's PNDM config has no clip_sample: DDIM must not clip the latents
+    assert dreamer.scheduler.config.clip_sample is False
+    assert dreamer.config.latent_size == 8 and dreamer.config.image_size == 64
+    rows = bench.measure_classes(dreamer, [1, 3])
+    assert all(r["finite_prompts"] for r in rows)
+    peaks = [r["peak_rss_gib"] for r in rows]
+    assert max(peaks) - min(peaks) < 0.1 * max(peaks)  # one class per pass: a flat peak

@@ -15,6 +15,7 @@ from avalanche_d2l.dreaming.preflight import (
     GpuSpec,
     PreflightError,
     count_flops,
+    dreaming_plan,
     estimate_paper_cost,
     preflight,
     saved_activation_bytes,
@@ -133,3 +134,14 @@ def test_estimate_paper_cost_arithmetic():
     assert out["phase_gpu_hours"] == pytest.approx(phase / 3600)
     assert out["run_gpu_hours"] == pytest.approx((3 * phase + 2 * 1000 * 1e10 / 1e12) / 3600)
     assert out["memory_gib"] == pytest.approx(0.75) and out["fits"] is True
+
+
+def test_dreaming_plan_of_the_paper_streams():
+    mini = DreamConfig(max_dream_classes=20)
+    assert dreaming_plan(n_classes=100, n_experiences=20, dream_config=mini) == (20, 19)
+    assert dreaming_plan(n_classes=10, n_experiences=5, dream_config=DreamConfig()) == (8, 4)
+    late = DreamConfig(dream_after_last=True)
+    assert dreaming_plan(n_classes=10, n_experiences=5, dream_config=late, n_extra_heads=2) == (
+        10,
+        5,
+    )

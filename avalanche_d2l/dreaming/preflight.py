@@ -44,6 +44,7 @@ __all__ = [
     "PreflightError",
     "PreflightReport",
     "count_flops",
+    "dreaming_plan",
     "estimate_paper_cost",
     "peak_memory",
     "preflight",
@@ -172,6 +173,24 @@ def saved_activation_bytes(fn: Callable[[], Any], *, exclude: Iterable[Tensor] =
 
 # ------------------------------------------------------------------------------------------------
 # the preflight
+
+
+def dreaming_plan(
+    *, n_classes: int, n_experiences: int, dream_config: DreamConfig, n_extra_heads: int = 0
+) -> tuple[int, int]:
+    """``(dream classes of the largest phase, dreaming phases of a run)`` of a class-incremental
+    stream of ``n_classes`` in ``n_experiences`` equal experiences: D2L dreams on the free heads
+    (capped by ``max_dream_classes``) after every experience but the last (unless
+    ``dream_after_last``); the first phase has the most free heads."""
+    per_exp = max(1, n_classes // max(1, n_experiences))
+    free = n_classes + n_extra_heads - per_exp
+    k = (
+        free
+        if dream_config.max_dream_classes is None
+        else min(free, dream_config.max_dream_classes)
+    )
+    phases = n_experiences - 1 + int(bool(dream_config.dream_after_last and n_extra_heads > 0))
+    return max(0, k), max(0, phases)
 
 
 @dataclass
