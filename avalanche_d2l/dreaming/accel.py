@@ -162,12 +162,14 @@ def distributed_state(*, cpu: bool | None = None):
     device. A process group the caller initialised itself is used as it is.
 
     Args:
-        cpu: force CPU processes (gloo); ``None``: CPU when no CUDA device is available.
+        cpu: force CPU processes (gloo); ``None``: CPU when ``accelerate launch --cpu`` asked
+            for it or no CUDA device is available.
     """
     from accelerate import PartialState
 
     if cpu is None:
-        cpu = not torch.cuda.is_available()
+        flag = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
+        cpu = flag or not torch.cuda.is_available()
     return PartialState(cpu=cpu)
 
 
