@@ -1,7 +1,12 @@
-"""Genifer speed/memory benchmark: generator throughput, GAN steps/s, peak memory.
+"""Genifer speed/memory benchmark: cost against Naive, generator throughput, GAN steps/s, memory.
 
-Measures, for the 16 px CPU setting (split_digits defaults) and the 32 px CIFAR setting
-(``benchmarks/configs/genifer_cifar100_b50.json``):
+1. ``--compare-naive``: one run of Naive and one of Genifer (CPU preset) on ``split_digits``
+   (seed 0, the shipped experiment's model, optimiser and epochs, through the experiment
+   engine), in the same process one after the other: wall times, their ratio and Genifer's
+   breakdown (GAN phases vs classifier training and evaluation).
+
+2. For the 16 px CPU setting (``GeniferConfig()``) and the 32 px CIFAR reference setting (the
+   ``genifer`` section of the ``genifer_cifar100`` experiment):
 
 * generator throughput (images/s, no grad, batch 64),
 * GAN training steps/s (one D + one G step, batch ``gan_batch_size``, classifier features at the
@@ -10,13 +15,14 @@ Measures, for the 16 px CPU setting (split_digits defaults) and the 32 px CIFAR 
 
 Writes ``benchmarks/results/bench_genifer.json`` and ``.md`` (with the exact configs).
 
-    python benchmarks/bench_genifer.py [--device cpu] [--steps 20] [--threads 2] [--quick]
+    python benchmarks/bench_genifer.py --compare-naive [--device cpu] [--steps 20] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import sys
@@ -28,16 +34,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout, installed or not
 
+from avalanche_d2l.experiments import load_experiment  # noqa: E402
 from avalanche_d2l.models.classifiers import resnet18_cifar, small_cnn  # noqa: E402
+from avalanche_d2l.models.feature_gan import frozen_copy  # noqa: E402
 from avalanche_d2l.scenarios import tensor_benchmark  # noqa: E402
-from avalanche_d2l.strategies.genifer import (  # noqa: E402
-    GeniferConfig,
-    GeniferPlugin,
-    _frozen_copy,
-)
+from avalanche_d2l.strategies.genifer import GeniferConfig, GeniferPlugin  # noqa: E402
 from avalanche_d2l.utils import resolve_device, seed_everything  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _peak_rss_mb() -> float:
@@ -48,13 +58,21 @@ def _peak_rss_mb() -> float:
 def _setting(name: str, quick: bool):
     """(config, classifier, feature layer, image shape, classes) of one setting."""
     if name == "cpu16":
-        cfg = GeniferConfig(num_classes=10, resolution=16, progress=False)
+        cfg = GeniferConfig(num_classes=10, output_range=(0.0, 1.0), progress=False)
         return cfg, small_cnn(num_classes=10, in_channels=1), "block3", (1, 16, 16), 10
-    cfg = GeniferConfig.from_json(HERE / "configs" / "genifer_cifar100_b50.json")
-    cfg = replace(cfg, progress=False)
+    cfg = load_experiment("genifer_cifar100").method_config("genifer")
+    cfg = replace(cfg, progress=False, num_classes=100, output_range=(0.0, 1.0))
     if quick:  # smaller widths so that CI can run the script
-        cfg = replace(cfg, z_dim=64, w_dim=64, embed_dim=32, g_channel_base=512,
-                      g_channel_max=64, d_channels=64)
+        cfg = replace(
+            cfg,
+            z_dim=64,
+            w_dim=64,
+            embed_dim=32,
+            g_channel_base=512,
+            g_channel_max=64,
+            d_channels=64,
+            d_cmap_dim=32,
+        )
     width = 16 if quick else 64
     return cfg, resnet18_cifar(num_classes=100, width=width), "layer3", (3, 32, 32), 100
 
@@ -64,7 +82,7 @@ def bench_setting(name: str, *, device: torch.device, steps: int, quick: bool) -
     cfg, model, layer, shape, n_classes = _setting(name, quick)
     model = model.to(device)
     plugin = GeniferPlugin(feature_layer=layer, config=cfg)
-    plugin.teacher = _frozen_copy(model)
+    plugin.teacher = frozen_copy(model)
     plugin.build_models(image_shape=shape, num_classes=n_classes, classifier=plugin.teacher)
     g = plugin.generator_ema.to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -92,14 +110,15 @@ def bench_setting(name: str, *, device: torch.device, steps: int, quick: bool) -
     sync()
     summary = plugin.train_gan(experience=exp, device=device, steps=steps)
     sync()
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-            else _peak_rss_mb())
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _peak_rss_mb()
     return {
         "setting": name,
         "image_shape": list(shape),
         "feature_layer": layer,
         "generator_params": sum(p.numel() for p in plugin.generator.parameters()),
         "discriminator_params": sum(p.numel() for p in plugin.discriminator.parameters()),
+        "generator_family": cfg.g_family,
+        "discriminator_family": cfg.d_family,
         "generator_images_per_s": gen_ips,
         "gan_steps_per_s": summary["steps_per_s"],
         "gan_batch_size": cfg.gan_batch_size,
@@ -110,6 +129,46 @@ def bench_setting(name: str, *, device: torch.device, steps: int, quick: bool) -
     }
 
 
+def compare_naive(quick: bool) -> dict:
+    """Naive and Genifer on split_digits seed 0, one after the other in this process."""
+    import tempfile
+
+    from avalanche_d2l.experiments.runner import (
+        RunKey,
+        RunOptions,
+        build_run,
+        train_with_checkpoints,
+    )
+
+    exp = load_experiment("split_digits")
+    opts = RunOptions(quick=quick, progress=False, threads=torch.get_num_threads())
+    out: dict = {"benchmark": "split_digits", "seed": 0, "quick": quick}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("naive", "genifer"):
+            key = RunKey(name, 0, None)
+            benchmark, strategy = build_run(exp, key, opts, work_dir=Path(tmp) / name)
+            t0 = time.perf_counter()
+            summary = train_with_checkpoints(
+                strategy, benchmark, seed=0, ckpt=Path(tmp) / f"{name}.pkl"
+            )
+            row = {
+                "wall_s": time.perf_counter() - t0,
+                "train_eval_wall_s": summary["wall_s"],
+                "final_accuracy": summary["final_accuracy"],
+            }
+            if name == "genifer":
+                hist = strategy.genifer.history
+                row["gan_phases"] = len(hist)
+                row["gan_steps"] = sum(h["steps"] for h in hist)
+                row["gan_wall_s"] = sum(h["wall_s"] for h in hist)
+                row["gan_steps_per_s"] = row["gan_steps"] / max(row["gan_wall_s"], 1e-9)
+            out[name] = row
+    out["ratio_genifer_to_naive"] = out["genifer"]["wall_s"] / out["naive"]["wall_s"]
+    g = out["genifer"]
+    out["genifer_gan_share"] = g["gan_wall_s"] / g["wall_s"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -117,26 +176,43 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     ap.add_argument("--quick", action="store_true", help="small CIFAR widths, few steps")
     ap.add_argument("--settings", nargs="+", default=["cpu16", "cifar32"])
+    ap.add_argument(
+        "--compare-naive",
+        action="store_true",
+        help="also one Naive and one Genifer run on split_digits (wall-time ratio)",
+    )
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    rows = [bench_setting(s, device=device, steps=args.steps, quick=args.quick)
-            for s in args.settings]
+    naive_cmp = compare_naive(args.quick) if args.compare_naive else None
+    rows = [
+        bench_setting(s, device=device, steps=args.steps, quick=args.quick) for s in args.settings
+    ]
     result = {
-        "benchmark": "genifer_speed", "device": str(device), "threads": torch.get_num_threads(),
-        "steps": args.steps, "quick": args.quick, "torch": torch.__version__,
-        "platform": platform.platform(), "seed": 0, "rows": rows,
+        "benchmark": "genifer_speed",
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "quick": args.quick,
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "seed": 0,
+        "rows": rows,
+        "compare_naive": naive_cmp,
+        "load_average_at_end": list(os.getloadavg()),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_genifer.json").write_text(json.dumps(result, indent=2) + "\n")
+    _atomic_write(out / "bench_genifer.json", json.dumps(result, indent=2) + "\n")
     lines = [
         f"# Genifer speed ({device}, {torch.get_num_threads()} threads, torch {torch.__version__})",
         "",
-        ("| setting | image | G params | D params | G images/s | GAN steps/s | GAN images/s "
-         "| peak MB |"),
+        (
+            "| setting | image | G params | D params | G images/s | GAN steps/s | GAN images/s "
+            "| peak MB |"
+        ),
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -144,10 +220,32 @@ def main(argv: list[str] | None = None) -> dict:
             f"| {r['setting']} | {'x'.join(map(str, r['image_shape']))} | "
             f"{r['generator_params']:,} | {r['discriminator_params']:,} | "
             f"{r['generator_images_per_s']:.0f} | {r['gan_steps_per_s']:.2f} | "
-            f"{r['gan_images_per_s']:.0f} | {r['peak_memory_mb']:.0f} ({r['peak_memory_kind']}) |")
-    lines += ["", (f"Steps measured: {args.steps} (after 2 warm-up steps); quick={args.quick}. "
-                   "Configs are in bench_genifer.json.")]
-    (out / "bench_genifer.md").write_text("\n".join(lines) + "\n")
+            f"{r['gan_images_per_s']:.0f} | {r['peak_memory_mb']:.0f} ({r['peak_memory_kind']}) |"
+        )
+    lines += [
+        "",
+        (
+            f"Steps measured: {args.steps} (after 2 warm-up steps); quick={args.quick}. "
+            "Configs are in bench_genifer.json."
+        ),
+    ]
+    if naive_cmp is not None:
+        n, g = naive_cmp["naive"], naive_cmp["genifer"]
+        lines += [
+            "",
+            "## Genifer against Naive (split_digits, seed 0, same process)",
+            "",
+            "| strategy | wall s | final acc | GAN phases | GAN steps | GAN wall s | GAN steps/s |",
+            "|---|---|---|---|---|---|---|",
+            f"| naive | {n['wall_s']:.1f} | {n['final_accuracy']:.3f} | - | - | - | - |",
+            f"| genifer | {g['wall_s']:.1f} | {g['final_accuracy']:.3f} | {g['gan_phases']} | "
+            f"{g['gan_steps']} | {g['gan_wall_s']:.1f} | {g['gan_steps_per_s']:.2f} |",
+            "",
+            f"Ratio Genifer / Naive: {naive_cmp['ratio_genifer_to_naive']:.1f}x; GAN phases "
+            f"are {100 * naive_cmp['genifer_gan_share']:.0f}% of Genifer's wall time. Load "
+            f"average at the end: {result['load_average_at_end'][0]:.1f} (shared machine).",
+        ]
+    _atomic_write(out / "bench_genifer.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return result
 

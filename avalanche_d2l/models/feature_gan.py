@@ -534,9 +534,10 @@ class FeatureGANTrainer:
                 # 5. EMA of G
                 self.gan_nimg += batch
                 beta = self.ema_beta(step, steps, batch)
-                with torch.no_grad():
-                    for p_ema, p in zip(G_ema.parameters(), G.parameters()):
-                        p_ema.lerp_(p.detach(), 1 - beta)
+                with torch.no_grad():  # one fused call (bitwise equal to a loop of lerp_)
+                    torch._foreach_lerp_(
+                        list(G_ema.parameters()), [p.detach() for p in G.parameters()], 1 - beta
+                    )
                 # 6. adapt the augmentation probability
                 if (step + 1) % cfg.ada_interval == 0:
                     self.ada.adjust()
