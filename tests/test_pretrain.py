@@ -305,12 +305,12 @@ def test_out_folder_is_replaced_whole_and_bad_out_is_refused(fake_train, tmp_pat
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--threads", "0"], "--threads must be >= 1"),
-        (["--steps", "0"], "--steps must be >= 1"),
-        (["--batch-size", "-3"], "--batch-size must be >= 1"),
-        (["--seed", "-1"], "--seed must be >= 0"),
-        (["--lr", "0"], "--lr must be a finite number > 0"),
-        (["--steps", "ten"], "--steps must be a whole number"),
+        (["--threads", "0"], "--threads: must be >= 1"),
+        (["--steps", "0"], "--steps: must be >= 1"),
+        (["--batch-size", "-3"], "--batch-size: must be >= 1"),
+        (["--seed", "-1"], "--seed: must be >= 0"),
+        (["--lr", "0"], "--lr: must be a finite number > 0"),
+        (["--steps", "ten"], "--steps: must be a whole number"),
         (["--image-size", "10"], "multiple of 4"),
         (["--channels", "2"], "invalid choice"),
         (["--glyphs", "AB7"], "must not contain digits"),

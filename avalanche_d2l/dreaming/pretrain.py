@@ -73,6 +73,7 @@ from .glyphs import DEFAULT_GLYPHS, GlyphBank, GlyphConfig
 
 __all__ = [
     "MANIFEST_NAME",
+    "DreamerFolderError",
     "NATIVE_SIZE",
     "PretrainConfig",
     "default_cache_dir",
@@ -1003,28 +1004,23 @@ def _cache_name(image_size: int, steps: int, seed: int, channels: int = 1) -> st
 # command line
 
 
-def _positive_int(name: str):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{name} must be a whole number, got {text!r}"
-            ) from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
-        return v
-
-    return parse
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
 
 
 def _non_negative_int(text: str) -> int:
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--seed must be a whole number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
     if v < 0:
-        raise argparse.ArgumentTypeError(f"--seed must be >= 0, got {v}")
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
     return v
 
 
@@ -1032,9 +1028,9 @@ def _positive_float(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--lr must be a number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
     if not v > 0 or math.isinf(v):
-        raise argparse.ArgumentTypeError(f"--lr must be a finite number > 0, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return v
 
 
@@ -1055,7 +1051,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--image-size",
-        type=_positive_int("--image-size"),
+        type=_positive_int,
         default=NATIVE_SIZE,
         help=f"native image side (>= 8, a multiple of 4; default {NATIVE_SIZE})",
     )
@@ -1068,13 +1064,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--steps",
-        type=_positive_int("--steps"),
+        type=_positive_int,
         default=d.steps,
         help=f"denoiser training steps (default {d.steps})",
     )
     p.add_argument(
         "--batch-size",
-        type=_positive_int("--batch-size"),
+        type=_positive_int,
         default=d.batch_size,
         help=f"glyph images per step (default {d.batch_size})",
     )
@@ -1090,7 +1086,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--threads",
-        type=_positive_int("--threads"),
+        type=_positive_int,
         default=None,
         help="torch CPU threads (default: torch's choice; 1 is fastest on a busy "
         "2-core machine and is what the shipped dreamer used)",
