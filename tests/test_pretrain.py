@@ -240,6 +240,82 @@ def test_interrupt_while_saving_leaves_nothing_and_next_call_rebuilds(fake_train
     assert d.sample(d.random_prompt(2, generator=gen()), generator=gen()).shape == (2, 1, 16, 16)
 
 
+SIGINT_CHILD = """
+import json, sys, time
+from pathlib import Path
+import torch
+from avalanche_d2l.dreaming import pretrain as P
+from tiny_models import tiny_pixel_dreamer
+
+def train(out_dir, pc, gc, progress):
+    d = tiny_pixel_dreamer(image_size=pc.image_size)
+    (Path(out_dir) / "dreamer_config.json").write_text(json.dumps(d.config.to_dict()))
+    Path(sys.argv[1]).write_text("saving")  # the parent sends SIGINT now
+    time.sleep(60)
+    d.save_pretrained(out_dir)
+    return d
+
+P._train = train
+P.load_or_pretrain_offline_dreamer(steps=7, progress=False)
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch and diffusers: ~10-25 s
+def test_real_sigint_while_saving_then_next_call_rebuilds(fake_train, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    marker = tmp_path / "marker"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    child = subprocess.Popen(
+        [sys.executable, "-c", SIGINT_CHILD, str(marker)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while not marker.exists() and child.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), child.stderr.read() if child.poll() is not None else "timeout"
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode != 0 and "KeyboardInterrupt" in err
+    assert cache_entries() == []  # no half folder, no temporary folder
+    d = pretrain_mod.load_or_pretrain_offline_dreamer(**small_request())
+    assert d.offline_source["source"] == "pretrained" and len(fake_train) == 1
+
+
+def test_temporary_folders_of_killed_processes_are_removed(fake_train, tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    out = tmp_path / "d"
+    live = Path(pretrain_mod._temp_prefix(out, "tmp") + "x")  # this process: running
+    stale = Path(pretrain_mod._temp_prefix(out, "tmp").replace(f"-{os.getpid()}-", f"-{dead}-"))
+    for p in (tmp_path / live, tmp_path / (stale.name + "x")):
+        p.mkdir()
+        (p / "unet").mkdir()
+    assert pretrain_mod.main(["--out", str(out), "--steps", "5", "--no-progress"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["d", live.name])
+
+
 def test_cli_interrupt_keeps_the_previous_out_folder(fake_train, monkeypatch, tmp_path, capsys):
     out = tmp_path / "out"
     assert pretrain_mod.main(["--out", str(out), "--steps", "5", "--no-progress"]) == 0

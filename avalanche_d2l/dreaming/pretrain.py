@@ -46,6 +46,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -757,12 +758,40 @@ def _make_temp_sibling(target: Path) -> Path:
         )
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        _remove_dead_temps(target)
+        return Path(tempfile.mkdtemp(prefix=_temp_prefix(target, "tmp"), dir=target.parent))
     except OSError as err:
         raise OSError(
             f"cannot write beside {target} ({err.strerror or err}); pass a folder in a "
             "writable location"
         ) from err
+
+
+def _temp_prefix(target: Path, kind: str) -> str:
+    """``.<name>.<kind>-<host>-<pid>-``: hidden, and says which process owns it."""
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())
+    return f".{target.name}.{kind}-{host}-{os.getpid()}-"
+
+
+def _remove_dead_temps(target: Path) -> None:
+    """Remove temporary siblings of ``target`` left by killed processes of this host (a
+    SIGKILL skips the clean-up); those of running processes and other hosts are kept."""
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())
+    for kind in ("tmp", "old"):
+        for p in target.parent.glob(f".{target.name}.{kind}-{host}-*-*"):
+            pid = p.name[len(f".{target.name}.{kind}-{host}-") :].split("-")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:
@@ -773,7 +802,7 @@ def _replace_dir(tmp: Path, target: Path) -> None:
     except OSError:
         if not target.is_dir():
             raise
-    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    old = target.with_name(_temp_prefix(target, "old") + uuid.uuid4().hex[:8])
     os.rename(target, old)
     try:
         os.rename(tmp, target)
