@@ -7,7 +7,6 @@ upsampled to 16 px, 2 DDIM steps) and a narrow small CNN.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,18 +29,18 @@ from avalanche_d2l.dreaming.oracle import (
 )
 from avalanche_d2l.dreaming.prompts import DreamConfig, dream_classes
 from avalanche_d2l.models.classifiers import small_cnn
+from avalanche_d2l.models.heads import MASK_VALUE, DreamHeads
 from avalanche_d2l.scenarios import split_digits, tensor_benchmark
+from avalanche_d2l.strategies import d2l as d2l_mod
 from avalanche_d2l.strategies.d2l import (
     D2L,
-    MASK_VALUE,
+    D2LConfig,
     D2LPlugin,
-    DreamHeads,
+    der_targets,
     greedy_assignment,
-    split_digits_dream_config,
+    infer_input_space,
 )
 from avalanche_d2l.utils import seed_everything
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_dreamer(seed: int = 0) -> Dreamer:
@@ -101,6 +100,41 @@ class LinearDreamer(nn.Module):
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             z = torch.cat([prompt_embeds.flatten(1), noise.flatten(1)], 1)
             return torch.sigmoid(z @ self.w).view(-1, 1, 16, 16)
+
+
+class BankDreamer(LinearDreamer):
+    """Stand-in dreamer whose world holds images like the stream's, as Stable Diffusion's world
+    holds the concepts of a photo stream: a prompt selects (softmax over a fixed random
+    projection) a blend of the 1,797 scikit-learn digit images at 16 px. Which digits a dream
+    shows is up to the prompt, so the learner's dream loss decides it."""
+
+    def __init__(self, seed: int = 0, temperature: float = 4.0):
+        super().__init__(seed)
+        from sklearn.datasets import load_digits
+
+        bank = torch.tensor(load_digits().images, dtype=torch.float32)[:, None] / 16.0
+        bank = F.interpolate(bank, size=(16, 16), mode="bilinear", antialias=True)
+        g = torch.Generator().manual_seed(seed + 1)
+        self.register_buffer("bank", bank.flatten(1))
+        self.register_buffer("proj", torch.randn(32, bank.shape[0], generator=g) / 32**0.5)
+        self.temperature = temperature
+
+    def sample(
+        self,
+        prompt_embeds,
+        *,
+        generator=None,
+        noise=None,
+        num_inference_steps=None,
+        backprop_steps=None,
+        grad=True,
+    ):
+        if noise is None:
+            noise = torch.randn(prompt_embeds.shape[0], 1, 4, 4, generator=generator)
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            w = (self.temperature * prompt_embeds.flatten(1) @ self.proj).softmax(1)
+            x = w @ self.bank + 0.05 * F.interpolate(noise, size=(16, 16)).flatten(1)
+            return x.clamp(0, 1).view(-1, 1, 16, 16)
 
 
 @pytest.fixture(scope="module")
@@ -421,10 +455,10 @@ def test_two_experience_run_with_replay_no_nan(bench, dreamer, tmp_path):
 def test_dream_cache_avoids_redreaming(bench, dreamer, tmp_path, monkeypatch):
     s1 = make_d2l(dreamer, tmp_path)
     s1.train(bench.train_stream[0])
-    assert (tmp_path / "dreams" / "dreams_exp0.pt").is_file()
+    files = list((tmp_path / "dreams").glob("dreams_exp0_*.pt"))
+    assert len(files) == 1
+    assert torch.load(files[0], weights_only=True)["images_u8"].dtype == torch.uint8
     assert s1.d2l_plugin.dreams_loaded_from_cache == 0
-
-    import avalanche_d2l.strategies.d2l as d2l_mod
 
     def boom(**kw):
         raise AssertionError("dreamed again although the cache matches")
@@ -436,7 +470,7 @@ def test_dream_cache_avoids_redreaming(bench, dreamer, tmp_path, monkeypatch):
     assert torch.equal(s1.d2l_plugin.dream_images, s2.d2l_plugin.dream_images)
     # other settings -> other hash -> dreams again (here: the patched function raises)
     s3 = make_d2l(dreamer, tmp_path, dream_config=cfg(steps=3))
-    with pytest.raises(AssertionError, match="dreamed again"), pytest.warns(UserWarning):
+    with pytest.raises(AssertionError, match="dreamed again"):
         s3.train(bench.train_stream[0])
 
 
@@ -489,12 +523,14 @@ def test_model_with_fixed_head_gets_extra_head_on_feature_layer(bench, dreamer, 
         dreamer, tmp_path, model=net, n_classes=10, feature_layer="body", n_extra_heads=2
     )
     model = strategy.model
-    assert model.n_out == 2 and model.extra_head.out_features == 10
+    # no image_shape: the extra head is sized from the first experience, before the optimizer
+    assert model.n_out == 2 and model.extra_head is None
+    strategy.train(bench.train_stream[0])
+    assert model.extra_head.out_features == 10
     opt_ids = {id(p) for g in strategy.optimizer.param_groups for p in g["params"]}
     assert id(model.extra_head.weight) in opt_ids  # the optimizer covers the new head
     w0 = model.extra_head.weight.detach().clone()
-    for exp in bench.train_stream[:2]:
-        strategy.train(exp)
+    strategy.train(bench.train_stream[1])
     assert not torch.equal(model.extra_head.weight, w0)
     assert model.forward_heads(torch.rand(3, 1, 16, 16)).shape == (3, 12)
     res = strategy.eval(bench.test_stream[:2])
@@ -527,21 +563,34 @@ def test_plugin_door_equals_strategy_door(bench, dreamer, tmp_path):
 # configs
 
 
-def test_configs_load_and_split_digits_matches_code_defaults():
-    folder = ROOT / "benchmarks" / "configs"
-    names = ["d2l_split_digits", "d2l_mini_imagenet", "d2l_imagenet_r", "d2l_fg_imagenet"]
-    for name in names:
-        config = DreamConfig.from_json(folder / f"{name}.json")
-        assert isinstance(config, DreamConfig)
-        data = json.loads((folder / f"{name}.json").read_text())
-        assert data["dreamer"]
-    assert DreamConfig.from_json(folder / "d2l_split_digits.json") == split_digits_dream_config()
-    with pytest.raises(ValueError, match="unknown DreamConfig fields"):
-        DreamConfig.from_dict({"stepz": 3})
-    c = split_digits_dream_config()
-    assert (
-        c.fingerprint() == DreamConfig.from_dict({**c.to_dict(), "progress": False}).fingerprint()
+def test_d2l_config_defaults_are_the_cpu_preset_and_dicts_are_checked():
+    c = D2LConfig()
+    assert (c.dreamer, c.n_extra_heads, c.dreams) == ("offline", 0, "optimised")
+    preset = dict(
+        steps=10,
+        lr=0.05,
+        batch_per_class=4,
+        samples_per_class=64,
+        backprop_steps=2,
+        dream_weight=1.0,
+        sleep_epochs=1,
+        generate_batch_size=256,
     )
+    assert {k: getattr(c.dream, k) for k in preset} == preset
+    # a nested dream section changes the preset, not DreamConfig()'s own defaults
+    d = D2LConfig.from_dict({"dream": {"steps": 3}, "dreams": "random", "n_extra_heads": 2})
+    assert (d.dream.steps, d.dream.samples_per_class, d.dreams) == (3, 64, "random")
+    assert D2LConfig.from_dict(json.loads(json.dumps(d.to_dict()))) == d
+    assert D2LConfig.from_dict({}) == D2LConfig()
+    with pytest.raises(ValueError, match="valid keys.*dreamer_overrides"):
+        D2LConfig.from_dict({"dreamz": "noise"})
+    with pytest.raises(ValueError, match="unknown DreamConfig fields"):
+        D2LConfig.from_dict({"dream": {"stepz": 3}})
+    with pytest.raises(ValueError, match="dreams must be one of"):
+        D2LConfig(dreams="banana")
+    quiet = D2LConfig.from_dict({"dream": {"progress": False}})
+    assert quiet.fingerprint() == c.fingerprint()
+    assert d.fingerprint() != c.fingerprint()
 
 
 def test_tensor_benchmark_with_more_heads_than_outputs_runs(dreamer, tmp_path):
@@ -583,7 +632,9 @@ def test_sleep_phase_learns_the_dreams_before_the_next_experience(bench, tmp_pat
     probs, steps = {}, {}
     for epochs in (0, 10):
         s = make_d2l(
-            LinearDreamer(), tmp_path / f"s{epochs}", optimizer_lr=3e-3,
+            LinearDreamer(),
+            tmp_path / f"s{epochs}",
+            optimizer_lr=3e-3,
             dream_config=cfg(steps=2, samples_per_class=16, sleep_epochs=epochs),
         )
         s.train(bench.train_stream[0])
@@ -629,11 +680,22 @@ def test_bn_coherence_is_zero_on_the_learners_own_statistics_and_falls_under_dre
 
     # only the coherence term: prompt optimisation brings the dreams' statistics to the learner's
     config = cfg(
-        steps=25, lr=0.3, batch_per_class=4, fixed_noise=True, w_target=0.0, w_seen=0.0,
-        w_distinct=0.0, w_consistency=0.0, w_norm=0.0, w_coherence=1.0,
+        steps=25,
+        lr=0.3,
+        batch_per_class=4,
+        fixed_noise=True,
+        w_target=0.0,
+        w_seen=0.0,
+        w_distinct=0.0,
+        w_consistency=0.0,
+        w_norm=0.0,
+        w_coherence=1.0,
     )
     result = dream_classes(
-        dreamer=LinearDreamer(), classifier=model, heads=[5, 6], seen_heads=[0, 1, 2],
+        dreamer=LinearDreamer(),
+        classifier=model,
+        heads=[5, 6],
+        seen_heads=[0, 1, 2],
         config=config,
     )
     coh = result.history["coherence"]
@@ -641,8 +703,287 @@ def test_bn_coherence_is_zero_on_the_learners_own_statistics_and_falls_under_dre
 
     plain = DreamHeads(
         nn.Sequential(nn.Flatten(), nn.Linear(256, 16), nn.ReLU(), nn.Linear(16, 10)),
-        n_classes=10, feature_layer="2", input_shape=(1, 16, 16),
+        n_classes=10,
+        feature_layer="2",
+        input_shape=(1, 16, 16),
     )
     with pytest.raises(ValueError, match="needs BatchNorm layers"):
-        dream_classes(dreamer=LinearDreamer(), classifier=plain, heads=[5], seen_heads=[0],
-                      config=cfg(w_coherence=1.0))
+        dream_classes(
+            dreamer=LinearDreamer(),
+            classifier=plain,
+            heads=[5],
+            seen_heads=[0],
+            config=cfg(w_coherence=1.0),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# rehearsal hosts: ER-ACE and DER++ with the plugin
+
+
+def host_strategy(host: str, dreamer, *, mem_size=40):
+    from avalanche.training import DER, ER_ACE
+
+    seed_everything(0)
+    net = small_cnn(10, 1, width=8)
+    cls = ER_ACE if host == "er_ace" else DER
+    plugin = D2LPlugin(dreamer, cfg(steps=1, samples_per_class=8))
+    strategy = cls(
+        model=DreamHeads(net, n_classes=10, feature_layer="features"),
+        optimizer=torch.optim.Adam(net.parameters(), 3e-3),
+        mem_size=mem_size,
+        train_mb_size=32,
+        train_epochs=4,
+        eval_mb_size=64,
+        evaluator=quiet_evaluator(),
+        plugins=[plugin],
+    )
+    return strategy, plugin
+
+
+@pytest.mark.parametrize("host", ["er_ace", "der"])
+def test_plugin_composes_with_er_ace_and_der_using_their_buffer(bench, dreamer, host):
+    strategy, plugin = host_strategy(host, dreamer)
+    for exp in bench.train_stream[:2]:
+        strategy.train(exp)
+    # the host's own buffer, found on the strategy, fed the sleep phase with its own loss
+    assert plugin.history[-1]["host"] == host and plugin.history[-1]["sleep_steps"] > 0
+    buffer = strategy.storage_policy.buffer
+    classes = {int(c) for e in bench.train_stream[:2] for c in e.classes_in_this_experience}
+    assert {int(y) for y in buffer.targets} <= classes  # dreams never enter the buffer
+    if host == "der":
+        # DER's stored logits stay in class space: as wide as the classes, dream columns apart
+        logits = next(iter(DataLoader(buffer, batch_size=8)))[3]
+        assert logits.shape[1] == 10
+    acc = strategy.eval(bench.test_stream[:2])["Top1_Acc_Stream/eval_phase/test_stream/Task000"]
+    assert acc > 0.6  # 4 classes seen: well above chance (0.25), both experiences learned
+    assert all(torch.isfinite(p).all() for p in strategy.model.parameters())
+
+
+def test_der_targets_cover_only_the_classes_the_stored_logits_describe():
+    stored = torch.tensor([[1.0, MASK_VALUE, 2.0], [0.5, MASK_VALUE, MASK_VALUE]])
+    current = torch.tensor([[0.0, 3.0, 1.0, 7.0], [1.0, 2.0, 4.0, -1.0]], requires_grad=True)
+    target = der_targets(stored, current, n_classes=3)
+    assert target.shape == current.shape and not target.requires_grad
+    # stored class columns kept; masked ones and the dream column take the current output
+    assert torch.equal(target, torch.tensor([[1.0, 3.0, 2.0, 7.0], [0.5, 2.0, 4.0, -1.0]]))
+    F.mse_loss(current, target).backward()
+    assert torch.count_nonzero(current.grad) == 3  # only the 3 described entries pull
+
+
+def test_next_experience_scores_above_chance_at_start_where_the_host_scores_zero(bench):
+    """D2L's forward transfer: after the sleep phase, experience 1's classes inherit dream heads
+    and score above chance before any training on them; plain ER (same model, buffer, epochs)
+    predicts only seen classes there: 0. The tiny random UNet of ``tiny_models`` draws noise
+    whatever its prompt (its dreams measured 0.0 here), so the dreamer is :class:`BankDreamer`,
+    whose world holds digit-like images as Stable Diffusion's holds a photo stream's concepts."""
+    from avalanche.training import Replay
+
+    from avalanche_d2l.evaluation import make_evaluator
+
+    at_start = {}
+    for name in ("d2l", "replay"):
+        seed_everything(0)
+        net = small_cnn(10, 1, width=16)
+        opt = torch.optim.Adam(net.parameters(), 3e-3)
+        ev = make_evaluator(bench, interactive=False, timing=False)
+        if name == "d2l":
+            s = D2L(
+                model=net,
+                optimizer=opt,
+                mem_size=60,
+                dreamer=BankDreamer(),
+                dream_config=cfg(steps=4, lr=0.3, samples_per_class=64, sleep_epochs=6),
+                train_mb_size=32,
+                train_epochs=2,
+                evaluator=ev,
+            )
+        else:
+            s = Replay(
+                model=net,
+                optimizer=opt,
+                criterion=nn.CrossEntropyLoss(),
+                mem_size=60,
+                train_mb_size=32,
+                train_epochs=2,
+                evaluator=ev,
+            )
+        for exp in bench.train_stream[:2]:
+            s.train(exp)
+        fwt = next(m for m in ev.metrics if type(m).__name__ == "ForwardTransferAtStart")
+        at_start[name] = fwt.accuracy_at_start[1]
+    assert at_start["replay"] == 0.0
+    # chance among the 4 classes the learner can then predict is 0.25
+    assert at_start["d2l"] > 0.25, at_start
+
+
+# ---------------------------------------------------------------------------------------------
+# any benchmark: input space learned from the data, dreamer fitted to it
+
+
+def _stream(size: int, channels: int, normalise: bool):
+    """A 4-class stream of [0, 1] images (optionally normalised by a ``Normalize`` transform in
+    both transform groups, as a user's torchvision pipeline would)."""
+    import torchvision.transforms as T
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat(12)
+    x = torch.rand(len(y), channels, size, size, generator=g) * 0.5
+    x[:, :, : size // 2] += y.view(-1, 1, 1, 1) * 0.15
+    x[:, :, 0, 0], x[:, :, 0, 1] = 0.0, 1.0  # the full [0, 1] range in every image
+    from avalanche.benchmarks import nc_benchmark
+
+    x = x.clamp(0, 1)
+    norm = T.Normalize([0.5] * channels, [0.25] * channels) if normalise else None
+    return nc_benchmark(
+        UserImages(x, y),
+        UserImages(x[:16], y[:16]),
+        n_experiences=2,
+        task_labels=False,
+        seed=0,
+        train_transform=norm,
+        eval_transform=norm,
+    )
+
+
+class UserImages(torch.utils.data.Dataset):
+    """A user's own dataset: tensors and a ``targets`` list (no Avalanche helper)."""
+
+    def __init__(self, x, y):
+        self.x, self.targets = x, [int(v) for v in y]
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.x[i], self.targets[i]
+
+
+@pytest.mark.parametrize(("size", "channels", "normalise"), [(28, 1, False), (32, 3, True)])
+def test_dreams_match_a_real_batch_in_dtype_shape_and_value_range(size, channels, normalise):
+    bench = _stream(size, channels, normalise)
+    exp = bench.train_stream[0]
+    space = infer_input_space(exp.dataset)
+    assert space.shape == (channels, size, size)
+    assert space.mean == ((0.5,) * channels if normalise else None)
+    seed_everything(0)
+    net = small_cnn(4, channels, width=8)
+    # default constructor arguments except the (tiny) dreamer: 8 px grey native images
+    s = D2L(
+        model=net,
+        optimizer=torch.optim.Adam(net.parameters(), 1e-3),
+        mem_size=20,
+        dreamer=tiny_pixel_dreamer(),
+        dream_config=cfg(steps=1, samples_per_class=4),
+        n_extra_heads=2,
+        evaluator=quiet_evaluator(),
+    )
+    s.train(exp)
+    real = next(iter(DataLoader(exp.dataset.eval(), batch_size=64)))[0]
+    dreams = s.d2l_plugin.dream_images
+    assert dreams.dtype == real.dtype and dreams.shape[1:] == real.shape[1:]
+    lo, hi = float(real.min()), float(real.max())  # the range of the real inputs
+    assert (lo, hi) == ((-2.0, 2.0) if normalise else (0.0, 1.0))
+    assert lo - 1e-4 <= float(dreams.min()) and float(dreams.max()) <= hi + 1e-4
+    assert float(dreams.max()) - float(dreams.min()) > 0.25 * (hi - lo)  # not a constant
+    assert s.d2l_plugin.dreamer.output_shape == (channels, size, size)
+    # the extra head was sized from the data and trained
+    assert s.model.extra_head is not None and s.model.extra_head.in_features > 0
+    s.train(bench.train_stream[1])
+
+
+def test_dream_heads_never_build_a_zero_width_layer():
+    net = TwoOutputNet()
+    with pytest.raises(ValueError, match="pass feature_layer"):
+        DreamHeads(net, n_classes=10)
+    heads = DreamHeads(net, n_classes=10, feature_layer="body")  # sized later, from the data
+    assert heads.needs_build and heads.extra_head is None
+    with pytest.raises(RuntimeError, match="input_shape"):
+        heads.train()(torch.rand(2, 1, 16, 16))
+    assert heads.build((1, 16, 16)) and heads.extra_head.in_features == 16
+    assert heads.eval()(torch.rand(2, 1, 16, 16)).shape == (2, 10)
+
+    class Empty(nn.Module):  # a feature layer with no output units
+        def __init__(self):
+            super().__init__()
+            self.feat = nn.Flatten(start_dim=1)
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x):
+            self.feat(x[:, :0])
+            return self.out(x.flatten(1)[:, :4])
+
+    with pytest.raises(ValueError, match="non-empty output"):
+        DreamHeads(Empty(), n_classes=4, feature_layer="feat", input_shape=(1, 2, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# control variants
+
+
+def test_control_variants_random_prompts_and_noise_images(bench, dreamer, tmp_path):
+    from avalanche_d2l.dreaming.prompts import init_prompts
+
+    s = make_d2l(dreamer, tmp_path / "r", dreams="random", dream_config=cfg(steps=3))
+    s.train(bench.train_stream[0])
+    plugin = s.d2l_plugin
+    heads = sorted(plugin.prompts)
+    g = torch.Generator().manual_seed(plugin.config.seed + 0)
+    init, _ = init_prompts(plugin.dreamer, heads, config=plugin.config, generator=g)
+    # never optimised: the prompts are exactly their random initialisation
+    assert torch.allclose(torch.stack([plugin.prompts[h] for h in heads]), init)
+    assert plugin.history[-1]["steps"] == 0
+
+    n = make_d2l(dreamer, tmp_path / "n", dreams="noise")
+    n.train(bench.train_stream[0])
+    imgs = n.d2l_plugin.dream_images
+    assert n.d2l_plugin.dreamer is None and imgs.shape == (8 * 6, 1, 16, 16)
+    assert 0.4 < float(imgs.mean()) < 0.6 and float(imgs.std()) > 0.2  # uniform noise
+
+
+# ---------------------------------------------------------------------------------------------
+# dream cache: keyed by the learner, corrupt files set aside, checkpoints reference it
+
+
+def test_stale_dream_cache_after_a_change_of_learner_settings_is_not_reused(
+    bench, dreamer, tmp_path
+):
+    a = make_d2l(dreamer, tmp_path)
+    a.train(bench.train_stream[0])
+    # same dream settings, another learning rate: another learner at dreaming time
+    b = make_d2l(dreamer, tmp_path, optimizer_lr=5e-3)
+    b.train(bench.train_stream[0])
+    assert b.d2l_plugin.dreams_loaded_from_cache == 0
+    assert not torch.equal(a.d2l_plugin.dream_images, b.d2l_plugin.dream_images)
+    files = list((tmp_path / "dreams").glob("dreams_exp0_*.pt"))
+    assert len(files) == 1  # the stale set was pruned
+
+    # a file that fails to load is reported with its path, moved aside and rebuilt
+    files[0].write_bytes(b"not a torch file")
+    c = make_d2l(dreamer, tmp_path, optimizer_lr=5e-3)
+    with pytest.warns(UserWarning, match=str(files[0].name)):
+        c.train(bench.train_stream[0])
+    assert files[0].with_name(files[0].name + ".corrupt").is_file()
+    assert files[0].is_file() and c.d2l_plugin.dreams_loaded_from_cache == 0
+    assert torch.equal(c.d2l_plugin.dream_images, b.d2l_plugin.dream_images)
+
+
+def test_checkpoint_references_the_cached_dream_set_and_reloads_dreamer_overrides(bench, tmp_path):
+    import pickle
+
+    folder = tmp_path / "tiny_dreamer"
+    tiny_pixel_dreamer(output_size=16).save_pretrained(folder)
+    s = make_d2l(
+        str(folder), tmp_path, config=D2LConfig(dreamer_overrides={"num_inference_steps": 1})
+    )
+    plugin = s.d2l_plugin
+    assert plugin.dreamer.config.num_inference_steps == 1
+    s.train(bench.train_stream[0])
+    blob = pickle.dumps(plugin)
+    assert len(blob) < 100_000  # no diffusion weights inside
+    d2l_mod._DREAMERS.clear()  # as in a fresh process
+    back = pickle.loads(blob)
+    assert back._dreams_u8 is None and back._base_dreamer is None  # referenced, not carried
+    assert back.dreamer.config.num_inference_steps == 1  # reloaded WITH its overrides
+    assert back.dreamer.output_shape == (1, 16, 16)
+    assert torch.equal(back.dream_images, plugin.dream_images)

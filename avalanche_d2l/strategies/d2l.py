@@ -1,51 +1,55 @@
-"""D2L -- Dream2Learn (Calcagno et al., arXiv 2603.01935) as an Avalanche strategy + plugin.
+"""D2L -- Dream2Learn (Calcagno et al., arXiv 2603.01935): config, plugin, strategy, factories.
 
 The whole method, in the order it runs for each experience:
 
+0. **Fit to the data** (first experience, before the optimizer is made): the plugin reads the
+   image shape, dtype and value range of the experience (or takes ``image_shape=``), maps the
+   dreamer's output to them (its native images are resized, converted between 1 and 3 channels and
+   normalised like the learner's inputs) and sizes the learner's extra head if it needs one.
 1. **Head assignment** (``before_training_exp``): the learner has one head per class of the stream
-   (+ optional dream-only heads). Before any update it predicts on the new experience's training
-   samples; for every new class it counts how many samples land on each *free* head (one not yet
-   given to a real class) and classes take free heads greedily by the largest count, each head and
-   class used once (:func:`greedy_assignment`). A new class thus inherits the head whose dream
-   already resembles it -- the source of forward transfer. The evaluator measures forward transfer
-   right after this step.
-2. **Training with dreams**: every minibatch (real data + Avalanche's ``ReplayPlugin`` buffer) is
-   trained as usual, and a minibatch of the dream set -- images labelled with the free heads that
-   host them -- adds ``dream_weight * CE`` (``before_backward``). During training the learner's
-   output is *class space + one column per dream head* (:class:`DreamHeads`), so the real samples'
-   cross-entropy also pushes them away from the dream heads (as in Mammoth, where the whole head
-   space is the output). Dream samples never enter the replay buffer.
-3. **Dreaming** (``after_training_exp``, unless every class of the stream already has a head): one
-   soft prompt per free head (up to ``max_dream_classes``) is optimised through the frozen diffusion
-   dreamer with a loss computed by the learner (:mod:`avalanche_d2l.dreaming.prompts`) until the
-   oracle stops it (:mod:`avalanche_d2l.dreaming.oracle`); then ``samples_per_class`` images per
-   dream are generated: the dream set of the next experience. Dream sets are cached on disk
-   (``cache_dir/dreams_exp{k}.pt``) so a resumed run does not dream again.
-4. **Sleep** (``after_training_exp``, right after dreaming; ``DreamConfig.sleep_epochs``): the
-   learner trains on the new dream set with replay-buffer minibatches *before the next experience
-   arrives*, so the next head assignment already sees heads shaped by these dreams. The paper's
-   dreams "structure the representation before future tasks arrive"; without this phase the dreams
-   made after experience k are first learned during k + 1, after its head assignment, and give it
-   no forward transfer (measured: ``benchmarks/results/d2l_ablation``).
+   (+ optional dream-only heads, :class:`~avalanche_d2l.models.heads.DreamHeads`). Before any
+   update it predicts on the new experience's training samples; for every new class it counts how
+   many samples land on each *free* head (one not yet given to a real class) and classes take free
+   heads greedily by the largest count (:func:`greedy_assignment`). A new class thus inherits the
+   head whose dream already resembles it -- the source of forward transfer. The evaluator measures
+   forward transfer right after this step.
+2. **Training with dreams**: every minibatch of the host (ER, ER-ACE or DER++, with their own
+   replay loss) is trained as usual, and a minibatch of the dream set -- images labelled with the
+   free heads that host them -- adds ``dream_weight * CE`` (``before_backward``). The learner's
+   training output is *class space + one column per dream head*. Dream samples never enter the
+   buffer.
+3. **Dreaming** (``after_training_exp``): one soft prompt per free head is optimised through the
+   frozen dreamer with a loss computed by the learner (:mod:`avalanche_d2l.dreaming.prompts`)
+   until the oracle stops it; then ``samples_per_class`` images per dream are generated. Control
+   variants (``D2LConfig.dreams``): ``"random"`` prompts never optimised, ``"noise"`` images.
+   Dream sets are cached on disk, keyed by everything that makes them (the learner's weights
+   included), stored as uint8.
+4. **Sleep**: the learner trains on the new dream set with replay-buffer minibatches and the
+   host's own replay loss *before the next experience arrives*, so the next head assignment sees
+   heads shaped by these dreams.
 
-At evaluation the output is class space only; classes without a head (unseen, or heads hosting only
-a dream) get a large negative finite logit, so dreams are never predicted and Avalanche's metrics
-see ordinary class labels. A fresh (never assigned) learner is the identity map, unmasked, so a
-random-init copy has chance accuracy.
+Hosts: ``D2L(...)`` is ER (``ReplayPlugin`` + ``D2LPlugin``). ``D2LPlugin`` also composes with
+Avalanche's ``ER_ACE`` and ``DER`` (their buffer is ``strategy.storage_policy``)::
 
-Two doors, one algorithm: ``D2L(...)`` equals
-``Naive(model=DreamHeads(model, ...), plugins=[ReplayPlugin(mem_size), D2LPlugin(dreamer, cfg)])``.
+    ER_ACE(model=DreamHeads(net, n_classes=10, feature_layer="features"), optimizer=opt,
+           mem_size=100, plugins=[D2LPlugin()])
+
+The registry names are ``d2l`` (ER), ``er_ace_d2l`` and ``der_d2l``; each takes a
+:class:`D2LConfig` whose defaults are the tuned CPU preset of the README's tables.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import glob
 import hashlib
 import json
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,220 +65,351 @@ from tqdm.auto import tqdm
 
 from ..dreaming.oracle import Oracle
 from ..dreaming.prompts import DreamConfig, DreamResult, dream_classes
-from ..utils import capture_features, get_module, training_mode
+from ..models.heads import MASK_VALUE, DreamHeads
+from ..registry import RunConfig, benchmark_image_shape, register_strategy
+from ..utils import get_module, training_mode
 
 __all__ = [
-    "DreamHeads",
-    "greedy_assignment",
+    "D2LConfig",
     "D2LPlugin",
     "D2L",
+    "DreamHeads",
+    "InputSpace",
+    "greedy_assignment",
+    "load_dreamer",
     "build_d2l",
-    "split_digits_dream_config",
-    "resolve_dreamer",
+    "build_er_ace_d2l",
+    "build_der_d2l",
 ]
 
-#: Logit given to classes without a head at evaluation: finite, so argmax stays defined, and
-#: representable in fp16 autocast.
-MASK_VALUE = -1e4
+#: ``D2LConfig.dreams``: where the dream images come from.
+DREAM_SOURCES = ("optimised", "random", "noise")
+#: ``D2LConfig.dreamer`` strings naming the offline glyph dreamer (grey, or coloured glyphs).
+OFFLINE_DREAMERS = {"offline": 1, "offline-rgb": 3}
+#: Keys of ``dreamer_overrides`` that choose *which* offline dreamer is loaded (arguments of
+#: ``load_or_pretrain_offline_dreamer``) rather than override its ``DreamerConfig``.
+OFFLINE_LOADER_KEYS = ("image_size", "steps", "seed")
+#: Denoiser steps of the stand-in glyph dreamer a ``quick`` run uses (fast to make, poor images).
+QUICK_DREAMER_STEPS = 30
+
+
+def _cpu_preset() -> DreamConfig:
+    """The tuned CPU dreaming preset of the README's tables (offline streams, 16 px).
+
+    About 10-25 s of dreaming per experience on one CPU core with the offline glyph dreamer
+    (4 DDIM steps, the last 2 back-propagated; 10 prompt steps; 64 dream images per free head),
+    then one sleep epoch on the dreams with the replay buffer.
+    """
+    return DreamConfig(
+        steps=10,
+        lr=0.05,
+        batch_per_class=4,
+        samples_per_class=64,
+        backprop_steps=2,
+        dream_weight=1.0,
+        sleep_epochs=1,
+        generate_batch_size=256,
+    )
+
+
+def _quick_dream_config(seed: int = 0) -> DreamConfig:
+    """Tiny dreaming settings for tests and smoke runs (``RunConfig.quick``)."""
+    return DreamConfig(
+        steps=2,
+        batch_per_class=2,
+        samples_per_class=8,
+        backprop_steps=1,
+        dream_weight=1.0,
+        sleep_epochs=1,
+        seed=seed,
+        progress=False,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
-# head layout
+# config
 
 
-class DreamHeads(nn.Module):
-    """Wrap a classifier so that its output space holds one head per class + dream-only heads.
+@dataclass
+class D2LConfig:
+    """Settings of D2L; the defaults are the tuned CPU preset of the README's tables.
 
-    The head space has ``n_classes + n_extra_heads`` heads. The first heads are the wrapped
-    model's own output units; if it has fewer than needed, the others come from a linear head
-    (``extra_head``) on the pooled output of ``feature_layer`` (read with a forward hook that lives
-    only during the call, so the module stays picklable).
-
-    ``class_to_head`` (a buffer, saved in ``state_dict``) maps class ``c`` to its head (-1 while
-    unassigned); ``dream_heads`` (buffer) lists the free heads that currently host a dream.
-
-    Outputs:
-
-    * :meth:`forward_heads` -- logits of all heads (and optionally the features).
-    * :meth:`forward` -- class space: column ``c`` is the logit of the head of class ``c``; classes
-      with no head get :data:`MASK_VALUE`. In training mode one column per dream head is appended
-      (``n_classes + j`` is dream head ``dream_heads[j]``), so the real samples' cross-entropy sees
-      the dream heads as competitors. Before any assignment the map is the identity (no mask).
-
-    Args:
-        model: the user's classifier (any ``nn.Module`` returning ``(B, n_out)`` logits).
-        n_classes: classes of the stream.
-        n_extra_heads: extra dream-only heads (they may later be assigned to real classes too).
-        feature_layer: module name whose output gives the features (dream losses, extra head).
-        input_shape: ``(C, H, W)`` of the inputs, needed to size the extra head (one dry forward).
-        mask_value: logit of classes without a head.
+    Attributes:
+        dreamer: ``"offline"`` (the grey glyph dreamer, 16 px native), ``"offline-rgb"`` (coloured
+            glyphs), or a local path / hub id of a saved dreamer or a diffusers Stable Diffusion.
+            Loaded once per process for a given (dreamer, overrides, device).
+        dreamer_overrides: :class:`~avalanche_d2l.dreaming.DreamerConfig` fields to override
+            (e.g. ``num_inference_steps``, ``guidance_scale``); for the offline dreamers also
+            ``image_size``/``steps``/``seed`` of the pretrained glyph dreamer to load.
+        dream: the :class:`DreamConfig` (a nested dict in ``from_dict`` is applied *on top of the
+            preset*, not of ``DreamConfig()``'s defaults).
+        n_extra_heads: dream-only heads beyond one per class.
+        dreams: ``"optimised"`` (soft prompts optimised by the learner, the method),
+            ``"random"`` (prompts drawn as the optimisation would start, never optimised: a
+            control), ``"noise"`` (uniform noise images instead of the dreamer: a control).
+        host: hyper-parameters of the rehearsal host (``der_d2l``: ``alpha``, ``beta``;
+            ``er_ace_d2l``: ``batch_size_mem``), on top of that host's registry defaults.
+        cache_dreams: keep dream sets in the run's ``work_dir`` (resume without dreaming again).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        n_classes: int,
-        n_extra_heads: int = 0,
-        feature_layer: str | None = None,
-        input_shape: Sequence[int] | None = None,
-        mask_value: float = MASK_VALUE,
-    ):
-        super().__init__()
-        if n_classes < 1 or n_extra_heads < 0:
+    dreamer: str = "offline"
+    dreamer_overrides: dict[str, Any] = field(default_factory=dict)
+    dream: DreamConfig = field(default_factory=_cpu_preset)
+    n_extra_heads: int = 0
+    dreams: str = "optimised"
+    host: dict[str, Any] = field(default_factory=dict)
+    cache_dreams: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dream, Mapping):
+            self.dream = _dream_from_dict(self.dream)
+        if self.dreams not in DREAM_SOURCES:
             raise ValueError(
-                f"need n_classes >= 1 and n_extra_heads >= 0, got {n_classes}, {n_extra_heads}"
+                f"D2LConfig.dreams must be one of {DREAM_SOURCES}, got {self.dreams!r}"
             )
-        self.net = model
-        self.n_classes = int(n_classes)
-        self.n_heads = int(n_classes + n_extra_heads)
-        self.feature_layer = feature_layer
-        self.mask_value = float(mask_value)
-        if feature_layer is not None:
-            get_module(model, feature_layer)  # clear error listing the names
-        self.register_buffer("class_to_head", torch.full((self.n_classes,), -1, dtype=torch.long))
-        self.register_buffer("dream_heads", torch.empty(0, dtype=torch.long))
-        self.n_out, feat_dim = self._probe(input_shape)
-        self.extra_head: nn.Linear | None = None
-        if self.n_out < self.n_heads:
-            if feature_layer is None:
-                raise ValueError(
-                    f"{type(model).__name__} has {self.n_out} outputs but {self.n_heads} heads "
-                    f"are needed ({self.n_classes} classes + {n_extra_heads} extra): pass "
-                    "feature_layer=<module name> so the missing heads can be a linear head on "
-                    "its features"
-                )
-            self.extra_head = nn.Linear(feat_dim, self.n_heads - self.n_out)
-
-    @torch.no_grad()
-    def _probe(self, input_shape: Sequence[int] | None) -> tuple[int, int]:
-        """Output units of the model and feature width (one eval-mode dry forward)."""
-        if input_shape is None:
-            linears = [m for m in self.net.modules() if isinstance(m, nn.Linear)]
-            if not linears:
-                raise ValueError(
-                    "cannot tell the model's output size: pass input_shape=(C, H, W) so "
-                    "DreamHeads can run one dry forward"
-                )
-            return int(linears[-1].out_features), 0
-        with training_mode(self.net, False):
-            x = torch.zeros(2, *input_shape, device=_module_device(self.net))
-            if self.feature_layer is None:
-                out, feat_dim = self.net(x), 0
-            else:
-                with capture_features(self.net, self.feature_layer) as hook:
-                    out = self.net(x)
-                    feat_dim = int(_pool(hook.pop()).shape[1])
-        if out.dim() != 2:
+        if self.n_extra_heads < 0:
+            raise ValueError(f"D2LConfig.n_extra_heads must be >= 0, got {self.n_extra_heads}")
+        if not isinstance(self.dreamer, str) or not self.dreamer:
             raise ValueError(
-                f"the model must return (B, n_out) logits, got shape {tuple(out.shape)}"
+                "D2LConfig.dreamer must be 'offline', 'offline-rgb' or a path / hub id, got "
+                f"{self.dreamer!r}"
             )
-        return int(out.shape[1]), feat_dim
 
-    # ---- state -----------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> D2LConfig:
+        """Build from a dict (an experiment file's section); unknown keys are an error listing
+        the valid ones; ``dream`` may be a dict of :class:`DreamConfig` fields (over the preset)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(f"unknown D2LConfig keys {unknown}; valid keys: {names}")
+        data = dict(d)
+        if isinstance(data.get("dream"), Mapping):
+            data["dream"] = _dream_from_dict(data["dream"])
+        return cls(**data)
 
-    @property
-    def assigned(self) -> bool:
-        """Whether any class has a head (before that, :meth:`forward` is the identity map)."""
-        return bool((self.class_to_head >= 0).any())
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["dream"] = self.dream.to_dict()
+        return json.loads(json.dumps(d, default=str))
 
-    def seen_heads(self) -> list[int]:
-        """Heads of the classes assigned so far (class order)."""
-        return [int(h) for h in self.class_to_head.tolist() if h >= 0]
+    def fingerprint(self) -> str:
+        """Hash of everything that changes results (``dream.progress`` left out)."""
+        d = self.to_dict()
+        d["dream"].pop("progress", None)
+        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
-    def free_heads(self) -> list[int]:
-        """Heads not given to any class (they may host dreams)."""
-        taken = set(self.seen_heads())
-        return [h for h in range(self.n_heads) if h not in taken]
 
-    def set_dream_heads(self, heads: Sequence[int]) -> None:
-        taken = set(self.seen_heads())
-        bad = [int(h) for h in heads if int(h) in taken or not 0 <= int(h) < self.n_heads]
-        if bad:
-            raise ValueError(f"dream heads {bad} are assigned to real classes or out of range")
-        self.dream_heads = torch.tensor(
-            [int(h) for h in heads], dtype=torch.long, device=self.class_to_head.device
+def _dream_from_dict(d: Mapping[str, Any]) -> DreamConfig:
+    """A :class:`DreamConfig` from the CPU preset with the fields of ``d`` changed."""
+    try:
+        return DreamConfig.from_dict({**_cpu_preset().to_dict(), **dict(d)})
+    except ValueError as err:
+        raise ValueError(f"D2LConfig.dream: {err}") from err
+
+
+# ------------------------------------------------------------------------------------------------
+# the learner's input space and the dreamer fitted to it
+
+
+@dataclass(frozen=True)
+class InputSpace:
+    """Shape, dtype and value range of the learner's inputs (learned from real data).
+
+    ``mean``/``std`` describe the per-channel normalisation ``(x01 - mean) / std`` the learner's
+    transforms apply to images in [0, 1] (``None``: inputs are [0, 1] images).
+    """
+
+    shape: tuple[int, int, int]
+    dtype: str = "float32"
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def to_unit(self, x: Tensor) -> Tensor:
+        """Learner inputs -> [0, 1] images."""
+        if self.mean is None:
+            return x.float()
+        m = torch.tensor(self.mean).view(1, -1, 1, 1)
+        s = torch.tensor(self.std).view(1, -1, 1, 1)
+        return x.float() * s + m
+
+    def from_unit(self, x01: Tensor) -> Tensor:
+        """[0, 1] images -> learner inputs (normalised, in the learner's dtype)."""
+        x = x01.float()
+        if self.mean is not None:
+            m = torch.tensor(self.mean).view(1, -1, 1, 1)
+            s = torch.tensor(self.std).view(1, -1, 1, 1)
+            x = (x - m) / s
+        return x.to(getattr(torch, self.dtype))
+
+    def quantise(self, x: Tensor) -> Tensor:
+        """Learner inputs -> uint8 [0, 1] images (how dream sets are stored)."""
+        return (self.to_unit(x).clamp(0, 1) * 255).round().to(torch.uint8)
+
+    def dequantise(self, u8: Tensor) -> Tensor:
+        return self.from_unit(u8.float() / 255)
+
+
+def _find_normalize(obj, depth: int = 0):
+    """First ``Normalize``-like transform (``mean`` and ``std`` attributes) inside ``obj``."""
+    if obj is None or depth > 6:
+        return None
+    if type(obj).__name__ == "Normalize" and hasattr(obj, "mean") and hasattr(obj, "std"):
+        return obj
+    if isinstance(obj, Mapping):
+        children = list(obj.values())
+    elif isinstance(obj, (list, tuple)):
+        children = list(obj)
+    else:
+        children = [
+            getattr(obj, a, None)
+            for a in (
+                "transforms",
+                "transform",
+                "transform_groups",
+                "_transform_groups",
+                "_frozen_transform_groups",
+                "_flat_data",
+                "_datasets",
+            )
+        ]
+    for child in children:
+        if child is obj:
+            continue
+        found = _find_normalize(child, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+def infer_input_space(dataset, *, max_samples: int = 256) -> InputSpace:
+    """The :class:`InputSpace` of ``dataset`` (an experience's dataset; eval transforms).
+
+    The normalisation is read from a ``Normalize`` transform of the dataset when it has one;
+    otherwise images already in [0, 1] need none, and other ranges are mapped linearly from the
+    observed per-channel minimum and maximum.
+    """
+    ds = dataset.eval() if hasattr(dataset, "eval") else dataset
+    loader = DataLoader(ds, batch_size=min(max_samples, 256), shuffle=False)
+    x = next(iter(loader))[0]
+    if x.dim() != 4:
+        raise ValueError(
+            f"D2L needs image inputs (C, H, W); the experience's samples have shape "
+            f"{tuple(x.shape[1:])}"
         )
-
-    def assign(self, mapping: dict[int, int]) -> None:
-        """Give head ``mapping[c]`` to class ``c`` (checked: free head, class unassigned)."""
-        taken = set(self.seen_heads())
-        for c, h in mapping.items():
-            if not 0 <= c < self.n_classes:
-                raise ValueError(f"class {c} out of range 0..{self.n_classes - 1}")
-            if self.class_to_head[c] >= 0:
-                raise ValueError(f"class {c} already has head {int(self.class_to_head[c])}")
-            if h in taken or not 0 <= h < self.n_heads:
-                raise ValueError(f"head {h} is not free")
-            self.class_to_head[c] = h
-            taken.add(h)
-        keep = [int(h) for h in self.dream_heads.tolist() if h not in taken]
-        self.set_dream_heads(keep)
-
-    # ---- forward ---------------------------------------------------------------------------------
-
-    def forward_heads(self, x: Tensor, *, return_features: bool = False):
-        """Logits of all ``n_heads`` heads; with ``return_features`` also ``(B, F)`` features."""
-        need_feats = return_features or self.extra_head is not None
-        if need_feats and self.feature_layer is None:
-            raise ValueError("features were requested but DreamHeads has no feature_layer")
-        if need_feats:
-            with capture_features(self.net, self.feature_layer) as hook:
-                out = self.net(x)
-                feats = _pool(hook.pop())
-        else:
-            out, feats = self.net(x), None
-        logits = out[:, : min(self.n_out, self.n_heads)]
-        if self.extra_head is not None:
-            logits = torch.cat([logits, self.extra_head(feats)], dim=1)
-        return (logits, feats) if return_features else logits
-
-    def to_output(self, head_logits: Tensor, *, with_dreams: bool) -> Tensor:
-        """Head logits -> class-space logits (+ dream-head columns when ``with_dreams``)."""
-        if not self.assigned:
-            out = head_logits[:, : self.n_classes]
-        else:
-            idx = self.class_to_head.clamp(min=0)
-            out = head_logits[:, idx]
-            has = (self.class_to_head >= 0).unsqueeze(0)
-            out = torch.where(has, out, torch.full_like(out, self.mask_value))
-        if with_dreams and self.dream_heads.numel() > 0:
-            out = torch.cat([out, head_logits[:, self.dream_heads]], dim=1)
-        return out
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.to_output(self.forward_heads(x), with_dreams=self.training)
-
-    def dream_targets(self, head_labels: Tensor) -> Tensor:
-        """Training-output column (``n_classes + j``) of dream images labelled with heads."""
-        lut = torch.full((self.n_heads,), -1, dtype=torch.long, device=head_labels.device)
-        lut[self.dream_heads.to(head_labels.device)] = torch.arange(
-            self.dream_heads.numel(), device=head_labels.device
+    shape = tuple(int(s) for s in x.shape[1:])
+    if shape[1] != shape[2]:
+        raise ValueError(
+            f"D2L's dreamers make square images but the experience's images are {shape[1]}x"
+            f"{shape[2]}: resize them to a square (e.g. torchvision Resize((S, S)))"
         )
-        cols = lut[head_labels]
-        if (cols < 0).any():
-            raise ValueError("some dream labels are not current dream heads")
-        return self.n_classes + cols
+    dtype = str(x.dtype).replace("torch.", "")
+    norm = _find_normalize(ds)
+    if norm is not None:
+        mean = tuple(float(v) for v in torch.as_tensor(norm.mean).flatten().tolist())
+        std = tuple(float(v) for v in torch.as_tensor(norm.std).flatten().tolist())
+        if len(mean) == 1 and shape[0] > 1:
+            mean, std = mean * shape[0], std * shape[0]
+        return InputSpace(shape, dtype, mean, std)
+    lo = x.float().transpose(0, 1).flatten(1).min(1).values
+    hi = x.float().transpose(0, 1).flatten(1).max(1).values
+    if float(lo.min()) >= -1e-4 and float(hi.max()) <= 1 + 1e-4:
+        return InputSpace(shape, dtype)
+    span = (hi - lo).clamp_min(1e-6)
+    return InputSpace(shape, dtype, tuple((-lo / span).tolist()), tuple((1.0 / span).tolist()))
 
 
-def _pool(f: Tensor) -> Tensor:
-    return f.flatten(2).mean(2) if f.dim() > 2 else f.flatten(1)
+_DREAMERS: dict[tuple, Any] = {}
 
 
-def _buffer_tensors(buffer) -> tuple[Tensor, Tensor]:
-    """All ``(x, y)`` of a replay buffer (an Avalanche dataset, training transforms applied once)
-    as CPU tensors; the buffer is small (it is the rehearsal memory)."""
-    loader = DataLoader(buffer, batch_size=256, shuffle=False)
-    xs, ys = [], []
-    for batch in loader:
-        xs.append(batch[0].cpu())
-        ys.append(batch[1].cpu())
-    return torch.cat(xs), torch.cat(ys).long()
+def load_dreamer(
+    source: str, overrides: Mapping[str, Any] | None = None, *, device=None, progress: bool = True
+):
+    """The dreamer named by ``source`` with ``overrides``, loaded once per process.
+
+    ``"offline"`` / ``"offline-rgb"``: the offline glyph dreamer (pretrained into the cache on
+    first use; ``overrides`` may choose its ``image_size``, ``steps`` and ``seed``); any other
+    string: ``Dreamer.from_pretrained`` (our saved folder, a diffusers folder or hub id). The
+    other ``overrides`` are :class:`~avalanche_d2l.dreaming.DreamerConfig` fields. The returned
+    object is shared: do not mutate it (:meth:`D2LPlugin` fits a view of it to the learner).
+    """
+    overrides = dict(overrides or {})
+    dev = str(torch.device(device)) if device is not None else "cpu"
+    key = (source, json.dumps(overrides, sort_keys=True, default=str), dev)
+    if key in _DREAMERS:
+        return _DREAMERS[key]
+    if source in OFFLINE_DREAMERS:
+        from ..dreaming.pretrain import load_or_pretrain_offline_dreamer
+
+        loader_kw = {k: overrides.pop(k) for k in OFFLINE_LOADER_KEYS if k in overrides}
+        dreamer = load_or_pretrain_offline_dreamer(
+            channels=OFFLINE_DREAMERS[source], device=dev, progress=progress, **loader_kw
+        )
+        if overrides:
+            dreamer = _with_config(dreamer, overrides)
+    else:
+        from ..dreaming.dreamer import Dreamer
+
+        dreamer = Dreamer.from_pretrained(source, device=dev, **overrides)
+    _DREAMERS[key] = dreamer
+    return dreamer
 
 
-def _module_device(m: nn.Module) -> torch.device:
-    p = next(m.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
+def _with_config(dreamer, changes: Mapping[str, Any]):
+    """A view of ``dreamer`` (weights shared) whose config has ``changes``; the reference network
+    (oracle) follows the new output normalisation."""
+    from ..dreaming.dreamer import DreamerConfig
+
+    cfg = DreamerConfig.from_dict({**dreamer.config.to_dict(), **dict(changes)})
+    view = copy.copy(dreamer)
+    view.__dict__["_modules"] = dict(dreamer._modules)
+    view.__dict__["config"] = cfg
+    ref = dreamer._modules.get("_reference")
+    if ref is not None and hasattr(ref, "src_mean"):
+        ref = copy.copy(ref)
+        ref.__dict__["src_mean"] = cfg.output_mean
+        ref.__dict__["src_std"] = cfg.output_std
+        view._modules["_reference"] = ref
+    return view
+
+
+def fit_dreamer(dreamer, space: InputSpace):
+    """``dreamer`` generating images in ``space`` (size, channels, normalisation): a view with
+    ``output_size``/``output_channels``/``output_mean``/``output_std`` set, or ``dreamer`` itself
+    when it already does. Dreamers without a ``config`` (custom stand-ins) must already match."""
+    c, h, _ = space.shape
+    cfg = getattr(dreamer, "config", None)
+    if cfg is None or not hasattr(cfg, "to_dict") or not hasattr(cfg, "output_size"):
+        if tuple(dreamer.output_shape) != space.shape:
+            raise ValueError(
+                f"the dreamer makes {tuple(dreamer.output_shape)} images but the learner's are "
+                f"{space.shape}; pass a dreamer with a matching output_shape"
+            )
+        return dreamer
+    if cfg.channels not in (1, 3) and cfg.channels != c or c not in (1, 3) and cfg.channels != c:
+        raise ValueError(
+            f"the dreamer makes {cfg.channels}-channel images and the learner takes {c} channels: "
+            "only 1 <-> 3 channels can be converted; pass a dreamer with matching channels"
+        )
+    want = {
+        "output_size": h,
+        "output_channels": c,
+        "output_mean": list(space.mean) if space.mean is not None else None,
+        "output_std": list(space.std) if space.std is not None else None,
+    }
+    have = {k: getattr(cfg, k) for k in want}
+    have = {k: list(v) if isinstance(v, tuple) else v for k, v in have.items()}
+    if have["output_size"] is None:
+        have["output_size"] = cfg.image_size
+    if have["output_channels"] is None:
+        have["output_channels"] = cfg.channels
+    if have == want:
+        return dreamer
+    return _with_config(dreamer, want)
+
+
+# ------------------------------------------------------------------------------------------------
+# head assignment
 
 
 def greedy_assignment(counts: Tensor) -> list[tuple[int, int]]:
@@ -303,37 +438,51 @@ def greedy_assignment(counts: Tensor) -> list[tuple[int, int]]:
 
 
 # ------------------------------------------------------------------------------------------------
-# dreamer resolution
+# rehearsal hosts
 
 
-def resolve_dreamer(dreamer, *, image_size: int = 16, progress: bool = True):
-    """``(Dreamer, source)``: ``None``/``"offline"`` -> the offline glyph dreamer; another string ->
-    :meth:`Dreamer.from_pretrained` (hub id or local path); a :class:`Dreamer` is used as is
-    (``source`` is then ``None``)."""
-    if dreamer is None or (isinstance(dreamer, str) and dreamer == "offline"):
-        from ..dreaming.pretrain import load_or_pretrain_offline_dreamer
-
-        return load_or_pretrain_offline_dreamer(
-            image_size=image_size, progress=progress
-        ), f"offline:{image_size}"
-    if isinstance(dreamer, (str, os.PathLike)):
-        from ..dreaming.dreamer import Dreamer
-
-        return Dreamer.from_pretrained(str(dreamer)), str(dreamer)
-    if not hasattr(dreamer, "sample") or not hasattr(dreamer, "prompt_shape"):
-        raise TypeError(
-            f"dreamer must be a Dreamer, a hub id / local path, 'offline' or None; got "
-            f"{type(dreamer).__name__}"
-        )
-    return dreamer, None
+def _host_kind(strategy, source) -> str:
+    """``"der"``, ``"er_ace"`` or ``"replay"``: which replay loss the host uses."""
+    if source is strategy and hasattr(strategy, "batch_size_mem"):
+        if hasattr(strategy, "alpha") and hasattr(strategy, "beta"):
+            return "der"
+        if hasattr(strategy, "ace_criterion"):
+            return "er_ace"
+    return "replay"
 
 
-def _load_from_source(source: str):
-    if source.startswith("offline:"):
-        return resolve_dreamer("offline", image_size=int(source.split(":", 1)[1]), progress=False)[
-            0
-        ]
-    return resolve_dreamer(source)[0]
+def _buffer_tensors(buffer) -> dict[str, Tensor]:
+    """All samples of a replay buffer as CPU tensors (``x``, ``y`` and DER's ``logits``); the
+    buffer is small (it is the rehearsal memory)."""
+    loader = DataLoader(buffer, batch_size=256, shuffle=False)
+    parts: dict[str, list[Tensor]] = {"x": [], "y": [], "logits": []}
+    for batch in loader:
+        parts["x"].append(batch[0].cpu())
+        parts["y"].append(batch[1].cpu())
+        if len(batch) >= 4:
+            parts["logits"].append(batch[3].cpu())
+    out = {"x": torch.cat(parts["x"]), "y": torch.cat(parts["y"]).long()}
+    if parts["logits"]:
+        out["logits"] = torch.cat(parts["logits"]).float()
+    return out
+
+
+def der_targets(stored: Tensor, current: Tensor, n_classes: int) -> Tensor:
+    """DER's distillation targets for a training output with dream columns.
+
+    ``stored``: ``(B, n_classes)`` class-space logits kept in the buffer; ``current``: the
+    learner's ``(B, n_classes + K)`` training output. Columns of classes that had no head when the
+    logits were stored (:data:`MASK_VALUE`) and the dream columns take the current (detached)
+    output, so they add no error: the distillation covers exactly the classes the stored logits
+    describe, and the stored logits keep their class-space width.
+    """
+    cur = current.detach()
+    target = stored.to(cur.dtype).clone()
+    masked = target <= MASK_VALUE / 2
+    target[masked] = cur[:, :n_classes][masked]
+    if cur.shape[1] > n_classes:
+        target = torch.cat([target, cur[:, n_classes:]], dim=1)
+    return target
 
 
 # ------------------------------------------------------------------------------------------------
@@ -341,71 +490,174 @@ def _load_from_source(source: str):
 
 
 class D2LPlugin(SupervisedPlugin):
-    """The D2L method state and hooks; needs the strategy's model to be a :class:`DreamHeads`.
+    """The D2L method state and hooks; the strategy's model must be a :class:`DreamHeads`.
 
-    D2L is rehearsal-based: put it after Avalanche's ``ReplayPlugin`` in the plugin list
-    (``plugins=[ReplayPlugin(mem_size), D2LPlugin(dreamer, config)]``), so the sleep phase at the
-    end of an experience sees the buffer that already holds that experience.
+    Hosts: Avalanche's ``Replay``/``ReplayPlugin`` (put the replay plugin *before* this one, so
+    the sleep phase sees the buffer holding the current experience), ``ER_ACE`` and ``DER``
+    (DER++; their ``storage_policy`` is the buffer), or any buffer passed as ``buffer=``.
 
     Args:
-        dreamer: a :class:`~avalanche_d2l.dreaming.Dreamer`, or a hub id / local path /
-            ``"offline"`` (loaded now; after unpickling it is reloaded lazily from that source,
-            so checkpoints do not carry the diffusion weights).
-        config: the :class:`DreamConfig` (default ``DreamConfig()``).
-        cache_dir: folder of the dream-set cache (``dreams_exp{k}.pt``); ``None`` disables it.
-        oracle: stop rule of the prompt optimisation (default: the dreamer's reference oracle
-            built from ``config``).
-        dreamer_source: the string ``dreamer`` was loaded from (set automatically).
+        dreamer: a :class:`~avalanche_d2l.dreaming.Dreamer`, or ``"offline"``/``"offline-rgb"``
+            / a path or hub id (loaded once per process; after unpickling it is reloaded from that
+            source with ``dreamer_overrides``, so checkpoints do not carry diffusion weights).
+        config: the :class:`DreamConfig` (default: the CPU preset, ``D2LConfig().dream``).
+        dreams: ``"optimised"``, ``"random"`` or ``"noise"`` (see :class:`D2LConfig`).
+        buffer: the rehearsal buffer (an Avalanche storage policy or dataset); default: found on
+            the host (``strategy.storage_policy`` or a plugin's).
+        image_shape: ``(C, H, W)`` of the learner's inputs; default: learned from the first
+            experience (with its dtype and value range).
+        dreamer_overrides: ``DreamerConfig`` overrides when ``dreamer`` is a string.
+        dreamer_device: where the dreamer runs (default CPU).
+        cache_dir: folder of the dream-set cache; ``None`` disables it.
+        oracle: stop rule of the prompt optimisation (default: the dreamer's reference oracle).
+        keep_cached: dream-set files kept per experience in ``cache_dir`` (older ones pruned).
     """
 
     def __init__(
         self,
-        dreamer,
+        dreamer=None,
         config: DreamConfig | None = None,
         *,
+        dreams: str = "optimised",
+        buffer=None,
+        image_shape: Sequence[int] | None = None,
+        dreamer_overrides: Mapping[str, Any] | None = None,
+        dreamer_device=None,
         cache_dir: str | os.PathLike | None = None,
         oracle: Oracle | None = None,
-        dreamer_source: str | None = None,
+        keep_cached: int = 1,
     ):
         super().__init__()
+        if dreams not in DREAM_SOURCES:
+            raise ValueError(f"dreams must be one of {DREAM_SOURCES}, got {dreams!r}")
+        if dreamer is None:
+            dreamer = "offline"
+        self.dreamer_overrides = dict(dreamer_overrides or {})
+        self.dreamer_device = str(dreamer_device) if dreamer_device is not None else "cpu"
         if isinstance(dreamer, (str, os.PathLike)):
-            dreamer, dreamer_source = resolve_dreamer(dreamer)
-        self._dreamer = dreamer
-        self.dreamer_source = dreamer_source
-        self.config = config if config is not None else DreamConfig()
+            self.dreamer_source: str | None = str(dreamer)
+            self._base_dreamer = None
+            if dreams != "noise":
+                self._base_dreamer = load_dreamer(
+                    self.dreamer_source, self.dreamer_overrides, device=self.dreamer_device
+                )
+        else:
+            if not hasattr(dreamer, "sample") or not hasattr(dreamer, "prompt_shape"):
+                raise TypeError(
+                    "dreamer must be a Dreamer, a hub id / local path, 'offline' or None; got "
+                    f"{type(dreamer).__name__}"
+                )
+            self.dreamer_source = None
+            self._base_dreamer = dreamer
+        self._dreamer = None  # the base dreamer fitted to the learner's input space
+        self.config = config if config is not None else _cpu_preset()
+        self.dreams = dreams
+        self.buffer = buffer
+        self.space: InputSpace | None = None
+        self._space_learned = False
+        if image_shape is not None:
+            self.space = InputSpace(tuple(int(s) for s in image_shape))
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.oracle = oracle
-        # method state (tensors on CPU)
+        self.keep_cached = max(int(keep_cached), 1)
+        # method state (tensors on CPU; the dream set as uint8 [0, 1] images)
         self.prompts: dict[int, Tensor] = {}
-        self.dream_images: Tensor | None = None
+        self._dreams_u8: Tensor | None = None
+        self._dreams_float: Tensor | None = None
+        self._dream_file: tuple[str, str] | None = None  # (path, key) of the cached dream set
         self.dream_labels: Tensor | None = None
         self.history: list[dict[str, Any]] = []
         self.assignments: list[dict[int, int]] = []
         self.dreams_loaded_from_cache = 0
 
-    # ---- dreamer (reloaded lazily when it has a source) ------------------------------------------
+    # ---- dreamer, input space --------------------------------------------------------------------
 
     @property
     def dreamer(self):
-        if self._dreamer is None:
+        """The dreamer fitted to the learner's input space (``None`` for ``dreams="noise"``)."""
+        if self.dreams == "noise":
+            return None
+        if self._base_dreamer is None:
             if self.dreamer_source is None:
                 raise RuntimeError("D2LPlugin has no dreamer (it was dropped and has no source)")
-            self._dreamer = _load_from_source(self.dreamer_source)
+            self._base_dreamer = load_dreamer(
+                self.dreamer_source,
+                self.dreamer_overrides,
+                device=self.dreamer_device,
+                progress=False,
+            )
+        if self._dreamer is None:
+            if self.space is None:
+                return self._base_dreamer
+            self._dreamer = fit_dreamer(self._base_dreamer, self.space)
         return self._dreamer
+
+    def fit(self, space: InputSpace, model: DreamHeads | None = None) -> bool:
+        """Fit the dreamer (and the learner's extra head) to ``space``, learned once from real
+        data; returns whether the model got new parameters (the optimizer must learn of them)."""
+        self.space = space
+        self._space_learned = True
+        self._dreamer = None
+        _ = self.dreamer  # fit now: shape errors surface before any training
+        return bool(model.build(space.shape)) if model is not None else False
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
+        state["_dreamer"] = None
+        state["_dreams_float"] = None
         if self.dreamer_source is not None:
-            state["_dreamer"] = None  # reloaded from the source: checkpoints stay small
+            state["_base_dreamer"] = None  # reloaded from the source: checkpoints stay small
+        if self._dream_file is not None and Path(self._dream_file[0]).is_file():
+            state["_dreams_u8"] = None  # referenced by its cache file and key
         return state
+
+    # ---- the dream set ---------------------------------------------------------------------------
+
+    @property
+    def dream_images(self) -> Tensor | None:
+        """The dream set in the learner's input space (dtype, normalisation), CPU."""
+        if self._dreams_float is None:
+            u8 = self._dream_u8()
+            if u8 is None:
+                return None
+            self._dreams_float = self._space().dequantise(u8)
+        return self._dreams_float
+
+    def _space(self) -> InputSpace:
+        if self.space is None:
+            raise RuntimeError("D2LPlugin does not know the learner's input space yet")
+        return self.space
+
+    def _dream_u8(self) -> Tensor | None:
+        if (
+            self._dreams_u8 is None
+            and self._dream_file is not None
+            and self.dream_labels is not None
+        ):
+            path, key = self._dream_file
+            blob = self._read_cache(Path(path), key)
+            if blob is None:
+                raise RuntimeError(
+                    f"the dream set of this checkpoint, {path}, is missing or unreadable: delete "
+                    "the checkpoint to restart the run (the dreams cannot be rebuilt without the "
+                    "learner as it was when it dreamed)"
+                )
+            self._dreams_u8 = blob["images_u8"]
+        return self._dreams_u8
+
+    def _set_dreams(self, images_u8: Tensor | None, labels: Tensor | None) -> None:
+        self._dreams_u8, self._dreams_float, self.dream_labels = images_u8, None, labels
 
     # ---- state -----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        u8 = self._dream_u8()
         return {
             "config": self.config.to_dict(),
+            "dreams": self.dreams,
+            "space": None if self.space is None else dataclasses.asdict(self.space),
             "prompts": {int(h): p.clone() for h, p in self.prompts.items()},
-            "dream_images": None if self.dream_images is None else self.dream_images.clone(),
+            "dream_images_u8": None if u8 is None else u8.clone(),
             "dream_labels": None if self.dream_labels is None else self.dream_labels.clone(),
             "history": json.loads(json.dumps(self.history)),
             "assignments": [dict(a) for a in self.assignments],
@@ -420,9 +672,17 @@ class D2LPlugin(SupervisedPlugin):
                 stacklevel=2,
             )
         self.config = cfg
+        self.dreams = state.get("dreams", self.dreams)
+        if state.get("space") is not None:
+            sp = dict(state["space"])
+            for k in ("shape", "mean", "std"):
+                if sp.get(k) is not None:
+                    sp[k] = tuple(sp[k])
+            self.space = InputSpace(**sp)
+            self._dreamer = None
         self.prompts = {int(h): p.clone() for h, p in state["prompts"].items()}
-        self.dream_images = state["dream_images"]
-        self.dream_labels = state["dream_labels"]
+        self._dream_file = None
+        self._set_dreams(state["dream_images_u8"], state["dream_labels"])
         self.history = list(state["history"])
         self.assignments = [{int(c): int(h) for c, h in a.items()} for a in state["assignments"]]
 
@@ -479,17 +739,80 @@ class D2LPlugin(SupervisedPlugin):
             return
         free = torch.tensor(model.free_heads(), dtype=torch.long)
         keep = torch.isin(self.dream_labels, free)
-        self.dream_images, self.dream_labels = self.dream_images[keep], self.dream_labels[keep]
+        if not bool(keep.all()):
+            u8 = self._dream_u8()
+            self._set_dreams(u8[keep], self.dream_labels[keep])
+            self._dream_file = None  # the kept subset now lives in this object (and checkpoints)
         self.prompts = {h: p for h, p in self.prompts.items() if h in set(free.tolist())}
         model.set_dream_heads(sorted(set(self.dream_labels.tolist())))
 
+    def _replay_source(self, strategy):
+        """``(owner, buffer)``: the rehearsal buffer of the host and what holds it, or
+        ``(None, None)``. Warns when a replay plugin comes after this one (its
+        ``after_training_exp`` would add the current experience only after the sleep phase)."""
+        if self.buffer is not None:
+            return self, getattr(self.buffer, "buffer", self.buffer)
+        policy = getattr(strategy, "storage_policy", None)
+        if policy is not None and hasattr(policy, "buffer"):
+            return strategy, policy.buffer
+        plugins = list(strategy.plugins)
+        for i, p in enumerate(plugins):
+            policy = getattr(p, "storage_policy", None)
+            if policy is not None and hasattr(policy, "buffer"):
+                if any(q is self for q in plugins[:i]):
+                    warnings.warn(
+                        f"{type(p).__name__} comes after D2LPlugin in the strategy's plugins, so "
+                        "the sleep phase runs before the buffer holds the current experience: "
+                        "put the replay plugin first, e.g. plugins=[ReplayPlugin(...), "
+                        "D2LPlugin(...)]",
+                        stacklevel=3,
+                    )
+                return p, policy.buffer
+        return None, None
+
     # ---- hooks -----------------------------------------------------------------------------------
+
+    def before_train_dataset_adaptation(self, strategy, **kwargs):
+        """First experience: learn the input space (shape, dtype, value range), fit the dreamer
+        and size the extra head -- before Avalanche makes the optimizer, which then covers any new
+        parameters. Later experiences (and resumed runs) keep what was learned."""
+        model = self._heads_model(strategy)
+        tl = [int(t) for t in getattr(strategy.experience, "task_labels", None) or [0]]
+        if any(t != 0 for t in tl):
+            raise ValueError(
+                "D2L is class-incremental and ignores task labels, but this experience has task "
+                f"labels {sorted(set(tl))}: use a class-incremental benchmark (task label 0)"
+            )
+        if not self._space_learned:
+            space = infer_input_space(strategy.experience.dataset)
+            if self.space is not None and self.space.shape != space.shape:
+                raise ValueError(
+                    f"D2LPlugin was given image_shape={self.space.shape} but the experience's "
+                    f"images are {space.shape}: pass image_shape={space.shape} or leave it out"
+                )
+            self.fit(space)
+        if model.build(self.space.shape):
+            add_missing_params(strategy.optimizer, model)
 
     def before_training_exp(self, strategy, **kwargs):
         model = self._heads_model(strategy)
         mapping = self.assign_heads(strategy)
         self.assignments.append(mapping)
         self._filter_dreams(model)
+
+    def after_forward(self, strategy, **kwargs):
+        """DER host: its stored logits stay in class space; align the distillation targets with
+        the training output (see :func:`der_targets`)."""
+        if getattr(strategy, "replay_loader", None) is None or not hasattr(strategy, "alpha"):
+            return
+        stored = getattr(strategy, "batch_logits", None)
+        if stored is None:
+            return
+        model = self._heads_model(strategy)
+        n = strategy.batch_size_mem
+        if stored.shape[0] != n or stored.shape[1] != model.n_classes:
+            return
+        strategy.batch_logits = der_targets(stored, strategy.mb_output[:n], model.n_classes)
 
     def before_backward(self, strategy, **kwargs):
         if self.dream_labels is None or self.dream_labels.numel() == 0:
@@ -514,18 +837,19 @@ class D2LPlugin(SupervisedPlugin):
             free = sorted(free, key=lambda h: (h not in self.prompts, h))
             free = sorted(free[: self.config.max_dream_classes])
         if not free or (all_assigned and not self.config.dream_after_last):
-            self.dream_images = self.dream_labels = None
+            self._set_dreams(None, None)
+            self._dream_file = None
             self.prompts = {}
             model.set_dream_heads([])
             return
         result, from_cache = self._dream_or_load(model, free, k)
-        self.dream_images, self.dream_labels = result.images, result.labels
         self.prompts = {int(h): p for h, p in zip(result.heads.tolist(), result.prompts)}
         model.set_dream_heads(result.heads.tolist())
         self.dreams_loaded_from_cache += int(from_cache)
         hist = {
             "experience": k,
             "from_cache": from_cache,
+            "dreams": self.dreams,
             "heads": result.heads.tolist(),
             **{key: v for key, v in result.history.items()},
         }
@@ -534,39 +858,21 @@ class D2LPlugin(SupervisedPlugin):
 
     # ---- sleep: learn the new dreams before the next experience ---------------------------------
 
-    def _replay_buffer(self, strategy):
-        """The rehearsal buffer of the strategy's ``ReplayPlugin`` (or any plugin with a
-        ``storage_policy``), or ``None``. Warns when that plugin comes after this one: its
-        ``after_training_exp`` then adds the current experience to the buffer only after the
-        sleep phase, which sleeps without it."""
-        plugins = list(strategy.plugins)
-        for i, p in enumerate(plugins):
-            policy = getattr(p, "storage_policy", None)
-            if policy is not None and hasattr(policy, "buffer"):
-                if any(q is self for q in plugins[:i]):
-                    warnings.warn(
-                        f"{type(p).__name__} comes after D2LPlugin in the strategy's plugins, so "
-                        "the sleep phase runs before the buffer holds the current experience: "
-                        "put the replay plugin first, e.g. plugins=[ReplayPlugin(...), "
-                        "D2LPlugin(...)]",
-                        stacklevel=3,
-                    )
-                return policy.buffer
-        return None
-
     def sleep(self, strategy, k: int) -> dict[str, Any]:
         """``config.sleep_epochs`` passes over the dream set with replay-buffer minibatches.
 
         Each step takes a minibatch of dreams (``dream_batch_size`` or ``train_mb_size``) and as
-        many buffer samples; loss ``criterion(buffer) + dream_weight * CE(dreams)`` on the
-        training output (class columns + dream columns), with the strategy's optimizer. Needs a
-        replay buffer: without one (or with an empty one) sleeping would train on dreams alone,
+        many buffer samples; loss ``host_replay_loss(buffer) + dream_weight * CE(dreams)`` on the
+        training output (class columns + dream columns), with the strategy's optimizer. The host's
+        replay loss: ER -- the strategy's criterion; ER-ACE -- its buffer term (cross-entropy
+        over the whole output); DER++ -- ``beta * CE + alpha * MSE`` to the stored logits
+        (:func:`der_targets`). Without a (non-empty) buffer sleeping would train on dreams alone,
         so it is skipped with a warning. Returns ``{"sleep_steps", "sleep_seconds"}``.
         """
         epochs = int(self.config.sleep_epochs)
         if epochs <= 0 or self.dream_labels is None or self.dream_labels.numel() == 0:
             return {"sleep_steps": 0, "sleep_seconds": 0.0}
-        buffer = self._replay_buffer(strategy)
+        owner, buffer = self._replay_source(strategy)
         if buffer is None or len(buffer) == 0:
             warnings.warn(
                 "D2L sleep_epochs > 0 but the strategy has no (non-empty) replay buffer: "
@@ -574,105 +880,189 @@ class D2LPlugin(SupervisedPlugin):
                 stacklevel=2,
             )
             return {"sleep_steps": 0, "sleep_seconds": 0.0}
+        kind = _host_kind(strategy, owner)
         t0 = time.perf_counter()
         model = self._heads_model(strategy)
         g = torch.Generator().manual_seed(int(self.config.seed) + 104_729 + k)
         n = self.config.dream_batch_size or strategy.train_mb_size
         m = strategy.train_mb_size
         n_dreams = self.dream_labels.numel()
-        xb, yb = _buffer_tensors(buffer)
+        buf = _buffer_tensors(buffer)
+        dreams = self.dream_images
         criterion = strategy._criterion
         steps = 0
         total = epochs * ((n_dreams + n - 1) // n)
-        with training_mode(model, True), tqdm(
-            total=total, desc="sleep (dreams + buffer)", leave=False,
-            disable=not self.config.progress,
-        ) as bar:
+        with (
+            training_mode(model, True),
+            tqdm(
+                total=total,
+                desc="sleep (dreams + buffer)",
+                leave=False,
+                disable=not self.config.progress,
+            ) as bar,
+        ):
             for _ in range(epochs):
                 order = torch.randperm(n_dreams, generator=g)
                 for s in range(0, n_dreams, n):
                     idx = order[s : s + n]
-                    bidx = torch.randint(0, yb.numel(), (m,), generator=g)
-                    x = torch.cat([xb[bidx], self.dream_images[idx]]).to(strategy.device)
-                    out = model(x)
-                    y = yb[bidx].to(strategy.device)
+                    bidx = torch.randint(0, buf["y"].numel(), (m,), generator=g)
+                    x = torch.cat([buf["x"][bidx].to(dreams.dtype), dreams[idx]])
+                    out = model(x.to(strategy.device))
+                    y = buf["y"][bidx].to(strategy.device)
                     target = model.dream_targets(self.dream_labels[idx].to(strategy.device))
-                    loss = criterion(out[:m], y) + self.config.dream_weight * F.cross_entropy(
-                        out[m:], target
-                    )
+                    if kind == "der":
+                        stored = buf["logits"][bidx].to(strategy.device)
+                        mse = F.mse_loss(out[:m], der_targets(stored, out[:m], model.n_classes))
+                        replay = strategy.beta * F.cross_entropy(out[:m], y) + strategy.alpha * mse
+                    elif kind == "er_ace":
+                        replay = F.cross_entropy(out[:m], y)
+                    else:
+                        replay = criterion(out[:m], y)
+                    loss = replay + self.config.dream_weight * F.cross_entropy(out[m:], target)
                     strategy.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     strategy.optimizer.step()
                     steps += 1
                     bar.update(1)
-        return {"sleep_steps": steps, "sleep_seconds": time.perf_counter() - t0}
+        return {"sleep_steps": steps, "sleep_seconds": time.perf_counter() - t0, "host": kind}
 
     # ---- dreaming + cache ------------------------------------------------------------------------
 
     def _cache_key(self, model: DreamHeads, heads: list[int], k: int) -> str:
-        dreamer_cfg = getattr(getattr(self.dreamer, "config", None), "to_dict", lambda: {})()
+        """Hash of everything that determines the dream set: the learner's weights and head
+        layout now, the dream settings and source, the dreamer, the input space, the heads and
+        the prompts they start from, the oracle."""
+        h = hashlib.sha1()
+        for name, t in sorted(model.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        dreamer = self.dreamer
+        dreamer_cfg = getattr(getattr(dreamer, "config", None), "to_dict", lambda: {})()
         payload = {
+            "learner": h.hexdigest(),
             "dream": self.config.fingerprint(),
+            "dreams": self.dreams,
             "experience": k,
             "heads": heads,
             "seen": model.seen_heads(),
-            "dreamer": dreamer_cfg,
+            "dreamer_source": self.dreamer_source,
+            "dreamer_overrides": self.dreamer_overrides,
+            "dreamer": dreamer_cfg if self.dreams != "noise" else None,
+            "dreamer_type": type(dreamer).__name__,
+            "space": dataclasses.asdict(self.space) if self.space is not None else None,
+            "oracle": None if self.oracle is None else type(self.oracle).__qualname__,
             "prompts": {
-                h: hashlib.sha1(p.numpy().tobytes()).hexdigest()
-                for h, p in sorted(self.prompts.items())
+                int(hd): hashlib.sha1(p.float().numpy().tobytes()).hexdigest()
+                for hd, p in sorted(self.prompts.items())
             },
         }
         return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
-    def cache_path(self, k: int) -> Path | None:
-        return None if self.cache_dir is None else self.cache_dir / f"dreams_exp{k}.pt"
+    def cache_path(self, k: int, key: str) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        return self.cache_dir / f"dreams_exp{k}_{key[:16]}.pt"
+
+    @staticmethod
+    def _read_cache(path: Path, key: str) -> dict | None:
+        """The cached dream set at ``path`` if it holds ``key``; a file that fails to load is
+        reported with its path and moved aside (``*.corrupt``), then ``None``."""
+        if not path.is_file():
+            return None
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(blob, dict) or "images_u8" not in blob:
+                raise ValueError("not a D2L dream set")
+        except Exception as err:  # noqa: BLE001 -- any unreadable file is set aside, then rebuilt
+            aside = path.with_name(path.name + ".corrupt")
+            warnings.warn(
+                f"the dream cache {path} could not be loaded ({type(err).__name__}: {err}); "
+                f"moved it to {aside} and dreaming again",
+                stacklevel=3,
+            )
+            os.replace(path, aside)
+            return None
+        if blob.get("key") != key:
+            return None
+        return blob
+
+    def _prune(self, k: int, keep: Path) -> None:
+        """Delete older dream sets of experience ``k`` (``keep_cached`` newest kept)."""
+        files = sorted(
+            (Path(p) for p in glob.glob(str(self.cache_dir / f"dreams_exp{k}_*.pt"))),
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
+        )
+        others = [p for p in files if p != keep]
+        for p in others[self.keep_cached - 1 :]:
+            p.unlink(missing_ok=True)
+
+    def _make_dreams(self, model: DreamHeads, heads: list[int], k: int) -> DreamResult:
+        if self.dreams == "noise":
+            n = self.config.samples_per_class
+            g = torch.Generator().manual_seed(int(self.config.seed) + 31 * k + 5)
+            images = self._space().from_unit(
+                torch.rand((len(heads) * n, *self._space().shape), generator=g)
+            )
+            return DreamResult(
+                heads=torch.tensor(heads, dtype=torch.long),
+                prompts=torch.empty(len(heads), 0, 0),
+                images=images,
+                labels=torch.tensor(heads, dtype=torch.long).repeat_interleave(n),
+                history={"steps": 0, "stop": {}},
+            )
+        config = self.config
+        if self.dreams == "random":
+            config = dataclasses.replace(config, steps=0)
+        return dream_classes(
+            dreamer=self.dreamer,
+            classifier=model,
+            heads=heads,
+            seen_heads=model.seen_heads(),
+            config=config,
+            oracle=self.oracle,
+            previous_prompts=self.prompts,
+            seed_offset=k,
+        )
 
     def _dream_or_load(
         self, model: DreamHeads, heads: list[int], k: int
     ) -> tuple[DreamResult, bool]:
         key = self._cache_key(model, heads, k)
-        path = self.cache_path(k)
-        if path is not None and path.is_file():
-            blob = torch.load(path, map_location="cpu", weights_only=False)
-            if blob.get("config_hash") == key:
-                return DreamResult(
-                    heads=blob["heads"],
-                    prompts=blob["prompts"],
-                    images=blob["images"],
-                    labels=blob["labels"],
-                    history=blob.get("history", {}),
-                ), True
-            warnings.warn(
-                f"{path} was made with other settings (config hash differs); dreaming "
-                "again and overwriting it",
-                stacklevel=2,
-            )
-        result = dream_classes(
-            dreamer=self.dreamer,
-            classifier=model,
-            heads=heads,
-            seen_heads=model.seen_heads(),
-            config=self.config,
-            oracle=self.oracle,
-            previous_prompts=self.prompts,
-            seed_offset=k,
-        )
+        path = self.cache_path(k, key)
+        blob = self._read_cache(path, key) if path is not None else None
+        if blob is not None:
+            self._set_dreams(blob["images_u8"], blob["labels"])
+            self._dream_file = (str(path), key)
+            return DreamResult(
+                heads=blob["heads"],
+                prompts=blob["prompts"],
+                images=self.dream_images,
+                labels=blob["labels"],
+                history=json.loads(blob.get("history", "{}")),
+            ), True
+        result = self._make_dreams(model, heads, k)
+        u8 = self._space().quantise(result.images)
+        self._set_dreams(u8, result.labels.clone())
+        self._dream_file = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             torch.save(
                 {
-                    "config_hash": key,
+                    "key": key,
                     "config": self.config.to_dict(),
                     "heads": result.heads,
                     "prompts": result.prompts,
-                    "images": result.images,
+                    "images_u8": u8,
                     "labels": result.labels,
-                    "history": json.loads(json.dumps(result.history, default=str)),
+                    "history": json.dumps(result.history, default=str),
                 },
                 tmp,
             )
             os.replace(tmp, path)
+            self._dream_file = (str(path), key)
+            self._prune(k, path)
         return result, False
 
 
@@ -687,7 +1077,8 @@ def _infer_n_classes(model: nn.Module) -> int:
     return int(linears[-1].out_features)
 
 
-def _default_feature_layer(model: nn.Module) -> str:
+def default_feature_layer(model: nn.Module) -> str:
+    """``"features"`` when the model has such a module; otherwise an error listing its modules."""
     names = dict(model.named_modules())
     if "features" in names:
         return "features"
@@ -705,30 +1096,54 @@ def add_missing_params(optimizer: torch.optim.Optimizer, model: nn.Module) -> in
     return len(new)
 
 
-class D2L(SupervisedTemplate):
-    """Dream2Learn: rehearsal (``ReplayPlugin``) + dreamed classes on the free heads.
+def wrap_model(
+    model: nn.Module,
+    *,
+    n_classes: int | None = None,
+    n_extra_heads: int = 0,
+    feature_layer: str | None = None,
+    image_shape: Sequence[int] | None = None,
+) -> DreamHeads:
+    """``model`` wrapped in :class:`DreamHeads` (unchanged when it already is one)."""
+    if isinstance(model, DreamHeads):
+        return model
+    return DreamHeads(
+        model,
+        n_classes=n_classes if n_classes is not None else _infer_n_classes(model),
+        n_extra_heads=n_extra_heads,
+        feature_layer=feature_layer or default_feature_layer(model),
+        input_shape=image_shape,
+    )
 
-    The model is wrapped in :class:`DreamHeads` (unless it already is one). Wrapping may add
-    parameters (``extra_head`` when the model has fewer outputs than heads): they are added to the
-    optimizer as a new param group with the optimizer's defaults (Avalanche's ``make_optimizer``
-    also maps the wrapper's parameters by identity, so the user's groups are kept).
+
+class D2L(SupervisedTemplate):
+    """Dream2Learn on Experience Replay: ``ReplayPlugin`` + :class:`D2LPlugin`.
+
+    The model is wrapped in :class:`DreamHeads` (unless it already is one). The image shape,
+    dtype and value range are learned from the first experience (or given as ``image_shape``)
+    and the dreamer is fitted to them before any training; an extra head the model may need is
+    sized then and added to the optimizer.
 
     Args:
         model: any classifier returning ``(B, n_out)`` logits.
         optimizer: optimizer over ``model``'s parameters.
         criterion: loss on class-space outputs (default cross-entropy).
         mem_size: replay buffer size (``ReplayPlugin``).
-        dreamer: a ``Dreamer``, a hub id / local path (``Dreamer.from_pretrained``), or ``None`` /
-            ``"offline"``: the offline glyph dreamer (``load_or_pretrain_offline_dreamer``).
+        config: the :class:`D2LConfig` (default: the tuned CPU preset); the arguments below
+            override its fields when given.
+        dreamer: a ``Dreamer``, ``"offline"``/``"offline-rgb"``, or a hub id / local path.
         dream_config: the :class:`DreamConfig`.
+        dreams: ``"optimised"``, ``"random"`` or ``"noise"``.
         feature_layer: module whose output is the learner's features (default ``"features"``
             when the model has such a module).
         n_classes: classes of the stream (default: out features of the model's last Linear).
         n_extra_heads: dream-only heads beyond one per class.
+        image_shape: ``(C, H, W)`` of the inputs (default: from the first experience).
         oracle: custom stop rule (default: the dreamer's reference oracle).
         train_mb_size, train_epochs, eval_mb_size, device, plugins, evaluator, eval_every: as in
             Avalanche's ``SupervisedTemplate``.
         cache_dir: folder for the dream-set cache.
+        dreamer_device: where the dreamer runs (default: ``device``).
     """
 
     def __init__(
@@ -738,11 +1153,14 @@ class D2L(SupervisedTemplate):
         optimizer: torch.optim.Optimizer,
         criterion: nn.Module | None = None,
         mem_size: int = 200,
+        config: D2LConfig | None = None,
         dreamer=None,
         dream_config: DreamConfig | None = None,
+        dreams: str | None = None,
         feature_layer: str | None = None,
         n_classes: int | None = None,
-        n_extra_heads: int = 0,
+        n_extra_heads: int | None = None,
+        image_shape: Sequence[int] | None = None,
         oracle: Oracle | None = None,
         train_mb_size: int = 32,
         train_epochs: int = 1,
@@ -752,21 +1170,28 @@ class D2L(SupervisedTemplate):
         evaluator: EvaluationPlugin | Callable[[], EvaluationPlugin] | None = default_evaluator,
         eval_every: int = -1,
         cache_dir: str | os.PathLike | None = None,
+        dreamer_device: str | torch.device | None = None,
     ):
-        dreamer_mod, source = resolve_dreamer(dreamer)
-        if isinstance(model, DreamHeads):
-            wrapped = model
-        else:
-            wrapped = DreamHeads(
-                model,
-                n_classes=n_classes if n_classes is not None else _infer_n_classes(model),
-                n_extra_heads=n_extra_heads,
-                feature_layer=feature_layer or _default_feature_layer(model),
-                input_shape=dreamer_mod.output_shape,
-            )
+        if mem_size < 1:
+            raise ValueError(f"D2L needs a replay buffer: mem_size must be >= 1, got {mem_size}")
+        cfg = config if config is not None else D2LConfig()
+        wrapped = wrap_model(
+            model,
+            n_classes=n_classes,
+            n_extra_heads=cfg.n_extra_heads if n_extra_heads is None else n_extra_heads,
+            feature_layer=feature_layer,
+            image_shape=image_shape,
+        )
         add_missing_params(optimizer, wrapped)
         self.d2l_plugin = D2LPlugin(
-            dreamer_mod, dream_config, cache_dir=cache_dir, oracle=oracle, dreamer_source=source
+            dreamer if dreamer is not None else cfg.dreamer,
+            dream_config if dream_config is not None else cfg.dream,
+            dreams=dreams if dreams is not None else cfg.dreams,
+            image_shape=image_shape,
+            dreamer_overrides=cfg.dreamer_overrides,
+            dreamer_device=dreamer_device if dreamer_device is not None else device,
+            cache_dir=cache_dir,
+            oracle=oracle,
         )
         self.replay_plugin = ReplayPlugin(mem_size=mem_size)
         super().__init__(
@@ -784,102 +1209,192 @@ class D2L(SupervisedTemplate):
 
 
 # ------------------------------------------------------------------------------------------------
-# registry factory
+# registry factories
 
 
-def split_digits_dream_config(*, quick: bool = False, seed: int = 0) -> DreamConfig:
-    """CPU-scale dreaming settings for split_digits (``benchmarks/configs/d2l_split_digits.json``).
-
-    About 10-25 s of dreaming per experience on one CPU core with the offline glyph dreamer (16 px,
-    4 DDIM steps, the last 2 back-propagated; 10 prompt steps; 64 dream images per free head),
-    then one sleep epoch on the dreams with the replay buffer. ``dream_weight=1`` with one sleep
-    epoch measured the best forward transfer with final accuracy above Replay on both offline
-    streams (see ``benchmarks/results/d2l_sleep``). ``quick`` shrinks everything for tests and
-    smoke runs.
-    """
-    if quick:
-        return DreamConfig(
-            steps=2, batch_per_class=2, samples_per_class=8, backprop_steps=1, dream_weight=1.0,
-            sleep_epochs=1, seed=seed, progress=False,
-        )
-    return DreamConfig(
-        steps=10, lr=0.05, batch_per_class=4, samples_per_class=64, backprop_steps=2,
-        dream_weight=1.0, sleep_epochs=1, generate_batch_size=256, seed=seed, progress=True,
-    )
+def _resolved(run: RunConfig, config: D2LConfig | None) -> D2LConfig:
+    """``config`` with the run's seed, progress, precision and quick settings applied."""
+    cfg = config if config is not None else D2LConfig()
+    dream = dataclasses.replace(cfg.dream, seed=run.seed, progress=run.progress and not run.quick)
+    overrides = dict(cfg.dreamer_overrides)
+    if getattr(run, "precision", "no") not in (None, "no"):
+        overrides.setdefault("mixed_precision", run.precision)
+    if run.quick:
+        dream = dataclasses.replace(_quick_dream_config(run.seed), max_dream_classes=None)
+        if cfg.dreamer in OFFLINE_DREAMERS:
+            overrides.setdefault("steps", QUICK_DREAMER_STEPS)
+    return dataclasses.replace(cfg, dream=dream, dreamer_overrides=overrides)
 
 
-#: Dream-only heads added to the one-head-per-class layout by :func:`build_d2l`. Extra heads host
-#: more dreams, but they also compete with the real heads during training. With the sleep phase
-#: (one head per class, no extra heads) D2L reached both targets on both offline streams; with
-#: extra heads final accuracy fell below Replay on split_color_digits
-#: (``benchmarks/results/d2l_sleep`` and ``benchmarks/results/d2l_extra_heads``).
-SPLIT_DIGITS_EXTRA_HEADS = 0
-
-#: Denoiser steps of the stand-in glyph dreamer that ``run.quick`` pretrains when the full offline
-#: dreamer is not in the cache yet (a smoke-test dreamer: fast to make, poor images).
-QUICK_DREAMER_STEPS = 30
+def _feature_layer(model: nn.Module, run: RunConfig) -> str:
+    return "features" if "features" in dict(model.named_modules()) else run.feature_layer
 
 
-def _offline_dreamer(image_size: int, *, quick: bool):
-    """The offline glyph dreamer; with ``quick`` and no cached full dreamer, a quick stand-in."""
-    from ..dreaming import pretrain
-
-    if quick:
-        full = pretrain.default_cache_dir() / pretrain._cache_name(
-            image_size, pretrain.PretrainConfig.steps, 0
-        )
-        if not (full / "dreamer_config.json").is_file():
-            return pretrain.load_or_pretrain_offline_dreamer(
-                image_size=image_size, steps=QUICK_DREAMER_STEPS, progress=False
-            )
-    return pretrain.load_or_pretrain_offline_dreamer(image_size=image_size, progress=not quick)
+def _cache_dir(run: RunConfig, config: D2LConfig) -> Path | None:
+    if run.work_dir is None or not config.cache_dreams:
+        return None
+    return Path(run.work_dir) / "dreams"
 
 
-def build_d2l(*, model, optimizer, criterion, benchmark, run, evaluator, device, plugins=None,
-              n_extra_heads: int = SPLIT_DIGITS_EXTRA_HEADS):
-    """Registry factory: D2L with the offline glyph dreamer and split_digits-scale dreaming.
-
-    Uses ``run.mem_size`` for the buffer, ``run.seed`` for dreaming, the model's ``"features"``
-    module as feature layer when it has one (else ``run.feature_layer``), and
-    :func:`split_digits_dream_config` (``run.quick`` -> tiny settings, and a quickly pretrained
-    stand-in dreamer when the full offline dreamer is not cached yet).
-
-    ``n_extra_heads`` adds dream-only heads (:data:`SPLIT_DIGITS_EXTRA_HEADS` by default); bind it
-    with :func:`functools.partial` to register a variant.
-    """
-    from ..registry import benchmark_image_shape
-
-    c, h, w = benchmark_image_shape(benchmark)
-    dreamer = _offline_dreamer(h, quick=run.quick).to(device)
-    if h == w and c in (1, 3):
-        # the glyph world is grey: map its images to the classifier's input shape
-        dreamer.config.output_channels, dreamer.config.output_size = c, h
-    if tuple(dreamer.output_shape) != (c, h, w):
-        raise ValueError(
-            f"the offline dreamer makes {tuple(dreamer.output_shape)} images but the benchmark's "
-            f"are {(c, h, w)}; load one with matching output_size/output_channels"
-        )
-    names = dict(model.named_modules())
-    layer = "features" if "features" in names else run.feature_layer
-    return D2L(
-        model=model,
-        optimizer=optimizer,
-        criterion=criterion,
-        mem_size=run.mem_size,
-        dreamer=dreamer,
-        dream_config=dataclasses.replace(
-            split_digits_dream_config(quick=run.quick, seed=run.seed),
-            progress=not run.quick and run.progress,
-        ),
-        feature_layer=layer,
+def _parts(*, model, benchmark, run: RunConfig, config: D2LConfig, device):
+    """(wrapped model, D2LPlugin) of a plugin-door factory: the model sized and the dreamer
+    fitted to the benchmark's images before the host is built."""
+    wrapped = wrap_model(
+        model,
         n_classes=benchmark.n_classes,
-        n_extra_heads=n_extra_heads,
+        n_extra_heads=config.n_extra_heads,
+        feature_layer=_feature_layer(model, run),
+        image_shape=benchmark_image_shape(benchmark),
+    )
+    plugin = D2LPlugin(
+        config.dreamer,
+        config.dream,
+        dreams=config.dreams,
+        dreamer_overrides=config.dreamer_overrides,
+        dreamer_device=getattr(run, "dreamer_device", None) or device,
+        cache_dir=_cache_dir(run, config),
+    )
+    plugin.fit(infer_input_space(benchmark.train_stream[0].dataset), wrapped)
+    return wrapped, plugin
+
+
+def _common(run: RunConfig, *, criterion, evaluator, device) -> dict[str, Any]:
+    return dict(
+        criterion=criterion,
         train_mb_size=run.train_mb_size,
         train_epochs=run.epochs,
         eval_mb_size=run.eval_mb_size,
         device=device,
-        plugins=plugins,
         evaluator=evaluator,
         eval_every=-1,
-        cache_dir=None if run.work_dir is None else Path(run.work_dir) / "dreams",
     )
+
+
+def _host_config(name: str, overrides: Mapping[str, Any]):
+    """The registry's typed config of host ``name`` with ``overrides`` (validated)."""
+    from ..registry import config_from_dict, get_strategy
+
+    info = get_strategy(name)
+    if info.config_type is None:
+        if overrides:
+            raise ValueError(f"D2LConfig.host: {name} takes no settings, got {dict(overrides)}")
+        return None
+    return config_from_dict(info.config_type, dict(overrides), where=f"D2LConfig.host ({name})")
+
+
+@register_strategy(
+    "d2l",
+    config=D2LConfig,
+    keeps_buffer=True,
+    description="D2L (Dream2Learn) on Experience Replay: dreamed classes on the free heads",
+)
+def build_d2l(
+    *,
+    model,
+    optimizer,
+    criterion,
+    benchmark,
+    run: RunConfig,
+    config=None,
+    evaluator,
+    device,
+    plugins=None,
+):
+    """Registry factory ``d2l``: ER (``ReplayPlugin``, ``run.mem_size``) + D2L."""
+    cfg = _resolved(run, config)
+    if cfg.host:
+        raise ValueError(f"D2LConfig.host: the ER host takes no settings, got {cfg.host}")
+    shape = benchmark_image_shape(benchmark)
+    strategy = D2L(
+        model=model,
+        optimizer=optimizer,
+        mem_size=run.mem_size,
+        config=cfg,
+        feature_layer=_feature_layer(model, run),
+        n_classes=benchmark.n_classes,
+        image_shape=shape,
+        plugins=plugins,
+        cache_dir=_cache_dir(run, cfg),
+        dreamer_device=getattr(run, "dreamer_device", None) or device,
+        **_common(run, criterion=criterion, evaluator=evaluator, device=device),
+    )
+    strategy.d2l_plugin.fit(infer_input_space(benchmark.train_stream[0].dataset))
+    return strategy
+
+
+@register_strategy(
+    "er_ace_d2l",
+    config=D2LConfig,
+    keeps_buffer=True,
+    description="D2L on ER-ACE (Avalanche ER_ACE with D2LPlugin)",
+)
+def build_er_ace_d2l(
+    *,
+    model,
+    optimizer,
+    criterion,
+    benchmark,
+    run: RunConfig,
+    config=None,
+    evaluator,
+    device,
+    plugins=None,
+):
+    """Registry factory ``er_ace_d2l``: Avalanche's ``ER_ACE`` (its own buffer and ACE loss,
+    same settings as the registry's ``er_ace``) + :class:`D2LPlugin`."""
+    from avalanche.training import ER_ACE
+
+    cfg = _resolved(run, config)
+    host = _host_config("er_ace", cfg.host)
+    wrapped, plugin = _parts(model=model, benchmark=benchmark, run=run, config=cfg, device=device)
+    add_missing_params(optimizer, wrapped)
+    bsm = getattr(host, "batch_size_mem", None) or run.train_mb_size
+    strategy = ER_ACE(
+        model=wrapped,
+        optimizer=optimizer,
+        mem_size=run.mem_size,
+        batch_size_mem=bsm,
+        plugins=[plugin, *(plugins or [])],
+        **_common(run, criterion=criterion, evaluator=evaluator, device=device),
+    )
+    strategy.d2l_plugin = plugin
+    return strategy
+
+
+@register_strategy(
+    "der_d2l",
+    config=D2LConfig,
+    keeps_buffer=True,
+    description="D2L on DER++ (Avalanche DER with D2LPlugin; logits kept in class space)",
+)
+def build_der_d2l(
+    *,
+    model,
+    optimizer,
+    criterion,
+    benchmark,
+    run: RunConfig,
+    config=None,
+    evaluator,
+    device,
+    plugins=None,
+):
+    """Registry factory ``der_d2l``: Avalanche's ``DER`` (DER++, same ``alpha``/``beta`` as the
+    registry's ``der``) + :class:`D2LPlugin`."""
+    from avalanche.training import DER
+
+    cfg = _resolved(run, config)
+    host = _host_config("der", cfg.host)
+    wrapped, plugin = _parts(model=model, benchmark=benchmark, run=run, config=cfg, device=device)
+    add_missing_params(optimizer, wrapped)
+    kw = dataclasses.asdict(host) if host is not None else {}
+    strategy = DER(
+        model=wrapped,
+        optimizer=optimizer,
+        mem_size=run.mem_size,
+        plugins=[plugin, *(plugins or [])],
+        **kw,
+        **_common(run, criterion=criterion, evaluator=evaluator, device=device),
+    )
+    strategy.d2l_plugin = plugin
+    return strategy
