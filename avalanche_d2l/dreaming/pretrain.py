@@ -988,7 +988,13 @@ def load_or_pretrain_offline_dreamer(
                     stacklevel=2,
                 )
         if dreamer is None:
-            logger.info("pretraining the offline glyph dreamer into %s", folder)
+            if progress:
+                print(
+                    f"pretraining the offline glyph dreamer into {folder} (once; "
+                    f"{pc.steps} steps, about {max(1, round(pc.steps * 1.4 / 60))} min on one "
+                    "CPU core at the default size)",
+                    file=sys.stderr,
+                )
             pretrain_offline_dreamer(
                 folder,
                 image_size=pc.image_size,
