@@ -1,102 +1,150 @@
-"""D2L ablation on an offline stream: the sleep phase, dream-only heads and the dream weight.
+"""D2L controls on an offline stream: where the dreams come from, and the rehearsal host.
 
-Each variant is the registry's ``d2l`` (same model, optimiser, epochs, buffer and seeds as
-``avalanche-d2l compare``) with some settings changed:
+Each variant is a registered D2L strategy run by the package's experiment runner
+(:func:`avalanche_d2l.experiments.run_experiment`) on the shipped offline experiment of the
+benchmark (same model, optimiser, epochs, buffer and seeds as ``avalanche-d2l compare``), with
+one :class:`~avalanche_d2l.strategies.d2l.D2LConfig` change:
 
-* ``default``: one head per class, one sleep epoch on the dreams after each dreaming phase,
-  ``dream_weight=1`` (what ``avalanche-d2l compare`` runs);
-* ``no_sleep``: dreams only mixed into the next experience's minibatches (no sleep phase);
-* ``extra5``: the default plus 5 dream-only heads;
-* ``extra5_no_sleep_w05``: 5 dream-only heads, no sleep, ``dream_weight=0.5`` (the settings
-  before the sleep phase existed);
-* ``coherence``: the default plus the BatchNorm-statistics coherence term (``w_coherence=0.1``).
+* ``replay``: the host alone (no dreams) -- the reference;
+* ``d2l``: the shipped default (prompts optimised by the learner through the frozen dreamer);
+* ``d2l_random``: prompts drawn as the optimisation would start, never optimised;
+* ``d2l_noise``: uniform noise images instead of the dreamer;
+* ``d2l_target_only``: the optimisation with only the learner's target term (no seen /
+  distinct / consistency / norm terms);
+* ``er_ace`` / ``er_ace_d2l``, ``der`` / ``der_d2l``: the other hosts with and without D2L.
 
-Writes ``<out>/<benchmark>/{results.json,results.md}`` (one row per variant, mean over seeds)::
+Writes ``<out>/<benchmark>/{results.json,results.md}`` (means over seeds; the runner's own
+``results.json`` per variant set lives under ``<out>/<benchmark>/runs``)::
 
-    python benchmarks/d2l_ablation.py --benchmark split_color_digits --seeds 0 1 2
+    python benchmarks/d2l_ablation.py --benchmark split_digits --seeds 0 1 2
+    python benchmarks/d2l_ablation.py --benchmark split_digits --seeds 3 4 5 \\
+        --out benchmarks/results/d2l_heldout_seeds
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import os
 import statistics
-import sys
 from pathlib import Path
 
+from avalanche_d2l import registry
+from avalanche_d2l.experiments import default_experiment, run_experiment
+from avalanche_d2l.strategies.d2l import D2LConfig, build_d2l
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from avalanche_d2l import registry  # noqa: E402
-from avalanche_d2l.cli import BENCHMARKS, atomic_write, mean_std, run_compare  # noqa: E402
-from avalanche_d2l.strategies import d2l  # noqa: E402
-
-#: variant -> (dream-only heads, DreamConfig changes)
-VARIANTS: dict[str, tuple[int, dict]] = {
-    "default": (0, {}),
-    "no_sleep": (0, {"sleep_epochs": 0}),
-    "extra5": (5, {}),
-    "extra5_no_sleep_w05": (5, {"sleep_epochs": 0, "dream_weight": 0.5}),
-    "coherence": (0, {"w_coherence": 0.1}),
+#: variant -> (registered strategy it runs, its D2LConfig section); None: a registry baseline
+VARIANTS: dict[str, tuple[str, dict | None]] = {
+    "replay": ("replay", None),
+    "d2l": ("d2l", {}),
+    "d2l_random": ("d2l", {"dreams": "random"}),
+    "d2l_noise": ("d2l", {"dreams": "noise"}),
+    "d2l_target_only": (
+        "d2l",
+        {"dream": {"w_seen": 0.0, "w_distinct": 0.0, "w_consistency": 0.0, "w_norm": 0.0}},
+    ),
+    "er_ace": ("er_ace", None),
+    "er_ace_d2l": ("er_ace_d2l", {}),
+    "der": ("der", None),
+    "der_d2l": ("der_d2l", {}),
 }
+DEFAULT_VARIANTS = ["replay", "d2l", "d2l_random", "d2l_noise"]
+KEYS = ("final_accuracy", "avg_incremental_accuracy", "forward_transfer", "wall_s")
 
 
-def _factory(n_extra_heads: int, changes: dict):
-    def build(**kw):
-        strategy = d2l.build_d2l(n_extra_heads=n_extra_heads, **kw)
-        plugin = strategy.d2l_plugin
-        plugin.config = dataclasses.replace(plugin.config, **changes)
-        return strategy
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
-    return build
+
+def _register(variant: str) -> str:
+    """The registry name the variant runs under (D2L variants get their own name)."""
+    base, section = VARIANTS[variant]
+    if section is None or variant == base:
+        return base
+    registry.register_strategy(
+        variant,
+        build_d2l,
+        config=D2LConfig,
+        keeps_buffer=True,
+        overwrite=True,
+        description=f"D2L control {variant}",
+    )
+    return variant
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--benchmark", default="split_digits", choices=sorted(BENCHMARKS))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--benchmark", default="split_digits", choices=["split_digits", "split_color_digits"]
+    )
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/d2l_ablation"))
+    parser.add_argument("--quick", action="store_true", help="tiny settings (smoke test)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     out = Path(args.out) / args.benchmark
+
+    exp = default_experiment(args.benchmark)
+    names = [_register(v) for v in args.variants]
+    sections = {name: (VARIANTS[v][1] or {}) for v, name in zip(args.variants, names)}
+    exp = type(exp).from_dict(
+        {**exp.to_dict(), "strategies": sections, "seeds": args.seeds}, name=exp.name
+    )
+    res = run_experiment(
+        exp,
+        out=out / "runs",
+        seeds=args.seeds,
+        epochs=args.epochs,
+        quick=args.quick,
+        progress=not args.no_progress,
+    )
     rows = []
-    for variant in args.variants:
-        n_extra, changes = VARIANTS[variant]
-        name = f"d2l_{variant}"
-        registry.register_strategy(name, _factory(n_extra, changes), overwrite=True)
-        res = run_compare(args.benchmark, [name], args.seeds, out / name,
-                          progress=not args.no_progress)
-        runs = res["runs"]
-        keys = ("final_accuracy", "avg_incremental_accuracy", "forward_transfer", "wall_s")
-        rows.append({
-            "variant": variant,
-            "n_extra_heads": n_extra,
-            "changes": changes,
-            "runs": runs,
-            **{k: statistics.fmean(r[k] for r in runs) for k in keys},
-            "final_accuracy_std": mean_std([r["final_accuracy"] for r in runs])[1],
-            "forward_transfer_per_seed": [r["forward_transfer"] for r in runs],
-        })
-        atomic_write(out / "results.json", json.dumps(rows, indent=1))
+    for v, name in zip(args.variants, names):
+        runs = [r for r in res["runs"] if r["strategy"] == name]
+        if not runs:
+            continue
+        row = {"variant": v, "strategy": VARIANTS[v][0], "changes": VARIANTS[v][1] or {}}
+        for k in KEYS:
+            vals = [float(r[k]) for r in runs if r.get(k) is not None]
+            row[k] = statistics.fmean(vals) if vals else None
+            row[f"{k}_per_seed"] = vals
+        acc = row["final_accuracy_per_seed"]
+        row["final_accuracy_std"] = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        row["seeds"] = [r["seed"] for r in runs]
+        rows.append(row)
+    base_wall = {r["strategy"]: r["wall_s"] for r in rows if r["changes"] == {}}
+    hosts = {"d2l": "replay", "er_ace_d2l": "er_ace", "der_d2l": "der"}
+    for r in rows:
+        host = hosts.get(r["strategy"], r["strategy"])
+        if host in base_wall and r["wall_s"]:
+            r["wall_over_host"] = r["wall_s"] / base_wall[host]
+    _atomic_write(out / "results.json", json.dumps(rows, indent=1))
     lines = [
-        f"D2L variants on `{args.benchmark}`, seeds {args.seeds}, buffer 100, 10 epochs. "
-        "Mean over seeds (final accuracy ± std; FWT per seed in brackets).",
+        f"D2L controls on `{args.benchmark}`, seeds {args.seeds}, buffer {exp.mem_sizes[0]}, "
+        f"command `python benchmarks/d2l_ablation.py --benchmark {args.benchmark} --seeds "
+        f"{' '.join(map(str, args.seeds))}`. Mean over seeds (final accuracy ± sample std; "
+        "FWT per seed in brackets).",
         "",
-        "| variant | extra heads | changes | final acc. | avg. incr. acc. | FWT | wall s |",
+        "| variant | changes | final acc. | avg. incr. acc. | FWT | wall s | x host |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         per_seed = ", ".join(f"{v:+.3f}" for v in r["forward_transfer_per_seed"])
-        changed = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "-"
+        changed = json.dumps(r["changes"]) if r["changes"] else "-"
+        ratio = f"{r['wall_over_host']:.1f}" if r.get("wall_over_host") else "-"
         lines.append(
-            f"| {r['variant']} | {r['n_extra_heads']} | {changed} | "
-            f"{r['final_accuracy']:.3f} ± {r['final_accuracy_std']:.3f} | "
-            f"{r['avg_incremental_accuracy']:.3f} | {r['forward_transfer']:+.3f} [{per_seed}] | "
-            f"{r['wall_s']:.0f} |"
+            f"| {r['variant']} | {changed} | {r['final_accuracy']:.3f} ± "
+            f"{r['final_accuracy_std']:.3f} | {r['avg_incremental_accuracy']:.3f} | "
+            f"{r['forward_transfer']:+.3f} [{per_seed}] | {r['wall_s']:.0f} | {ratio} |"
         )
-    atomic_write(out / "results.md", "\n".join(lines) + "\n")
+    _atomic_write(out / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

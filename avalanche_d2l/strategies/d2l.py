@@ -89,8 +89,6 @@ OFFLINE_DREAMERS = {"offline": 1, "offline-rgb": 3}
 #: Keys of ``dreamer_overrides`` that choose *which* offline dreamer is loaded (arguments of
 #: ``load_or_pretrain_offline_dreamer``) rather than override its ``DreamerConfig``.
 OFFLINE_LOADER_KEYS = ("image_size", "steps", "seed")
-#: Denoiser steps of the stand-in glyph dreamer a ``quick`` run uses (fast to make, poor images).
-QUICK_DREAMER_STEPS = 30
 
 
 def _cpu_preset() -> DreamConfig:
@@ -1220,9 +1218,7 @@ def _resolved(run: RunConfig, config: D2LConfig | None) -> D2LConfig:
     if getattr(run, "precision", "no") not in (None, "no"):
         overrides.setdefault("mixed_precision", run.precision)
     if run.quick:
-        dream = dataclasses.replace(_quick_dream_config(run.seed), max_dream_classes=None)
-        if cfg.dreamer in OFFLINE_DREAMERS:
-            overrides.setdefault("steps", QUICK_DREAMER_STEPS)
+        dream = _quick_dream_config(run.seed)
     return dataclasses.replace(cfg, dream=dream, dreamer_overrides=overrides)
 
 
