@@ -9,7 +9,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -20,7 +20,7 @@ from avalanche_d2l.experiments.report import atomic_write
 from avalanche_d2l.experiments.runner import RunKey, RunOptions, build_run, run_settings
 from avalanche_d2l.experiments.schema import Experiment
 
-__all__ = ["notebook_params", "cached", "settings_key", "trained_run"]
+__all__ = ["DreamRecorder", "notebook_params", "cached", "settings_key", "trained_run"]
 
 ENV_PREFIX = "AVALANCHE_D2L_NB_"
 
@@ -78,10 +78,12 @@ def trained_run(
     quick: bool = False,
     mem_size: int | None = None,
     section: dict | None = None,
+    plugins: Sequence = (),
 ):
     """Train one run of ``exp`` in memory (the comparison's own builders and seeds) and return
     ``(benchmark, strategy)``; ``section`` updates the strategy's settings (e.g. to also train
-    Genifer's GAN after the last experience, for a grid of every class)."""
+    Genifer's GAN after the last experience, for a grid of every class); ``plugins`` are added
+    after the strategy's own."""
     from avalanche_d2l.utils import seed_everything
 
     if section:
@@ -94,7 +96,7 @@ def trained_run(
     )
     key = RunKey(strategy, seed, mem)
     opts = RunOptions(quick=quick, progress=False)
-    benchmark, strat = build_run(exp, key, opts)
+    benchmark, strat = build_run(exp, key, opts, extra_plugins=plugins)
     for k, experience in enumerate(benchmark.train_stream):
         seed_everything(seed * 1000 + k)
         strat.train(experience, eval_streams=[])
@@ -109,3 +111,24 @@ def settings_key(exp: Experiment, strategy: str, seed: int, quick: bool, **extra
         "run": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest(),
         **extra,
     }
+
+
+class DreamRecorder:
+    """Avalanche plugin (put after D2L's): after each experience, ``per_head`` images of every
+    dream head of the new dream set, in [0, 1]: ``rows[k]`` is a tensor of shape
+    ``(heads * per_head, C, H, W)``."""
+
+    def __init__(self, per_head: int = 4):
+        self.per_head = per_head
+        self.rows: dict[int, torch.Tensor] = {}
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        from avalanche_d2l.strategies.d2l import D2LPlugin
+
+        plugin = next(p for p in strategy.plugins if isinstance(p, D2LPlugin))
+        images, labels = plugin.dream_images, plugin.dream_labels
+        if images is None or labels is None:
+            return
+        unit = plugin.space.to_unit(images)
+        picks = [unit[labels == h][: self.per_head] for h in sorted(set(labels.tolist()))]
+        self.rows[strategy.experience.current_experience] = torch.cat(picks)
