@@ -138,14 +138,16 @@ def test_missing_data_root_is_a_clear_error(tmp_path, capsys):
     assert "cifar-100-python" in capsys.readouterr().err
 
 
-def test_compare_runs_a_paper_loader_from_a_local_root(tmp_path, data_root, capsys):
+def test_compare_runs_a_paper_loader_from_a_local_root(tmp_path, cifar_root, capsys):
+    """``compare --benchmark split_cifar100 --data-root`` on a tiny CIFAR-100 copy (100 classes,
+    one image each): the benchmark's default classifier and protocol (50 + 5 x 10)."""
     code = main(
         [
             "compare",
             "--benchmark",
-            "split_mini_imagenet",
+            "split_cifar100",
             "--data-root",
-            str(data_root),
+            str(cifar_root),
             "--strategies",
             "naive,replay",
             "--seeds",
@@ -153,8 +155,7 @@ def test_compare_runs_a_paper_loader_from_a_local_root(tmp_path, data_root, caps
             "--epochs",
             "1",
             "--mem-size",
-            "6",
-            "--quick",
+            "20",
             "--no-progress",
             "--out",
             str(tmp_path / "o"),
@@ -163,7 +164,12 @@ def test_compare_runs_a_paper_loader_from_a_local_root(tmp_path, data_root, caps
     assert code == 0, capsys.readouterr().err
     results = json.loads((tmp_path / "o" / "results.json").read_text())
     assert [r["strategy"] for r in results["runs"]] == ["naive", "replay"]
-    assert results["experiment"]["model"]["name"] == "resnet18"
+    assert results["experiment"]["model"] == {
+        "name": "resnet18_cifar",
+        "feature_layer": "layer3",
+        "width": None,
+    }
+    assert all(len(r["accuracy_matrix"]) == 6 for r in results["runs"])
 
 
 # ---- end to end -------------------------------------------------------------------------------
@@ -221,25 +227,19 @@ def test_killed_d2l_run_resumes_with_the_dreamer(tmp_path, data_root, dreamer_di
     ]
 
 
-def test_truncated_image_is_named_and_check_data_lists_it(tmp_path, data_root, capsys):
+def test_truncated_image_is_named_and_check_data_lists_it(tmp_path, data_root, dreamer_dir, capsys):
     import shutil
 
     root = Path(shutil.copytree(data_root, tmp_path / "data"))
     bad = sorted((root / "train" / "n00000002").glob("*.png"))[0]
     bad.write_bytes(bad.read_bytes()[:60])  # a truncated PNG
     args = [
-        "compare",
-        "--benchmark",
-        "split_mini_imagenet",
+        "run",
+        str(_tiny_d2l(tmp_path, dreamer_dir)),
         "--data-root",
         str(root),
         "--strategies",
         "naive",
-        "--seeds",
-        "0",
-        "--epochs",
-        "1",
-        "--quick",
         "--no-progress",
         "--out",
         str(tmp_path / "o"),
@@ -250,3 +250,17 @@ def test_truncated_image_is_named_and_check_data_lists_it(tmp_path, data_root, c
     assert not (tmp_path / "o" / "runs").exists()  # stopped before training
     assert main(args) == 2  # without the check, training stops at the file, naming it
     assert str(bad) in capsys.readouterr().err
+
+
+def test_dry_run_estimates_dreaming_and_training_without_training(
+    tmp_path, data_root, dreamer_dir, capsys
+):
+    path = _tiny_d2l(tmp_path, dreamer_dir)
+    code = main(
+        ["run", str(path), "--data-root", str(data_root), "--dry-run", "--out", str(tmp_path / "o")]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "per dreaming phase (2 dream classes" in out and "per run (2 dreaming phases)" in out
+    assert '"strategy": "replay"' in out and "train_step_s" in out
+    assert not (tmp_path / "o").exists()  # nothing trained, nothing written

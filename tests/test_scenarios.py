@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import write_cifar100
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.datasets import CIFAR100
@@ -195,30 +194,6 @@ def test_default_image_transforms():
 # ------------------------------------------------------------------------------------------
 
 
-def _write_cifar100(root: Path, n_classes: int = 100) -> dict[str, str]:
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    labels = list(range(n_classes))
-    data = np.stack([np.full(3072, 2 * c, dtype=np.uint8) for c in labels])  # value encodes class
-    for name in ("train", "test"):
-        with open(folder / name, "wb") as f:
-            pickle.dump({"data": data, "fine_labels": labels, "coarse_labels": [0] * n_classes}, f)
-    with open(folder / "meta", "wb") as f:
-        pickle.dump({"fine_label_names": [f"class_{c}" for c in labels]}, f)
-    return {n: hashlib.md5((folder / n).read_bytes()).hexdigest()
-            for n in ("train", "test", "meta")}
-
-
-@pytest.fixture
-def cifar_root(tmp_path, monkeypatch):
-    """A tiny CIFAR-100 copy; torchvision's MD5 table is pointed at it for the test."""
-    md5 = _write_cifar100(tmp_path)
-    monkeypatch.setattr(CIFAR100, "train_list", [["train", md5["train"]]])
-    monkeypatch.setattr(CIFAR100, "test_list", [["test", md5["test"]]])
-    monkeypatch.setattr(CIFAR100, "meta", {**CIFAR100.meta, "md5": md5["meta"]})
-    return tmp_path
-
-
 def test_icarl_class_order_matches_reference_and_keeps_global_state():
     state = np.random.get_state()
     order = icarl_class_order()
@@ -277,10 +252,10 @@ def test_split_cifar100_errors(tmp_path, cifar_root):
 
 
 def test_split_cifar100_checksum_and_class_count(tmp_path, monkeypatch):
-    _write_cifar100(tmp_path)  # torchvision's real MD5 table: these files fail it
+    write_cifar100(tmp_path)  # torchvision's real MD5 table: these files fail it
     with pytest.raises(ValueError, match=r"(?s)MD5.*download=True"):
         split_cifar100(tmp_path)
-    md5 = _write_cifar100(tmp_path / "small", n_classes=4)
+    md5 = write_cifar100(tmp_path / "small", n_classes=4)
     monkeypatch.setattr(CIFAR100, "train_list", [["train", md5["train"]]])
     monkeypatch.setattr(CIFAR100, "test_list", [["test", md5["test"]]])
     monkeypatch.setattr(CIFAR100, "meta", {**CIFAR100.meta, "md5": md5["meta"]})

@@ -718,12 +718,47 @@ def dry_run(
         key = RunKey(name, seeds[0], exp.mem_sizes[0] if exp.keeps_buffer(name) else None)
         _, strategy = build_run(exp, key, opts, benchmark=benchmark)
         report = {"strategy": name, **_time_training_step(strategy, benchmark, exp)}
-        estimate = getattr(strategy, "preflight", None)
-        if callable(estimate):
-            report["preflight"] = estimate(benchmark)
+        dreaming = _dreaming_preflight(strategy, benchmark, exp)
+        if dreaming is not None:
+            report["dreaming"] = dreaming.to_dict()
+            log(dreaming.to_text())
         reports.append(report)
-        log(json.dumps(report, indent=1, default=str))
+        log(json.dumps({k: v for k, v in report.items() if k != "dreaming"}, default=str))
     return reports
+
+
+def _dreaming_preflight(strategy, benchmark, exp: Experiment):
+    """For a strategy that dreams (D2L): one micro-batch of dreaming, one generation batch and
+    one training step at the configured sizes, extrapolated to a dreaming phase and a run
+    (:func:`avalanche_d2l.dreaming.preflight.preflight`; on CUDA it raises, naming the settings
+    to change, when a phase cannot fit)."""
+    from avalanche_d2l.dreaming.preflight import dreaming_plan, preflight
+    from avalanche_d2l.strategies.d2l import D2LPlugin, infer_input_space
+
+    plugin = next((p for p in strategy.plugins if isinstance(p, D2LPlugin)), None)
+    if plugin is None or plugin.dreams == "noise":
+        return None
+    space = infer_input_space(benchmark.train_stream[0].dataset)
+    plugin.fit(space, strategy.model)
+    n_classes = int(benchmark.n_classes)
+    n_dream, phases = dreaming_plan(
+        n_classes=n_classes,
+        n_experiences=len(benchmark.train_stream),
+        dream_config=plugin.config,
+        n_extra_heads=strategy.model.n_heads - n_classes,
+    )
+    steps = sum(len(e.dataset) for e in benchmark.train_stream) // exp.training.train_mb_size
+    return preflight(
+        dreamer=plugin.dreamer,
+        classifier=strategy.model.to(strategy.device),
+        dream_config=plugin.config,
+        image_shape=space.shape,
+        n_dream_classes=n_dream,
+        n_dreaming_phases=phases,
+        train_batch=exp.training.train_mb_size,
+        device=strategy.device,
+        train_steps=steps * exp.training.optimizer.epochs,
+    )
 
 
 def _time_training_step(strategy, benchmark, exp: Experiment) -> dict:
