@@ -6,10 +6,13 @@ check that it learned (experience-0 accuracy well above chance), checkpoint, res
 built strategy, train experience 1 and evaluate. Our methods are built as a user builds them
 (``D2L(...)``, ``Genifer(...)``, ``ER_ACE``/``DER`` with ``D2LPlugin``); Avalanche's baselines
 through the registry factory. Tiny settings: a tiny random dreamer for D2L (8 px grey native
-images mapped to the stream's size and channels), Genifer's quick config, two epochs.
+images mapped to the stream's size and channels), Genifer's quick config with 10 GAN steps,
+two epochs.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -107,7 +110,7 @@ def build(name: str, bench, tmp_path):
             model=model,
             optimizer=opt,
             feature_layer="features",
-            config=GeniferConfig().quick(),
+            config=dataclasses.replace(GeniferConfig().quick(), gan_steps_first=10, gan_steps=10),
             **common,
         )
     run = RunConfig(
