@@ -181,6 +181,9 @@ def _worker(rank: int, world: int, port: int, out: str, tests_dir: str) -> None:
         OMP_NUM_THREADS="1",
     )
     torch.set_num_threads(1)
+    from accelerate.state import PartialState
+
+    PartialState._reset_state()  # a forked child must not inherit the parent's (single) state
     state = accel.distributed_state(cpu=True)  # accelerate initialises the gloo process group
     assert state.num_processes == world and accel.process_index() == rank
     dreamer, model, config = _setup(micro_batch=2)
@@ -208,8 +211,11 @@ def test_two_processes_equal_one(tmp_path):
 
     out = str(tmp_path / "rank0.pt")
     tests_dir = str(Path(__file__).resolve().parent)
+    # fork: the children start at once with the modules already imported (spawn re-imports
+    # avalanche and diffusers in each child, tens of seconds on a loaded machine)
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     mp.start_processes(
-        _worker, args=(2, _free_port(), out, tests_dir), nprocs=2, join=True, start_method="spawn"
+        _worker, args=(2, _free_port(), out, tests_dir), nprocs=2, join=True, start_method=method
     )
     dreamer, model, config = _setup(micro_batch=4)
     single = _run(dreamer, model, config, distributed=False)

@@ -160,9 +160,12 @@ class ReferenceOracle:
             **kwargs: the other :class:`ReferenceOracle` arguments.
         """
         source, missing = None, None
+        info = dreamer.reference_info() if hasattr(dreamer, "reference_info") else {}
         if reference is not None and not isinstance(reference, nn.Module):
-            ref = dreamer.set_reference(reference)
             source = str(reference)
+            # loaded once: later phases find it on the dreamer
+            same = info.get("present") and info.get("source") == source
+            ref = dreamer.reference_network() if same else dreamer.set_reference(reference)
         elif reference is not None:
             ref, source = reference, type(reference).__name__
         else:

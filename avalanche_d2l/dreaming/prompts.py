@@ -9,12 +9,14 @@ backprop), with a loss computed by the **continual learner itself** on the gener
 * ``seen``: ``-log(1 - p_seen)``, the probability mass on the heads of classes already observed
   -- the dream must match no observed class;
 * ``distinct``: hinge on the cosine similarity between the mean feature of a dream class and the
-  mean features of the other dream classes (features of the learner's feature layer);
+  *detached* mean features the other dream classes had at their last evaluation (the previous
+  step; features of the learner's feature layer) -- so each class's loss depends on its own
+  images only, and dreaming can run in micro-batches and across processes;
 * ``consistency``: ``1 - cos(f_i, mean_f)`` inside a dream class (the images of one dream form one
   concept, not a bag of unrelated images);
-* ``coherence`` (optional): distance of the dreams' batch statistics at the learner's BatchNorm
-  layers from the running statistics (mean and variance) the learner holds of its data -- the
-  dream stays in the domain the learner knows, only its class is new;
+* ``coherence`` (optional): distance of a dream class's batch statistics at the learner's
+  BatchNorm layers from the running statistics (mean and variance) the learner holds of its data
+  -- the dream stays in the domain the learner knows, only its class is new;
 * ``norm``: ``(|P| / |concept| - 1)^2``, the prompt's norm relative to the mean norm of the
   dreamer's concept embeddings, so the prompt stays in the region the dreamer knows.
 
@@ -806,7 +808,7 @@ def dream_classes(
         generate_seconds=gen_s,
         oracle=repr(oracle),
         processes=world,
-        micro_batch=per_pass * b,
+        micro_batch=min(per_pass, K) * b,
         precision=precision,
         loss_scaler=scaler.state(),
     )
