@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -258,3 +259,16 @@ def test_full_size_sd15_end_to_end(tmp_path):
     assert all(r["finite_prompts"] for r in rows)
     peaks = [r["peak_rss_gib"] for r in rows]
     assert max(peaks) - min(peaks) < 0.1 * max(peaks)  # one class per pass: a flat peak
+
+
+def test_dream_config_from_an_experiment_file(tmp_path):
+    """The dream settings sit in the d2l strategy section of the experiment files."""
+    exp = {"strategies": {"d2l": {"dream": {"steps": 7, "micro_batch": 8}}, "er": {}}}
+    (tmp_path / "exp.json").write_text(json.dumps(exp))
+    cfg = DreamConfig.from_json(tmp_path / "exp.json")
+    assert cfg.steps == 7 and cfg.micro_batch == 8
+    (tmp_path / "old.json").write_text(json.dumps({"dream": {"steps": 3}}))
+    assert DreamConfig.from_json(tmp_path / "old.json").steps == 3
+    (tmp_path / "bad.json").write_text(json.dumps({"dream": {"stpes": 3}}))
+    with pytest.raises(ValueError, match="stpes"):
+        DreamConfig.from_json(tmp_path / "bad.json")
