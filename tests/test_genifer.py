@@ -455,7 +455,11 @@ def test_registered_with_cpu_preset_defaults():
     assert (cfg.gan_steps_first, cfg.gan_steps, cfg.gan_batch_size) == (200, 200, 64)
     assert (cfg.z_dim, cfg.g_channel_base, cfg.g_channel_max, cfg.d_channels) == (64, 256, 32, 64)
     assert (cfg.ema_kimg, cfg.ema_rampup, cfg.ada_kimg, cfg.replay_crop_pad) == (5.0, 0.05, 20.0, 2)
-    assert (cfg.head, cfg.teacher_bn, cfg.r1_lazy_scaling) == ("fixed", "eval", "interval")
+    assert (cfg.head, cfg.teacher_bn, cfg.r1_lazy_scaling) == (
+        "fresh_per_task",
+        "train",
+        "interval",
+    )
     assert cfg.output_range is None  # measured from the data
     with pytest.raises(ValueError, match="unknown GeniferConfig keys"):
         GeniferConfig.from_dict({"gan_stepz": 3})

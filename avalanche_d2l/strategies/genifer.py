@@ -182,9 +182,9 @@ class GeniferConfig:
     kd_weight: float = 3.0
     fd_weight: float = 0.1
     kd_temperature: float = 1.0
-    head: str = "fixed"
+    head: str = "fresh_per_task"
     head_module: str | None = None
-    teacher_bn: str = "eval"
+    teacher_bn: str = "train"
     replay_ratio: float = 1.0
     replay_split: float | None = None
     replay_crop_pad: int = 2
