@@ -42,8 +42,13 @@ from avalanche_d2l.experiments.runner import run_experiment  # noqa: E402
 VARIANTS: dict[str, dict] = {
     "cpu_preset": {},
     "cpu_preset_fixed_head": {"head": "fixed", "teacher_bn": "eval"},
-    "paper_weights_fixed_head": {"ce_weight": 0.02, "kd_weight": 0.98, "fd_weight": 1.0,
-                                 "head": "fixed", "teacher_bn": "eval"},
+    "paper_weights_fixed_head": {
+        "ce_weight": 0.02,
+        "kd_weight": 0.98,
+        "fd_weight": 1.0,
+        "head": "fixed",
+        "teacher_bn": "eval",
+    },
     "paper_weights": {"ce_weight": 0.02, "kd_weight": 0.98, "fd_weight": 1.0},
 }
 METRICS = (
