@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from avalanche_d2l.dreaming.accel import is_main_process, num_processes, wait_for_everyone
 from avalanche_d2l.experiments.builders import (
     build_benchmark,
     build_model,
@@ -351,7 +352,9 @@ def train_with_checkpoints(
         )
         book["seen"].append(float(results[SEEN_ACC]))
         strategy._compare_book = book
-        save_strategy(strategy, ckpt)
+        if is_main_process():
+            save_strategy(strategy, ckpt)
+        wait_for_everyone()
     summary = summarise_run(strategy, n_train, book["acc"], book["seen"])
     summary["wall_s"] = book["wall_s"]
     return summary
@@ -539,6 +542,11 @@ def run_experiment(
         raise ValueError(f"threads must be >= 1, got {threads}")
     if int(jobs) < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
+    if jobs > 1 and num_processes() > 1:
+        raise ValueError(
+            "--jobs runs independent processes; under accelerate launch the "
+            "processes already share each run: leave --jobs at 1"
+        )
     if max_experiences is not None and int(max_experiences) < 1:
         raise ValueError(f"max_experiences must be >= 1, got {max_experiences}")
     if int(num_workers) < 0:
@@ -603,13 +611,17 @@ def run_experiment(
         log(f"{len(records)} finished run(s) reused from {out / 'runs'}; {len(todo)} to run")
     extras = _other_finished_runs(out, full, exp, keys, opts)
 
+    main = is_main_process()
+
     def finish(key: RunKey, record: dict) -> None:
         settings = run_settings(exp, key, opts)
         record = {**record, "fingerprint": fingerprint(settings), "settings": settings}
-        atomic_write(out / "runs" / f"{key.name}.json", json.dumps(record, indent=1))
         records[key] = record
-        _write_results(results_path, _collect(exp, keys, records, extras))
-        (out / "checkpoints" / f"{key.name}.pkl").unlink(missing_ok=True)
+        if main:  # under accelerate launch every process trains; one writes
+            atomic_write(out / "runs" / f"{key.name}.json", json.dumps(record, indent=1))
+            _write_results(results_path, _collect(exp, keys, records, extras))
+            (out / "checkpoints" / f"{key.name}.pkl").unlink(missing_ok=True)
+        wait_for_everyone()
 
     # ---- 3. run ---------------------------------------------------------------------------
     bar = tqdm(
@@ -629,8 +641,9 @@ def run_experiment(
                 bar.update(1)
     bar.close()
     results = _collect(exp, keys, records, extras)
-    _write_results(results_path, results)
-    write_report(results, out)
+    if main:
+        _write_results(results_path, results)
+        write_report(results, out)
     return results
 
 
