@@ -402,6 +402,7 @@ def make_d2l(dreamer, tmp_path, model=None, **kw):
         optimizer=opt,
         mem_size=40,
         dreamer=dreamer,
+        dreams="optimised",
         dream_config=cfg(steps=2),
         train_mb_size=32,
         train_epochs=1,
@@ -539,7 +540,9 @@ def test_model_with_fixed_head_gets_extra_head_on_feature_layer(bench, dreamer, 
 
 def test_plugin_door_equals_strategy_door(bench, dreamer, tmp_path):
     a = make_d2l(dreamer, tmp_path, cache_dir=None)
-    b = plugin_door([ReplayPlugin(mem_size=40), D2LPlugin(dreamer, cfg(steps=2))])
+    b = plugin_door(
+        [ReplayPlugin(mem_size=40), D2LPlugin(dreamer, cfg(steps=2), dreams="optimised")]
+    )
     for s in (a, b):
         seed_everything(1)
         s.train(bench.train_stream[0])
@@ -565,7 +568,7 @@ def test_plugin_door_equals_strategy_door(bench, dreamer, tmp_path):
 
 def test_d2l_config_defaults_are_the_cpu_preset_and_dicts_are_checked():
     c = D2LConfig()
-    assert (c.dreamer, c.n_extra_heads, c.dreams) == ("offline", 0, "optimised")
+    assert (c.dreamer, c.n_extra_heads, c.dreams) == ("offline", 0, "random")
     preset = dict(
         steps=10,
         lr=0.05,
@@ -578,8 +581,8 @@ def test_d2l_config_defaults_are_the_cpu_preset_and_dicts_are_checked():
     )
     assert {k: getattr(c.dream, k) for k in preset} == preset
     # a nested dream section changes the preset, not DreamConfig()'s own defaults
-    d = D2LConfig.from_dict({"dream": {"steps": 3}, "dreams": "random", "n_extra_heads": 2})
-    assert (d.dream.steps, d.dream.samples_per_class, d.dreams) == (3, 64, "random")
+    d = D2LConfig.from_dict({"dream": {"steps": 3}, "dreams": "optimised", "n_extra_heads": 2})
+    assert (d.dream.steps, d.dream.samples_per_class, d.dreams) == (3, 64, "optimised")
     assert D2LConfig.from_dict(json.loads(json.dumps(d.to_dict()))) == d
     assert D2LConfig.from_dict({}) == D2LConfig()
     with pytest.raises(ValueError, match="valid keys.*dreamer_overrides"):
@@ -771,7 +774,8 @@ def test_der_targets_cover_only_the_classes_the_stored_logits_describe():
     assert torch.count_nonzero(current.grad) == 3  # only the 3 described entries pull
 
 
-def test_next_experience_scores_above_chance_at_start_where_the_host_scores_zero(bench):
+@pytest.mark.parametrize("dreams", ["random", "optimised"])
+def test_next_experience_scores_above_chance_at_start_where_the_host_scores_zero(bench, dreams):
     """D2L's forward transfer: after the sleep phase, experience 1's classes inherit dream heads
     and score above chance before any training on them; plain ER (same model, buffer, epochs)
     predicts only seen classes there: 0. The tiny random UNet of ``tiny_models`` draws noise
@@ -793,6 +797,7 @@ def test_next_experience_scores_above_chance_at_start_where_the_host_scores_zero
                 optimizer=opt,
                 mem_size=60,
                 dreamer=BankDreamer(),
+                dreams=dreams,
                 dream_config=cfg(steps=4, lr=0.3, samples_per_class=64, sleep_epochs=6),
                 train_mb_size=32,
                 train_epochs=2,
