@@ -117,6 +117,83 @@ def to_markdown(rows: list[dict], benchmark: str, seeds: list[int], mem_size: in
     return "\n".join(lines) + "\n"
 
 
+def diagnose(benchmark: str, seed: int, out: Path, dreams: str = "optimised") -> str:
+    """One D2L run (the experiment's settings) with the dreaming history of every phase: the
+    learner's mean target probability per prompt step, the oracle's stop reasons and steps, and
+    the first/last value of each loss term; written to ``out/diagnosis_<dreams>.md``."""
+    import collections
+
+    import torch
+
+    from avalanche_d2l.evaluation import make_evaluator
+    from avalanche_d2l.models.classifiers import small_cnn
+    from avalanche_d2l.registry import RunConfig, build_strategy
+    from avalanche_d2l.scenarios import split_color_digits, split_digits
+    from avalanche_d2l.utils import seed_everything
+
+    torch.set_num_threads(1)
+    make = split_digits if benchmark == "split_digits" else split_color_digits
+    bench = make(n_experiences=5, image_size=16, seed=seed)
+    c = bench.train_stream[0].dataset[0][0].shape[0]
+    seed_everything(seed)
+    model = small_cnn(10, c)
+    run = RunConfig(benchmark=benchmark, epochs=10, mem_size=100, seed=seed, progress=False)
+    strategy = build_strategy(
+        "d2l",
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters(), 1e-3),
+        criterion=torch.nn.CrossEntropyLoss(),
+        benchmark=bench,
+        run=run,
+        evaluator=make_evaluator(bench, interactive=False),
+        device="cpu",
+        config={"dreams": dreams},
+    )
+    lines = [
+        f"# D2L dreaming diagnosis: `{benchmark}`, seed {seed}, dreams={dreams}",
+        "",
+        f"Command: `python benchmarks/d2l_ablation.py --diagnose --benchmark {benchmark}`.",
+        "",
+    ]
+    for k, exp in enumerate(bench.train_stream):
+        seed_everything(seed * 1000 + k)
+        strategy.train(exp, eval_streams=[])
+        if not strategy.d2l_plugin.history or strategy.d2l_plugin.history[-1]["experience"] != k:
+            continue
+        h = strategy.d2l_plugin.history[-1]
+        stops = collections.Counter(v["reason"] for v in h.get("stop", {}).values())
+        steps = sorted(v["step"] for v in h.get("stop", {}).values())
+        tp = " ".join(f"{v:.2f}" for v in h.get("target_prob", []))
+        lines += [
+            f"## after experience {k}",
+            "",
+            f"- prompt steps {h.get('steps')}; stop reasons {dict(stops)} at steps {steps}; "
+            f"initialisation {dict(collections.Counter(h.get('init', {}).values()))}",
+            f"- learner's mean target probability per step: {tp}",
+        ]
+        for term in ("target", "seen", "distinct", "consistency", "norm"):
+            v = h.get(term, [])
+            if v:
+                lines.append(f"- loss `{term}`: {v[0]:.3f} -> {v[-1]:.3f}")
+        ft, fs = h.get("final_target_prob", {}), h.get("final_seen_mass", {})
+        if ft:
+            lines.append(
+                f"- dream set: mean target probability {sum(ft.values()) / len(ft):.2f}, mass "
+                f"on seen classes {sum(fs.values()) / len(fs):.2f}"
+            )
+        lines.append("")
+    fwt = next(
+        m for m in strategy.evaluator.metrics if type(m).__name__ == "ForwardTransferAtStart"
+    )
+    lines.append(
+        "Accuracy at the start of each experience (after head assignment): "
+        + ", ".join(f"{k}: {v:.3f}" for k, v in sorted(fwt.accuracy_at_start.items()))
+    )
+    md = "\n".join(lines) + "\n"
+    _atomic_write(out / f"diagnosis_{dreams}.md", md)
+    return md
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -128,8 +205,16 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/d2l_ablation"))
     parser.add_argument("--quick", action="store_true", help="tiny settings (smoke test)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="one optimised D2L run (first seed) with its dreaming history, then stop",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out) / args.benchmark
+    if args.diagnose:
+        print(diagnose(args.benchmark, args.seeds[0], out))
+        return 0
 
     exp = default_experiment(args.benchmark)
     names = [_register(v) for v in args.variants]
