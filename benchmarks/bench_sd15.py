@@ -9,10 +9,9 @@
    step and generation, for 1, 4 and 20 dream classes with one class per pass -- the peak must be
    flat -- and, for contrast, 4 classes in one pass.
 3. Runs :func:`avalanche_d2l.dreaming.preflight` on that dreamer with a ResNet-18 learner.
-4. For each paper experiment (``avalanche_d2l/experiments/files/d2l_*.json``, else
-   ``benchmarks/configs/d2l_*.json``): FLOPs and saved activations of one prompt pass, one
-   generated image and one learner step counted on the meta device at the paper's sizes (32x32
-   latents, bf16), turned into GPU memory and GPU-hours per run by
+4. For each paper experiment (the shipped ``d2l_*`` experiments): FLOPs and saved activations
+   of one prompt pass, one generated image and one learner step counted on the meta device at
+   the paper's sizes (32x32 latents, bf16), turned into GPU memory and GPU-hours per run by
    :func:`~avalanche_d2l.dreaming.preflight.estimate_paper_cost`. These GPU figures are
    estimates: no GPU was used.
 
@@ -281,15 +280,9 @@ def measure_classes(dreamer: Dreamer, counts: list[int], *, micro_batch: int | N
 
 
 def _experiment_files() -> list[Path]:
-    found: dict[str, Path] = {}
-    for folder in (
-        ROOT / "avalanche_d2l" / "experiments" / "files",
-        ROOT / "benchmarks" / "configs",
-    ):
-        for p in sorted(folder.glob("d2l_*.json")):
-            if p.name != "d2l_split_digits.json":
-                found.setdefault(p.name, p)
-    return [found[k] for k in sorted(found)]
+    from avalanche_d2l.experiments import experiment_files
+
+    return [p for name, p in sorted(experiment_files().items()) if name.startswith("d2l_")]
 
 
 def _d2l_section(data: dict) -> dict:
