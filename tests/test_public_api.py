@@ -154,5 +154,6 @@ def test_strategy_learns_checkpoints_and_resumes_on_a_users_cnn(name, stream, st
     resumed.train(bench.train_stream[1])
     res = resumed.eval(bench.test_stream[:2])
     assert all(0.0 <= res[EXP_ACC.format(k)] <= 1.0 for k in (0, 1))
-    assert res[EXP_ACC.format(1)] >= 0.6, (name, stream, res[EXP_ACC.format(1)])
+    # 4 classes can be predicted now (chance 0.25); experience 1 was learned after resuming
+    assert res[EXP_ACC.format(1)] >= 0.5, (name, stream, res[EXP_ACC.format(1)])
     assert all(torch.isfinite(p).all() for p in resumed.model.parameters())
