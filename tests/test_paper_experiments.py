@@ -70,6 +70,7 @@ def _tiny_d2l(tmp_path: Path, dreamer_dir: Path, n_experiences: int = 3) -> Path
     data["model"]["width"] = 8
     section = data["strategies"]["d2l"]
     section["dreamer"] = str(dreamer_dir)
+    section["dreamer_overrides"].pop("latent_size")  # the tiny dreamer is pixel-space
     section["dreamer_overrides"].update(
         num_inference_steps=2,
         backprop_steps=1,

@@ -66,6 +66,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..dreaming.accel import is_main_process
 from ..dreaming.oracle import Oracle
 from ..dreaming.prompts import DreamConfig, DreamResult, dream_classes
 from ..models.heads import MASK_VALUE, DreamHeads
@@ -1057,7 +1058,7 @@ class D2LPlugin(SupervisedPlugin):
         u8 = self._space().quantise(result.images)
         self._set_dreams(u8, result.labels.clone())
         self._dream_file = None
-        if path is not None:
+        if path is not None and is_main_process():  # every process holds the same dreams
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             torch.save(
