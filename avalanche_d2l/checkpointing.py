@@ -23,9 +23,9 @@ __all__ = ["save_strategy", "load_strategy"]
 def _expose_torch_optim_submodules() -> None:
     prefix = "torch.optim."
     for name, module in list(sys.modules.items()):
-        if name.startswith(prefix) and "." not in name[len(prefix):] and module is not None:
-            if not hasattr(torch.optim, name[len(prefix):]):
-                setattr(torch.optim, name[len(prefix):], module)
+        if name.startswith(prefix) and "." not in name[len(prefix) :] and module is not None:
+            if not hasattr(torch.optim, name[len(prefix) :]):
+                setattr(torch.optim, name[len(prefix) :], module)
 
 
 def save_strategy(strategy, path: str | os.PathLike) -> None:

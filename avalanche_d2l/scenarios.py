@@ -91,13 +91,21 @@ def _digits_tensors(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     if image_size != 8:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True,
-                          align_corners=False).clamp(0, 1)
+        x = F.interpolate(
+            x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False
+        ).clamp(0, 1)
     return x, torch.tensor(digits.target, dtype=torch.long)
 
 
-def _split_digit_tensors(x: torch.Tensor, y: torch.Tensor, *, n_experiences: int, seed: int,
-                         class_order: Sequence[int] | None, test_size: float):
+def _split_digit_tensors(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    n_experiences: int,
+    seed: int,
+    class_order: Sequence[int] | None,
+    test_size: float,
+):
     """Stratified, seeded train/test split of digit tensors into a class-incremental benchmark."""
     from sklearn.model_selection import train_test_split
 
@@ -108,8 +116,13 @@ def _split_digit_tensors(x: torch.Tensor, y: torch.Tensor, *, n_experiences: int
     )
     idx_train, idx_test = torch.as_tensor(idx_train), torch.as_tensor(idx_test)
     return tensor_benchmark(
-        x[idx_train], y[idx_train], x[idx_test], y[idx_test],
-        n_experiences=n_experiences, seed=seed, class_order=class_order,
+        x[idx_train],
+        y[idx_train],
+        x[idx_test],
+        y[idx_test],
+        n_experiences=n_experiences,
+        seed=seed,
+        class_order=class_order,
     )
 
 
@@ -140,8 +153,9 @@ def split_digits(
     x, y = _digits_tensors(image_size)
     if channels == 3:
         x = x.repeat(1, 3, 1, 1)
-    return _split_digit_tensors(x, y, n_experiences=n_experiences, seed=seed,
-                                class_order=class_order, test_size=test_size)
+    return _split_digit_tensors(
+        x, y, n_experiences=n_experiences, seed=seed, class_order=class_order, test_size=test_size
+    )
 
 
 def split_color_digits(
@@ -174,8 +188,9 @@ def split_color_digits(
     fg = torch.empty(n, 3, 1, 1).uniform_(0.5, 1.0, generator=g)
     bg = torch.empty(n, 3, 1, 1).uniform_(0.0, 0.35, generator=g)
     x = bg + (fg - bg) * x
-    return _split_digit_tensors(x, y, n_experiences=n_experiences, seed=seed,
-                                class_order=class_order, test_size=test_size)
+    return _split_digit_tensors(
+        x, y, n_experiences=n_experiences, seed=seed, class_order=class_order, test_size=test_size
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +199,14 @@ def split_color_digits(
 
 #: File suffixes (compared lower-case) read as images by the folder loaders.
 IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".webp",
+    ".tif",
+    ".tiff",
 )
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -259,8 +281,17 @@ class _Source:
             raise self.error(FileNotFoundError, what)
 
 
-def _open_folder_source(name: str, root, *, layout: str, n_classes: int, n_experiences: int,
-                        image_size: int, class_order, named_orders=None):
+def _open_folder_source(
+    name: str,
+    root,
+    *,
+    layout: str,
+    n_classes: int,
+    n_experiences: int,
+    image_size: int,
+    class_order,
+    named_orders=None,
+):
     """The checks every image-folder loader starts with, in order: image size, experience split,
     class order, root folder. Returns ``(root, order, source)``."""
     _check_image_size(image_size)
@@ -288,8 +319,9 @@ class ImagePathDataset(Dataset):
         classes: class names (folder names or wnids); ``classes[label]`` names a label.
     """
 
-    def __init__(self, *, paths: Sequence[str | Path], targets: Sequence[int],
-                 classes: Sequence[str]):
+    def __init__(
+        self, *, paths: Sequence[str | Path], targets: Sequence[int], classes: Sequence[str]
+    ):
         if len(paths) != len(targets):
             raise ValueError(f"got {len(paths)} paths but {len(targets)} targets")
         self.paths = [str(p) for p in paths]
@@ -305,8 +337,11 @@ class ImagePathDataset(Dataset):
 
     def subset(self, indices: Sequence[int]) -> ImagePathDataset:
         """The items at ``indices`` (same classes)."""
-        return ImagePathDataset(paths=[self.paths[i] for i in indices],
-                                targets=[self.targets[i] for i in indices], classes=self.classes)
+        return ImagePathDataset(
+            paths=[self.paths[i] for i in indices],
+            targets=[self.targets[i] for i in indices],
+            classes=self.classes,
+        )
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -317,8 +352,10 @@ class ImagePathDataset(Dataset):
             with Image.open(path) as img:
                 rgb = img.convert("RGB")  # greyscale / CMYK / palette files -> 3 channels
         except (OSError, SyntaxError, ValueError) as err:  # truncated or not an image
-            raise OSError(f"cannot read image {path}: {err} (remove or replace the file; "
-                          "`--check-data` lists every unreadable one before training)") from err
+            raise OSError(
+                f"cannot read image {path}: {err} (remove or replace the file; "
+                "`--check-data` lists every unreadable one before training)"
+            ) from err
         return rgb, self.targets[index]
 
 
@@ -326,13 +363,19 @@ def _list_images(folder: Path, extensions: Sequence[str]) -> list[str]:
     exts = tuple(e.lower() for e in extensions)
     with os.scandir(folder) as entries:
         return sorted(
-            e.path for e in entries
+            e.path
+            for e in entries
             if e.is_file() and e.name.lower().endswith(exts) and not e.name.startswith(".")
         )
 
 
-def _read_class_folders(split_dir: Path, *, source: _Source, classes: Sequence[str] | None = None,
-                        extensions: Sequence[str] = IMAGE_EXTENSIONS) -> ImagePathDataset:
+def _read_class_folders(
+    split_dir: Path,
+    *,
+    source: _Source,
+    classes: Sequence[str] | None = None,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+) -> ImagePathDataset:
     """The shared image-folder reader: ``split_dir/<class>/<image>`` -> :class:`ImagePathDataset`.
 
     Args:
@@ -353,8 +396,12 @@ def _read_class_folders(split_dir: Path, *, source: _Source, classes: Sequence[s
     if classes is None:
         if not subdirs:
             loose = _list_images(split_dir, extensions)
-            hint = (f"It holds {len(loose)} image files but no class folders: sort the images into "
-                    "one sub-folder per class." if loose else None)
+            hint = (
+                f"It holds {len(loose)} image files but no class folders: sort the images into "
+                "one sub-folder per class."
+                if loose
+                else None
+            )
             raise source.error(ValueError, f"no class folders in {split_dir}", hint)
         classes = subdirs
     else:
@@ -362,19 +409,29 @@ def _read_class_folders(split_dir: Path, *, source: _Source, classes: Sequence[s
         missing = [c for c in classes if c not in present]
         if missing:
             loose = _list_images(split_dir, extensions)
-            hint = (f"{split_dir} holds {len(loose)} loose image files: sort them into one folder "
-                    "per class (ImageNet's val/ ships flat; use its ground-truth labels to sort "
-                    "it)." if loose else None)
+            hint = (
+                f"{split_dir} holds {len(loose)} loose image files: sort them into one folder "
+                "per class (ImageNet's val/ ships flat; use its ground-truth labels to sort "
+                "it)."
+                if loose
+                else None
+            )
             shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-            raise source.error(FileNotFoundError, f"{len(missing)} of {len(classes)} class folders "
-                               f"missing in {split_dir}: {shown}", hint)
+            raise source.error(
+                FileNotFoundError,
+                f"{len(missing)} of {len(classes)} class folders missing in {split_dir}: {shown}",
+                hint,
+            )
     paths: list[str] = []
     targets: list[int] = []
     for label, name in enumerate(classes):
         files = _list_images(split_dir / name, extensions)
         if not files:
-            raise source.error(ValueError, f"class folder {split_dir / name} has no image files "
-                               f"(looked for {', '.join(extensions)})")
+            raise source.error(
+                ValueError,
+                f"class folder {split_dir / name} has no image files "
+                f"(looked for {', '.join(extensions)})",
+            )
         paths += files
         targets += [label] * len(files)
     return ImagePathDataset(paths=paths, targets=targets, classes=classes)
@@ -384,27 +441,34 @@ def _find_split_dir(root: Path, names: Sequence[str]) -> Path | None:
     return next((root / n for n in names if (root / n).is_dir()), None)
 
 
-def _read_train_test_folders(train_dir: Path, test_dir: Path, *, source: _Source,
-                             classes: Sequence[str] | None = None
-                             ) -> tuple[ImagePathDataset, ImagePathDataset]:
+def _read_train_test_folders(
+    train_dir: Path, test_dir: Path, *, source: _Source, classes: Sequence[str] | None = None
+) -> tuple[ImagePathDataset, ImagePathDataset]:
     """Both splits with one label order: the train split's classes (or ``classes``)."""
     train = _read_class_folders(train_dir, source=source, classes=classes)
     if classes is None:
         known = set(train.classes)
         with os.scandir(test_dir) as entries:
-            extra = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith(".")
-                           and e.name not in known)
+            extra = sorted(
+                e.name
+                for e in entries
+                if e.is_dir() and not e.name.startswith(".") and e.name not in known
+            )
         if extra:
-            raise source.error(ValueError, f"{test_dir} has class folders that {train_dir} lacks: "
-                               f"{', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''}",
-                               "Train and test must hold the same classes (a few-shot split with "
-                               "disjoint classes per split is not a class-incremental split).")
+            raise source.error(
+                ValueError,
+                f"{test_dir} has class folders that {train_dir} lacks: "
+                f"{', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''}",
+                "Train and test must hold the same classes (a few-shot split with "
+                "disjoint classes per split is not a class-incremental split).",
+            )
     test = _read_class_folders(test_dir, source=source, classes=train.classes)
     return train, test
 
 
-def stratified_split(targets: Sequence[int], *, test_fraction: float, seed: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    targets: Sequence[int], *, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Seeded per-class split of item indices into (train, test).
 
     Each class sends ``round(n * test_fraction)`` of its ``n`` items to the test side, at least
@@ -432,8 +496,9 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _experience_sizes(n_classes: int, n_experiences: int, first_experience_classes: int | None,
-                      name: str) -> dict[int, int] | None:
+def _experience_sizes(
+    n_classes: int, n_experiences: int, first_experience_classes: int | None, name: str
+) -> dict[int, int] | None:
     """Validate the class split; return ``per_exp_classes`` for ``nc_benchmark``."""
     if n_experiences < 1:
         raise ValueError(f"{name}: n_experiences must be >= 1, got {n_experiences}")
@@ -445,8 +510,11 @@ def _experience_sizes(n_classes: int, n_experiences: int, first_experience_class
             )
         return None
     rest, later = n_classes - first_experience_classes, n_experiences - 1
-    if not 0 < first_experience_classes <= n_classes or (later == 0) != (rest == 0) or (
-            later > 0 and rest % later != 0):
+    if (
+        not 0 < first_experience_classes <= n_classes
+        or (later == 0) != (rest == 0)
+        or (later > 0 and rest % later != 0)
+    ):
         raise ValueError(
             f"{name}: first_experience_classes={first_experience_classes} and "
             f"n_experiences={n_experiences} do not split the {n_classes} classes: the other "
@@ -457,30 +525,40 @@ def _experience_sizes(n_classes: int, n_experiences: int, first_experience_class
     return {0: first_experience_classes}
 
 
-def _resolve_class_order(class_order: Sequence[int] | str | None, n_classes: int, name: str,
-                         named: Mapping[str, Callable[[], list[int]]] | None = None
-                         ) -> list[int] | None:
+def _resolve_class_order(
+    class_order: Sequence[int] | str | None,
+    n_classes: int,
+    name: str,
+    named: Mapping[str, Callable[[], list[int]]] | None = None,
+) -> list[int] | None:
     """Explicit list -> validated list; a known name -> its order; None -> None (seeded shuffle)."""
     named = dict(named or {})
     if class_order is None:
         return None
     if isinstance(class_order, str):
         if class_order not in named:
-            raise ValueError(f"{name}: unknown class_order {class_order!r}; pass one of "
-                             f"{sorted(named)}, an explicit list of class ids, or None (seeded)")
+            raise ValueError(
+                f"{name}: unknown class_order {class_order!r}; pass one of "
+                f"{sorted(named)}, an explicit list of class ids, or None (seeded)"
+            )
         order = named[class_order]()
     else:
         order = [int(c) for c in class_order]
     if sorted(order) != list(range(n_classes)):
-        raise ValueError(f"{name}: class_order must be a permutation of 0..{n_classes - 1}, "
-                         f"got {len(order)} ids {order[:10]}{' ...' if len(order) > 10 else ''}")
+        raise ValueError(
+            f"{name}: class_order must be a permutation of 0..{n_classes - 1}, "
+            f"got {len(order)} ids {order[:10]}{' ...' if len(order) > 10 else ''}"
+        )
     return order
 
 
 def _check_class_count(n_found: int, expected: int, source: _Source) -> None:
     if n_found != expected:
-        raise source.error(ValueError, f"found {n_found} classes, expected {expected}",
-                           "Pass expected_classes to use a subset of the dataset on purpose.")
+        raise source.error(
+            ValueError,
+            f"found {n_found} classes, expected {expected}",
+            "Pass expected_classes to use a subset of the dataset on purpose.",
+        )
 
 
 def _check_image_size(image_size: int) -> None:
@@ -488,9 +566,13 @@ def _check_image_size(image_size: int) -> None:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
 
 
-def default_image_transforms(image_size: int, *, normalize: bool = False,
-                             mean: Sequence[float] = IMAGENET_MEAN,
-                             std: Sequence[float] = IMAGENET_STD):
+def default_image_transforms(
+    image_size: int,
+    *,
+    normalize: bool = False,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+):
     """Default (train, eval) transforms for the image-folder benchmarks.
 
     Train: resize the short side to ``round(image_size * 8 / 7)`` (256 for 224), random crop
@@ -505,9 +587,17 @@ def default_image_transforms(image_size: int, *, normalize: bool = False,
     return train, test
 
 
-def _build_benchmark(train: Dataset, test: Dataset, *, n_experiences: int, seed: int,
-                     class_order: list[int] | None, per_exp_classes: dict[int, int] | None,
-                     train_transform, eval_transform) -> NCScenario:
+def _build_benchmark(
+    train: Dataset,
+    test: Dataset,
+    *,
+    n_experiences: int,
+    seed: int,
+    class_order: list[int] | None,
+    per_exp_classes: dict[int, int] | None,
+    train_transform,
+    eval_transform,
+) -> NCScenario:
     """Wrap both datasets as Avalanche classification datasets and split them by class."""
     return nc_benchmark(
         _make_taskaware_classification_dataset(train, task_labels=0),
@@ -584,34 +674,52 @@ def split_cifar100(
     order = _resolve_class_order(class_order, n_classes, name, {"icarl": icarl_class_order})
     source = _Source(name=name, root=root, layout=CIFAR100_LAYOUT)
     if not download:
-        hint = ("Pass download=True where internet is available (torchvision fetches the 161 MB "
-                "archive into root), or copy the extracted cifar-100-python/ folder there.")
+        hint = (
+            "Pass download=True where internet is available (torchvision fetches the 161 MB "
+            "archive into root), or copy the extracted cifar-100-python/ folder there."
+        )
         if not root.is_dir():
             raise source.error(FileNotFoundError, "root does not exist", hint)
-        missing = [f for f in ("train", "test", "meta")
-                   if not (root / CIFAR100.base_folder / f).is_file()]
+        missing = [
+            f for f in ("train", "test", "meta") if not (root / CIFAR100.base_folder / f).is_file()
+        ]
         if missing:
-            raise source.error(FileNotFoundError, f"missing {', '.join(missing)} in "
-                               f"{root / CIFAR100.base_folder}", hint)
+            raise source.error(
+                FileNotFoundError,
+                f"missing {', '.join(missing)} in {root / CIFAR100.base_folder}",
+                hint,
+            )
     try:
         train = CIFAR100(str(root), train=True, download=download)
         test = CIFAR100(str(root), train=False, download=False)
     except RuntimeError as err:  # torchvision's "not found or corrupted" (MD5 mismatch)
-        raise source.error(ValueError, f"torchvision could not load the files: {err}",
-                           "They exist but fail torchvision's MD5 check (truncated copy, or not "
-                           "the official python version). Delete the folder and pass "
-                           "download=True where internet is available.") from err
+        raise source.error(
+            ValueError,
+            f"torchvision could not load the files: {err}",
+            "They exist but fail torchvision's MD5 check (truncated copy, or not "
+            "the official python version). Delete the folder and pass "
+            "download=True where internet is available.",
+        ) from err
     _check_class_count(len(set(train.targets)), n_classes, source)
     if sorted(set(train.targets)) != list(range(n_classes)) or not set(test.targets) <= set(
-            train.targets):
-        raise source.error(ValueError, f"labels must be 0..{n_classes - 1} in train and a subset "
-                           "of them in test")
-    default_train = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor()]
-                              + ([T.Normalize(CIFAR100_MEAN, CIFAR100_STD)] if normalize else []))
-    default_eval = T.Compose([T.ToTensor()]
-                             + ([T.Normalize(CIFAR100_MEAN, CIFAR100_STD)] if normalize else []))
+        train.targets
+    ):
+        raise source.error(
+            ValueError, f"labels must be 0..{n_classes - 1} in train and a subset of them in test"
+        )
+    default_train = T.Compose(
+        [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor()]
+        + ([T.Normalize(CIFAR100_MEAN, CIFAR100_STD)] if normalize else [])
+    )
+    default_eval = T.Compose(
+        [T.ToTensor()] + ([T.Normalize(CIFAR100_MEAN, CIFAR100_STD)] if normalize else [])
+    )
     return _build_benchmark(
-        train, test, n_experiences=n_experiences, seed=seed, class_order=order,
+        train,
+        test,
+        n_experiences=n_experiences,
+        seed=seed,
+        class_order=order,
         per_exp_classes=per_exp,
         train_transform=train_transform if train_transform is not None else default_train,
         eval_transform=eval_transform if eval_transform is not None else default_eval,
@@ -627,8 +735,9 @@ def _read_id_table(path: Path, source: _Source) -> dict[int, str]:
                 continue
             parts = line.split(maxsplit=1)
             if len(parts) != 2 or not parts[0].isdigit():
-                raise source.error(ValueError, f"{path}:{lineno}: expected '<id> <value>', got "
-                                   f"{line.strip()!r}")
+                raise source.error(
+                    ValueError, f"{path}:{lineno}: expected '<id> <value>', got {line.strip()!r}"
+                )
             table[int(parts[0])] = parts[1].strip()
     if not table:
         raise source.error(ValueError, f"{path} is empty")
@@ -683,8 +792,14 @@ def split_cub200(
     name = "split_cub200"
     n_classes = 200 if expected_classes is None else expected_classes
     root, order, source = _open_folder_source(
-        name, root, layout=CUB200_LAYOUT, n_classes=n_classes, n_experiences=n_experiences,
-        image_size=image_size, class_order=class_order)
+        name,
+        root,
+        layout=CUB200_LAYOUT,
+        n_classes=n_classes,
+        n_experiences=n_experiences,
+        image_size=image_size,
+        class_order=class_order,
+    )
     base = root / "CUB_200_2011" if (root / "CUB_200_2011").is_dir() else root
     needed = ["images.txt", "image_class_labels.txt", "train_test_split.txt", "images/"]
     missing = [n for n in needed if not (base / n).exists()]
@@ -696,25 +811,34 @@ def split_cub200(
     for fname, table in (("image_class_labels.txt", class_ids), ("train_test_split.txt", is_train)):
         if table.keys() != rel_paths.keys():
             diff = sorted(rel_paths.keys() ^ table.keys())
-            raise source.error(ValueError, f"images.txt and {fname} list different image ids "
-                               f"({len(diff)} differ, e.g. {diff[:5]})")
+            raise source.error(
+                ValueError,
+                f"images.txt and {fname} list different image ids "
+                f"({len(diff)} differ, e.g. {diff[:5]})",
+            )
     bad = [i for i in rel_paths if not class_ids[i].isdigit() or is_train[i] not in ("0", "1")]
     if bad:
-        raise source.error(ValueError, f"image {bad[0]}: class id {class_ids[bad[0]]!r} / split "
-                           f"flag {is_train[bad[0]]!r}; expected an integer and 0 or 1")
+        raise source.error(
+            ValueError,
+            f"image {bad[0]}: class id {class_ids[bad[0]]!r} / split "
+            f"flag {is_train[bad[0]]!r}; expected an integer and 0 or 1",
+        )
     ids = sorted(rel_paths)
     paths = [base / "images" / rel_paths[i] for i in ids]
     absent = [p for p in paths if not p.is_file()]
     if absent:
-        raise source.error(FileNotFoundError, f"{len(absent)} image files listed in images.txt are "
-                           f"missing, e.g. {absent[0]}")
+        raise source.error(
+            FileNotFoundError,
+            f"{len(absent)} image files listed in images.txt are missing, e.g. {absent[0]}",
+        )
     sorted_ids = sorted({int(class_ids[i]) for i in ids})
     _check_class_count(len(sorted_ids), n_classes, source)
     label_of = {cid: label for label, cid in enumerate(sorted_ids)}
     names = {int(class_ids[i]): p.parent.name for p, i in zip(paths, ids)}  # folder names
     if (base / "classes.txt").is_file():
-        names.update({k: v for k, v in _read_id_table(base / "classes.txt", source).items()
-                      if k in label_of})
+        names.update(
+            {k: v for k, v in _read_id_table(base / "classes.txt", source).items() if k in label_of}
+        )
     classes = [names[cid] for cid in sorted_ids]
     targets = [label_of[int(class_ids[i])] for i in ids]
     full = ImagePathDataset(paths=paths, targets=targets, classes=classes)
@@ -723,19 +847,43 @@ def split_cub200(
     train, test = full.subset(train_idx), full.subset(test_idx)
     lacking = sorted(set(range(n_classes)) - (set(train.targets) & set(test.targets)))
     if lacking:
-        raise source.error(ValueError, f"classes {[classes[c] for c in lacking[:5]]} have no "
-                           "train or no test images in train_test_split.txt")
-    return _folder_benchmark(train, test, n_experiences=n_experiences, image_size=image_size,
-                             seed=seed, order=order, normalize=normalize,
-                             train_transform=train_transform, eval_transform=eval_transform)
+        raise source.error(
+            ValueError,
+            f"classes {[classes[c] for c in lacking[:5]]} have no "
+            "train or no test images in train_test_split.txt",
+        )
+    return _folder_benchmark(
+        train,
+        test,
+        n_experiences=n_experiences,
+        image_size=image_size,
+        seed=seed,
+        order=order,
+        normalize=normalize,
+        train_transform=train_transform,
+        eval_transform=eval_transform,
+    )
 
 
-def _folder_benchmark(train: ImagePathDataset, test: ImagePathDataset, *, n_experiences: int,
-                      image_size: int, seed: int, order: list[int] | None, normalize: bool,
-                      train_transform, eval_transform) -> NCScenario:
+def _folder_benchmark(
+    train: ImagePathDataset,
+    test: ImagePathDataset,
+    *,
+    n_experiences: int,
+    image_size: int,
+    seed: int,
+    order: list[int] | None,
+    normalize: bool,
+    train_transform,
+    eval_transform,
+) -> NCScenario:
     default_train, default_eval = default_image_transforms(image_size, normalize=normalize)
     return _build_benchmark(
-        train, test, n_experiences=n_experiences, seed=seed, class_order=order,
+        train,
+        test,
+        n_experiences=n_experiences,
+        seed=seed,
+        class_order=order,
         per_exp_classes=None,
         train_transform=train_transform if train_transform is not None else default_train,
         eval_transform=eval_transform if eval_transform is not None else default_eval,
@@ -790,18 +938,38 @@ def split_mini_imagenet(
     name = "split_mini_imagenet"
     n_classes = 100 if expected_classes is None else expected_classes
     root, order, source = _open_folder_source(
-        name, root, layout=MINI_IMAGENET_LAYOUT, n_classes=n_classes, n_experiences=n_experiences,
-        image_size=image_size, class_order=class_order)
+        name,
+        root,
+        layout=MINI_IMAGENET_LAYOUT,
+        n_classes=n_classes,
+        n_experiences=n_experiences,
+        image_size=image_size,
+        class_order=class_order,
+    )
     test_dir = _find_split_dir(root, ("test", "val"))
     if not (root / "train").is_dir() or test_dir is None:
-        lacking = [d for d, ok in (("train/", (root / "train").is_dir()),
-                                   ("test/ (or val/)", test_dir is not None)) if not ok]
+        lacking = [
+            d
+            for d, ok in (
+                ("train/", (root / "train").is_dir()),
+                ("test/ (or val/)", test_dir is not None),
+            )
+            if not ok
+        ]
         raise source.error(FileNotFoundError, f"missing {' and '.join(lacking)}")
     train, test = _read_train_test_folders(root / "train", test_dir, source=source)
     _check_class_count(len(train.classes), n_classes, source)
-    return _folder_benchmark(train, test, n_experiences=n_experiences, image_size=image_size,
-                             seed=seed, order=order, normalize=normalize,
-                             train_transform=train_transform, eval_transform=eval_transform)
+    return _folder_benchmark(
+        train,
+        test,
+        n_experiences=n_experiences,
+        image_size=image_size,
+        seed=seed,
+        order=order,
+        normalize=normalize,
+        train_transform=train_transform,
+        eval_transform=eval_transform,
+    )
 
 
 def split_imagenet_r(
@@ -859,8 +1027,14 @@ def split_imagenet_r(
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"{name}: test_fraction must be in (0, 1), got {test_fraction}")
     root, order, source = _open_folder_source(
-        name, root, layout=IMAGENET_R_LAYOUT, n_classes=n_classes, n_experiences=n_experiences,
-        image_size=image_size, class_order=class_order)
+        name,
+        root,
+        layout=IMAGENET_R_LAYOUT,
+        n_classes=n_classes,
+        n_experiences=n_experiences,
+        image_size=image_size,
+        class_order=class_order,
+    )
     test_dir = _find_split_dir(root, ("test", "val"))
     if (root / "train").is_dir() and test_dir is not None:
         train, test = _read_train_test_folders(root / "train", test_dir, source=source)
@@ -868,23 +1042,38 @@ def split_imagenet_r(
         class_dir = root / "imagenet-r" if (root / "imagenet-r").is_dir() else root
         full = _read_class_folders(class_dir, source=source)
         try:
-            train_idx, test_idx = stratified_split(full.targets, test_fraction=test_fraction,
-                                                   seed=seed)
+            train_idx, test_idx = stratified_split(
+                full.targets, test_fraction=test_fraction, seed=seed
+            )
         except ValueError as err:
             raise source.error(ValueError, str(err)) from err
         train, test = full.subset(train_idx.tolist()), full.subset(test_idx.tolist())
     _check_class_count(len(train.classes), n_classes, source)
-    return _folder_benchmark(train, test, n_experiences=n_experiences, image_size=image_size,
-                             seed=seed, order=order, normalize=normalize,
-                             train_transform=train_transform, eval_transform=eval_transform)
+    return _folder_benchmark(
+        train,
+        test,
+        n_experiences=n_experiences,
+        image_size=image_size,
+        seed=seed,
+        order=order,
+        normalize=normalize,
+        train_transform=train_transform,
+        eval_transform=eval_transform,
+    )
 
 
 def fg_imagenet_wnids() -> list[str]:
     """The 100 FG-ImageNet wnids in label order (packaged ``data/fg_imagenet_wnids.txt``)."""
-    text = resources.files("avalanche_d2l").joinpath("data", "fg_imagenet_wnids.txt").read_text(
-        encoding="utf-8")
-    return [line.strip() for line in text.splitlines()
-            if line.strip() and not line.lstrip().startswith("#")]
+    text = (
+        resources.files("avalanche_d2l")
+        .joinpath("data", "fg_imagenet_wnids.txt")
+        .read_text(encoding="utf-8")
+    )
+    return [
+        line.strip()
+        for line in text.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 def split_fg_imagenet(
@@ -935,20 +1124,40 @@ def split_fg_imagenet(
     classes = list(wnids) if wnids is not None else fg_imagenet_wnids()
     duplicated = sorted({w for w in classes if classes.count(w) > 1})
     if not classes or duplicated:
-        raise ValueError(f"{name}: wnids must be a non-empty list without repeats; repeated: "
-                         f"{duplicated}")
+        raise ValueError(
+            f"{name}: wnids must be a non-empty list without repeats; repeated: {duplicated}"
+        )
     n_classes = len(classes)
     root, order, source = _open_folder_source(
-        name, root, layout=FG_IMAGENET_LAYOUT, n_classes=n_classes, n_experiences=n_experiences,
-        image_size=image_size, class_order=class_order,
-        named_orders={"wnids": lambda: list(range(n_classes))})
+        name,
+        root,
+        layout=FG_IMAGENET_LAYOUT,
+        n_classes=n_classes,
+        n_experiences=n_experiences,
+        image_size=image_size,
+        class_order=class_order,
+        named_orders={"wnids": lambda: list(range(n_classes))},
+    )
     test_dir = _find_split_dir(root, ("val", "test"))
     if not (root / "train").is_dir() or test_dir is None:
-        lacking = [d for d, ok in (("train/", (root / "train").is_dir()),
-                                   ("val/ (or test/)", test_dir is not None)) if not ok]
+        lacking = [
+            d
+            for d, ok in (
+                ("train/", (root / "train").is_dir()),
+                ("val/ (or test/)", test_dir is not None),
+            )
+            if not ok
+        ]
         raise source.error(FileNotFoundError, f"missing {' and '.join(lacking)}")
-    train, test = _read_train_test_folders(root / "train", test_dir, source=source,
-                                           classes=classes)
-    return _folder_benchmark(train, test, n_experiences=n_experiences, image_size=image_size,
-                             seed=seed, order=order, normalize=normalize,
-                             train_transform=train_transform, eval_transform=eval_transform)
+    train, test = _read_train_test_folders(root / "train", test_dir, source=source, classes=classes)
+    return _folder_benchmark(
+        train,
+        test,
+        n_experiences=n_experiences,
+        image_size=image_size,
+        seed=seed,
+        order=order,
+        normalize=normalize,
+        train_transform=train_transform,
+        eval_transform=eval_transform,
+    )

@@ -23,19 +23,29 @@ def _cnn(num_classes: int, in_channels: int) -> nn.Module:
 
 def _resnet_features(n: int, s: int) -> dict[str, tuple[int, ...]]:
     w = WIDTH
-    return {"layer1": (n, w, s, s), "layer2": (n, 2 * w, s // 2, s // 2),
-            "layer3": (n, 4 * w, s // 4, s // 4), "layer4": (n, 8 * w, s // 8, s // 8),
-            "features": (n, 8 * w)}
+    return {
+        "layer1": (n, w, s, s),
+        "layer2": (n, 2 * w, s // 2, s // 2),
+        "layer3": (n, 4 * w, s // 4, s // 4),
+        "layer4": (n, 8 * w, s // 8, s // 8),
+        "features": (n, 8 * w),
+    }
 
 
 def _cnn_features(n: int, s: int) -> dict[str, tuple[int, ...]]:
     w = WIDTH
-    return {"block1": (n, w, s // 2, s // 2), "block2": (n, 2 * w, s // 4, s // 4),
-            "block3": (n, 2 * w, s // 4, s // 4), "features": (n, 128)}
+    return {
+        "block1": (n, w, s // 2, s // 2),
+        "block2": (n, 2 * w, s // 4, s // 4),
+        "block3": (n, 2 * w, s // 4, s // 4),
+        "features": (n, 128),
+    }
 
 
-MODELS = {"resnet18_cifar": (_resnet, _resnet_features, "linear"),
-          "small_cnn": (_cnn, _cnn_features, "classifier")}
+MODELS = {
+    "resnet18_cifar": (_resnet, _resnet_features, "linear"),
+    "small_cnn": (_cnn, _cnn_features, "classifier"),
+}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -78,8 +88,10 @@ def test_captured_features_keep_the_graph():
 
 def test_hook_removed_and_pop_without_forward_errors():
     model = _cnn(5, 1)
-    with capture_features(model, "block3") as hook, pytest.raises(RuntimeError,
-                                                                  match="produced no output"):
+    with (
+        capture_features(model, "block3") as hook,
+        pytest.raises(RuntimeError, match="produced no output"),
+    ):
         hook.pop()
     model(torch.rand(1, 1, 8, 8))
     assert hook.output is None  # removed on exit: later forwards are not captured

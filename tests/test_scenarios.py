@@ -158,8 +158,10 @@ def test_stratified_split_sizes_and_seed():
     assert [int((y[te] == c).sum()) for c in range(3)] == [2, 1, 1]  # >= 1 per class
     tr2, te2 = stratified_split(targets, test_fraction=0.2, seed=0)
     assert np.array_equal(te, te2) and np.array_equal(tr, tr2)
-    assert any(not np.array_equal(te, stratified_split(targets, test_fraction=0.2, seed=s)[1])
-               for s in range(1, 4))
+    assert any(
+        not np.array_equal(te, stratified_split(targets, test_fraction=0.2, seed=s)[1])
+        for s in range(1, 4)
+    )
     with pytest.raises(ValueError, match="test_fraction must be in"):
         stratified_split(targets, test_fraction=1.0, seed=0)
     with pytest.raises(ValueError, match="needs >= 2"):
@@ -219,17 +221,21 @@ def test_split_cifar100_genifer_protocol(cifar_root):
 
 
 def test_split_cifar100_other_orders(cifar_root):
-    a = split_cifar100(cifar_root, n_experiences=10, first_experience_classes=None,
-                       class_order=None, seed=0)
+    a = split_cifar100(
+        cifar_root, n_experiences=10, first_experience_classes=None, class_order=None, seed=0
+    )
     assert [len(e.classes_in_this_experience) for e in a.train_stream] == [10] * 10
-    b = split_cifar100(cifar_root, n_experiences=10, first_experience_classes=None,
-                       class_order=None, seed=0)
-    c = split_cifar100(cifar_root, n_experiences=10, first_experience_classes=None,
-                       class_order=None, seed=1)
+    b = split_cifar100(
+        cifar_root, n_experiences=10, first_experience_classes=None, class_order=None, seed=0
+    )
+    c = split_cifar100(
+        cifar_root, n_experiences=10, first_experience_classes=None, class_order=None, seed=1
+    )
     assert a.classes_order == b.classes_order != c.classes_order
     explicit = list(range(99, -1, -1))
-    d = split_cifar100(cifar_root, n_experiences=2, first_experience_classes=None,
-                       class_order=explicit)
+    d = split_cifar100(
+        cifar_root, n_experiences=2, first_experience_classes=None, class_order=explicit
+    )
     assert list(d.classes_order) == explicit
     e = split_cifar100(cifar_root, normalize=True)
     x, _ = _stream_tensors(e.test_stream, limit=1)
@@ -261,8 +267,13 @@ def test_split_cifar100_checksum_and_class_count(tmp_path, monkeypatch):
     monkeypatch.setattr(CIFAR100, "meta", {**CIFAR100.meta, "md5": md5["meta"]})
     with pytest.raises(ValueError, match="found 4 classes, expected 100"):
         split_cifar100(tmp_path / "small")
-    bench = split_cifar100(tmp_path / "small", expected_classes=4, n_experiences=3,
-                           first_experience_classes=2, class_order=None)
+    bench = split_cifar100(
+        tmp_path / "small",
+        expected_classes=4,
+        n_experiences=3,
+        first_experience_classes=2,
+        class_order=None,
+    )
     assert [len(e.classes_in_this_experience) for e in bench.train_stream] == [2, 1, 1]
 
 
@@ -287,8 +298,12 @@ def _write_cub(root: Path) -> Path:
             labels.append(f"{image_id} {cid}")
             split.append(f"{image_id} {int(i < 2)}")
             image_id += 1
-    for name, lines in (("images.txt", images), ("image_class_labels.txt", labels),
-                        ("train_test_split.txt", split), ("classes.txt", classes)):
+    for name, lines in (
+        ("images.txt", images),
+        ("image_class_labels.txt", labels),
+        ("train_test_split.txt", split),
+        ("classes.txt", classes),
+    ):
         (base / name).write_text("\n".join(lines) + "\n")
     return base
 
@@ -324,8 +339,9 @@ def test_split_cub200_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="1 image files listed in images.txt are missing"):
         split_cub200(tmp_path, expected_classes=4, n_experiences=2)
     (base / "train_test_split.txt").unlink()
-    with pytest.raises(FileNotFoundError,
-                       match=r"(?s)missing train_test_split.txt.*Expected layout"):
+    with pytest.raises(
+        FileNotFoundError, match=r"(?s)missing train_test_split.txt.*Expected layout"
+    ):
         split_cub200(tmp_path, expected_classes=4, n_experiences=2)
 
 
@@ -377,32 +393,45 @@ def test_split_imagenet_r_seeded_stratified_split(tmp_path):
     _image_folder(tmp_path / "imagenet-r", WNIDS4, 5)
 
     def items(bench):
-        return {s: [_decode(xi) for xi in _stream_tensors(getattr(bench, s))[0]]
-                for s in ("train_stream", "test_stream")}
+        return {
+            s: [_decode(xi) for xi in _stream_tensors(getattr(bench, s))[0]]
+            for s in ("train_stream", "test_stream")
+        }
 
-    bench = split_imagenet_r(tmp_path, n_experiences=4, image_size=8, expected_classes=4,
-                             test_fraction=0.2, seed=0)
+    bench = split_imagenet_r(
+        tmp_path, n_experiences=4, image_size=8, expected_classes=4, test_fraction=0.2, seed=0
+    )
     _check_class_partition(bench, 4)
     a = items(bench)
     assert len(a["train_stream"]) == 16 and len(a["test_stream"]) == 4
     assert sorted(k for k, _ in a["test_stream"]) == [0, 1, 2, 3]  # one test image per class
     assert set(a["train_stream"]).isdisjoint(a["test_stream"])
-    assert set(a["train_stream"]) | set(a["test_stream"]) == {(k, i) for k in range(4)
-                                                               for i in range(5)}
-    same = items(split_imagenet_r(tmp_path, n_experiences=4, image_size=8, expected_classes=4,
-                                  seed=0))
+    assert set(a["train_stream"]) | set(a["test_stream"]) == {
+        (k, i) for k in range(4) for i in range(5)
+    }
+    same = items(
+        split_imagenet_r(tmp_path, n_experiences=4, image_size=8, expected_classes=4, seed=0)
+    )
     assert sorted(same["test_stream"]) == sorted(a["test_stream"])
-    other = [sorted(items(split_imagenet_r(tmp_path, n_experiences=4, image_size=8,
-                                           expected_classes=4, seed=s))["test_stream"])
-             for s in (1, 2)]
+    other = [
+        sorted(
+            items(
+                split_imagenet_r(
+                    tmp_path, n_experiences=4, image_size=8, expected_classes=4, seed=s
+                )
+            )["test_stream"]
+        )
+        for s in (1, 2)
+    ]
     assert any(o != sorted(a["test_stream"]) for o in other)
 
 
 def test_split_imagenet_r_other_layouts(tmp_path):
     flat = tmp_path / "flat"
     _image_folder(flat, WNIDS4, 3)  # class folders directly under root
-    bench = split_imagenet_r(flat, n_experiences=2, image_size=8, expected_classes=4,
-                             test_fraction=0.34)
+    bench = split_imagenet_r(
+        flat, n_experiences=2, image_size=8, expected_classes=4, test_fraction=0.34
+    )
     assert sum(len(e.dataset) for e in bench.test_stream) == 4
     presplit = tmp_path / "presplit"
     _image_folder(presplit / "train", WNIDS4, 3)
@@ -450,8 +479,9 @@ def test_split_fg_imagenet_label_order_is_list_order(tmp_path):
     x, y = _stream_tensors(bench.test_stream)
     assert [_decode(xi)[0] for xi in x] == y.tolist()  # label = position in `chosen`
     assert sum(len(e.dataset) for e in bench.train_stream) == 8
-    shuffled = split_fg_imagenet(tmp_path, wnids=chosen, n_experiences=2, image_size=8,
-                                 class_order=None, seed=1)
+    shuffled = split_fg_imagenet(
+        tmp_path, wnids=chosen, n_experiences=2, image_size=8, class_order=None, seed=1
+    )
     assert sorted(shuffled.classes_order) == [0, 1, 2, 3]
 
 
@@ -489,4 +519,5 @@ def test_split_color_digits_is_coloured_seeded_and_class_incremental():
     classes = [set(e.classes_in_this_experience) for e in a.train_stream]
     assert set().union(*classes) == set(range(10)) and sum(map(len, classes)) == 10
     assert split_color_digits(seed=4).classes_order != a.classes_order or not torch.equal(
-        split_color_digits(seed=4).train_stream[0].dataset[0][0], xa)
+        split_color_digits(seed=4).train_stream[0].dataset[0][0], xa
+    )

@@ -14,13 +14,22 @@ TINY_UNET = {
 }
 
 
-def tiny_pixel_dreamer(*, seed: int = 0, num_concepts: int = 6, unet: dict | None = None,
-                       **config) -> Dreamer:
+def tiny_pixel_dreamer(
+    *, seed: int = 0, num_concepts: int = 6, unet: dict | None = None, **config
+) -> Dreamer:
     """A random pixel-space dreamer: 8 px, 1 channel, prompts (2, 16), 2 DDIM steps.
 
     ``config`` overrides :class:`DreamerConfig` fields (e.g. ``output_size=16``).
     """
-    cfg = {"kind": "pixel", "image_size": 8, "channels": 1, "prompt_len": 2, "prompt_dim": 16,
-           "num_inference_steps": 2, **config}
-    return Dreamer.from_config(DreamerConfig(**cfg), unet or TINY_UNET,
-                               num_concepts=num_concepts, seed=seed)
+    cfg = {
+        "kind": "pixel",
+        "image_size": 8,
+        "channels": 1,
+        "prompt_len": 2,
+        "prompt_dim": 16,
+        "num_inference_steps": 2,
+        **config,
+    }
+    return Dreamer.from_config(
+        DreamerConfig(**cfg), unet or TINY_UNET, num_concepts=num_concepts, seed=seed
+    )

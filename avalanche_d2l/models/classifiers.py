@@ -37,8 +37,9 @@ class ResNetCifar(nn.Module):
     head ``linear``.
     """
 
-    def __init__(self, num_blocks=(2, 2, 2, 2), num_classes: int = 100, in_channels: int = 3,
-                 width: int = 64):
+    def __init__(
+        self, num_blocks=(2, 2, 2, 2), num_classes: int = 100, in_channels: int = 3, width: int = 64
+    ):
         super().__init__()
         self.in_planes = width
         self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
@@ -75,8 +76,9 @@ class SmallCNN(nn.Module):
     head ``classifier``.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32,
-                 hidden: int = 128):
+    def __init__(
+        self, num_classes: int = 10, in_channels: int = 1, width: int = 32, hidden: int = 128
+    ):
         super().__init__()
 
         def block(cin: int, cout: int, pool: bool) -> nn.Sequential:
