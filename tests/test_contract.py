@@ -69,7 +69,7 @@ def test_strategy_contract(name, bench, tmp_path):
     strategy.train(bench.train_stream[0], eval_streams=[])
     res = strategy.eval(bench.test_stream[:1])
     # two classes: chance is 0.5
-    assert res["Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp000"] > 0.8
+    assert res["Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp000"] > 0.7
     after = strategy.model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if k in after)
     strategy.train(bench.train_stream[1], eval_streams=[])

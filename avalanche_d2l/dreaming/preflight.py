@@ -128,7 +128,9 @@ def peak_memory(devices: list[torch.device]) -> Iterator[Measure]:
             m.peak_bytes[str(d)] = int(torch.cuda.max_memory_allocated(d))
         hwm = _rss_bytes("VmHWM") if reset else None
         if hwm is not None:
-            m.peak_bytes["cpu_rss"] = hwm
+            # the kernel updates the high-water mark lazily (it can trail VmRSS by a few pages)
+            now = _rss_bytes("VmRSS") or 0
+            m.peak_bytes["cpu_rss"] = max(hwm, now, m.rss_before or 0)
 
 
 def count_flops(fn: Callable[[], Any]) -> float:
