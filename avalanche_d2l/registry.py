@@ -36,6 +36,7 @@ __all__ = [
     "strategy_names",
     "build_strategy",
     "benchmark_image_shape",
+    "check_keys",
     "config_from_dict",
 ]
 
@@ -196,19 +197,23 @@ def build_strategy(
     )
 
 
+def check_keys(section: Any, allowed: set[str], where: str) -> dict:
+    """``section`` as a dict; unknown keys are an error listing the valid ones."""
+    if not isinstance(section, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(section).__name__}")
+    unknown = sorted(set(section) - allowed)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(allowed)}")
+    return section
+
+
 def config_from_dict(cls: type, data: Mapping[str, Any], *, where: str = ""):
-    """``cls(**data)`` for a dataclass, recursing into dataclass-typed fields; unknown keys are an
-    error listing the valid ones. Uses ``cls.from_dict`` when the class defines one."""
+    """``cls.from_dict(data)`` when the class defines one, else ``cls(**data)`` for a flat
+    dataclass; unknown keys are an error listing the valid ones."""
     if hasattr(cls, "from_dict"):
         return cls.from_dict(dict(data))
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ValueError(
-            f"unknown key(s) {unknown} in the settings of {where or cls.__name__}; "
-            f"valid keys: {sorted(names)}"
-        )
-    return cls(**data)
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**check_keys(dict(data), names, f"the settings of {where or cls.__name__}"))
 
 
 def config_to_dict(config) -> dict[str, Any] | None:

@@ -4,6 +4,7 @@ transfer per strategy, one dot per seed)."""
 
 from __future__ import annotations
 
+import io
 import os
 import statistics
 from collections.abc import Sequence
@@ -162,6 +163,6 @@ def _summary_figure(rows: list[tuple[str, list[dict]]], title: str):
 
 
 def _save_figure(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    atomic_write(path, buffer.getvalue())

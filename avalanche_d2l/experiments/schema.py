@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from avalanche_d2l.registry import config_to_dict, get_strategy, strategy_names
+from avalanche_d2l.registry import check_keys, config_to_dict, get_strategy, strategy_names
 
 __all__ = ["OptimSpec", "ModelSpec", "TrainingSpec", "Experiment", "ALIASES", "check_keys"]
 
@@ -62,16 +62,6 @@ ALIASES: dict[str, str] = {
 
 _OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "radam": "RAdam"}
 _PRECISIONS = ("no", "bf16", "fp16")
-
-
-def check_keys(section: Any, allowed: set[str], where: str) -> dict:
-    """``section`` as a dict; unknown keys are an error listing the valid ones."""
-    if not isinstance(section, dict):
-        raise ValueError(f"{where} must be a JSON object, got {type(section).__name__}")
-    unknown = sorted(set(section) - allowed)
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(allowed)}")
-    return section
 
 
 def _from_fields(cls, section: Any, where: str, required: tuple[str, ...] = ()):
