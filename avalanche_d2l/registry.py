@@ -21,7 +21,7 @@ import dataclasses
 import importlib
 import pkgutil
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,6 +127,16 @@ def register_strategy(
 def unregister_strategy(name: str) -> StrategyInfo | None:
     """Remove ``name`` (returns what was registered, or ``None``)."""
     return _REGISTRY.pop(name, None)
+
+
+def ensure_registered(infos: Sequence[StrategyInfo]) -> None:
+    """Register the entries of ``infos`` this process lacks (a worker process of
+    ``run_experiment(jobs > 1)`` receives the strategies its parent registered at run time, e.g. in
+    a script or notebook; the package's own are found by discovery)."""
+    _discover()
+    for info in infos:
+        if info.name not in _REGISTRY:
+            _REGISTRY[info.name] = info
 
 
 def _discover() -> None:

@@ -389,12 +389,26 @@ def test_corrupt_checkpoint_is_moved_aside_and_run_restarts(tmp_path):
     assert ckpt.with_name(ckpt.name + ".corrupt").exists()
 
 
-def test_jobs_2_equals_jobs_1(tmp_path):
-    exp = default_experiment("split_digits")
-    kw = dict(strategies=["naive", "replay"], seeds=[0], quick=True, epochs=1, progress=False)
+def test_jobs_2_equals_jobs_1(tmp_path, restore_registry):
+    # "script_replay" is registered here, as a user's script would: the spawned worker processes
+    # must receive it (they only discover the package's own strategies)
+    replay = registry.get_strategy("replay")
+    registry.register_strategy("script_replay", replay.factory, keeps_buffer=True)
+    base = default_experiment("split_digits")
+    sections = {"naive": {}, "script_replay": {}}
+    exp = type(base).from_dict({**base.to_dict(), "strategies": sections}, name=base.name)
+    kw = dict(seeds=[0], quick=True, epochs=1, progress=False)
     one = run_experiment(exp, out=tmp_path / "one", jobs=1, **kw)
     two = run_experiment(exp, out=tmp_path / "two", jobs=2, **kw)
     assert _metrics(two) == _metrics(one)
+    assert {r["strategy"] for r in two["runs"]} == {"naive", "script_replay"}
+
+    registry.register_strategy("lambda_replay", lambda **k: replay.factory(**k), overwrite=True)
+    exp = type(base).from_dict(
+        {**base.to_dict(), "strategies": {"naive": {}, "lambda_replay": {}}}, name=base.name
+    )
+    with pytest.raises(ValueError, match="cannot be sent to a worker process.*jobs=1"):
+        run_experiment(exp, out=tmp_path / "three", jobs=2, **kw)
 
 
 def _kill_when(out: Path, ready, args: list[str]) -> None:

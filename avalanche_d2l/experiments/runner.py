@@ -23,6 +23,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import pickle
 import shutil
 import sys
 import threading
@@ -46,7 +47,13 @@ from avalanche_d2l.experiments.builders import (
 from avalanche_d2l.experiments.report import atomic_write, summarise_run, write_report
 from avalanche_d2l.experiments.schedule import OptimSchedule
 from avalanche_d2l.experiments.schema import Experiment, check_mem_sizes, check_seeds, resolve_name
-from avalanche_d2l.registry import RunConfig, benchmark_image_shape, config_to_dict, get_strategy
+from avalanche_d2l.registry import (
+    RunConfig,
+    benchmark_image_shape,
+    config_to_dict,
+    ensure_registered,
+    get_strategy,
+)
 from avalanche_d2l.utils import seed_everything
 
 __all__ = [
@@ -394,8 +401,24 @@ def _execute(exp: Experiment, key: RunKey, opts: RunOptions, out: Path) -> dict:
 
 
 def _worker(payload: tuple) -> dict:
-    exp, key, opts, out = payload
+    exp, key, opts, out, infos = payload
+    ensure_registered(infos)
     return _execute(exp, key, opts, Path(out))
+
+
+def _picklable_infos(names: Sequence[str]) -> list:
+    """The registry entries of ``names``, checked to reach a spawned worker process."""
+    infos = [get_strategy(n) for n in names]
+    for info in infos:
+        try:
+            pickle.dumps(info)
+        except Exception as err:
+            raise ValueError(
+                f"strategy {info.name!r} cannot be sent to a worker process ({err}): register a "
+                "factory defined at module level (not a lambda or a nested function), or run "
+                "with jobs=1"
+            ) from err
+    return infos
 
 
 # ------------------------------------------------------------------------------------------------
@@ -635,7 +658,8 @@ def run_experiment(
     else:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx) as pool:
-            futures = {pool.submit(_worker, (exp, key, opts, str(out))): key for key in todo}
+            infos = _picklable_infos(sorted({key.strategy for key in todo}))
+            futures = {pool.submit(_worker, (exp, key, opts, str(out), infos)): key for key in todo}
             for fut in as_completed(futures):
                 finish(futures[fut], fut.result())
                 bar.update(1)
