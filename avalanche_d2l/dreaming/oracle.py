@@ -91,7 +91,9 @@ class ReferenceOracle:
     3. ``step >= min_steps`` and the reference network says the batch **collapsed** onto one of
        its concepts: the mean probability of the batch's most likely concept ``> collapse_prob``
        -> :data:`COLLAPSED`.
-    4. mean ``classifier_probs >= threshold`` -> :data:`RECOGNISED`.
+    4. mean ``classifier_probs >= threshold`` -> :data:`RECOGNISED` (skipped when ``threshold``
+       is ``None``: an objective that keeps dreams near the seen classes, ``seen_mass > 0``,
+       never lets the learner's target probability approach 1, so only the other rules stop).
 
     The reference checks start at ``min_steps`` (default 1) because they judge what the
     *optimisation* did: the initial prompt is the dreamer's own, and if its images already trip a
@@ -101,7 +103,8 @@ class ReferenceOracle:
     Args:
         reference: frozen classifier taking images in the classifier's input space (e.g.
             ``dreamer.reference_network()``), or ``None``.
-        threshold: mean target probability at which the learner "recognises" the dream.
+        threshold: mean target probability at which the learner "recognises" the dream
+            (``None``: no recognition stop).
         max_steps: step cap (always applied).
         min_steps: first step at which the reference checks apply.
         max_entropy: bound on the normalised entropy in ``[0, 1]``; ``None`` disables the check.
@@ -114,7 +117,7 @@ class ReferenceOracle:
         self,
         *,
         reference: nn.Module | None = None,
-        threshold: float = 0.9,
+        threshold: float | None = 0.9,
         max_steps: int = 50,
         min_steps: int = 1,
         max_entropy: float | None = 0.95,
@@ -132,7 +135,7 @@ class ReferenceOracle:
         if reference is not None:
             reference.requires_grad_(False)
             reference.eval()
-        self.threshold = float(threshold)
+        self.threshold = None if threshold is None else float(threshold)
         self.max_steps = int(max_steps)
         self.min_steps = int(min_steps)
         self.max_entropy = max_entropy
@@ -220,7 +223,7 @@ class ReferenceOracle:
                 return True, DEGENERATED
             if self.collapse_prob is not None and top > self.collapse_prob:
                 return True, COLLAPSED
-        if self.last_stats["target_prob"] >= self.threshold:
+        if self.threshold is not None and self.last_stats["target_prob"] >= self.threshold:
             return True, RECOGNISED
         return False, ""
 

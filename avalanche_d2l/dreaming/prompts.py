@@ -6,8 +6,11 @@ backprop), with a loss computed by the **continual learner itself** on the gener
 
 * ``target``: cross-entropy of the learner's head-space output towards the dream's head, i.e. the
   learner recognises the images as one coherent new class (classifier-driven);
-* ``seen``: ``-log(1 - p_seen)``, the probability mass on the heads of classes already observed
-  -- the dream must match no observed class;
+* ``seen``: on ``p_seen``, the probability mass on the heads of classes already observed:
+  ``-log(1 - p_seen)`` -- the dream must match no observed class -- or, with
+  ``DreamConfig.seen_mass = m > 0``, the binary cross-entropy of ``p_seen`` towards ``m`` (minus its
+  minimum): the dream sits *at the boundary* of what the learner knows, a hard negative that still
+  matches no observed class;
 * ``distinct``: hinge on the cosine similarity between the mean feature of a dream class and the
   *detached* mean features the other dream classes had at their last evaluation (the previous
   step; features of the learner's feature layer) -- so each class's loss depends on its own
@@ -36,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -89,7 +93,10 @@ class DreamConfig:
             ``random_prompt``) or ``"random"`` (Gaussian with the concepts' per-dim std).
         refine: start from the previous prompt of a head that already hosted a dream.
         w_target: weight of the cross-entropy towards the dream head.
-        w_seen: weight of ``-log(1 - p_seen)``.
+        w_seen: weight of the ``seen`` term.
+        seen_mass: the learner's probability mass on seen classes the dreams are driven to:
+            ``0`` pushes it to zero (``-log(1 - p_seen)``); ``m`` in ``(0, 1)`` drives it to ``m``
+            (binary cross-entropy minus its minimum), keeping dreams near the seen classes.
         w_distinct: weight of the inter-dream cosine hinge.
         distinct_margin: cosine similarity allowed between the mean features of two dreams.
         w_consistency: weight of the intra-class feature consistency term.
@@ -99,7 +106,8 @@ class DreamConfig:
             knows of its data, as in DeepInversion), so dreams stay in the learner's input domain
             while being a new class. ``0`` disables it; ``> 0`` needs BatchNorm layers.
         oracle_threshold: the default oracle stops a class when the learner's mean target
-            probability reaches this value.
+            probability reaches this value (``None``: never on the learner's recognition; the
+            reference checks and the step cap still apply).
         oracle_max_entropy: reference-network degeneration bound (normalised entropy).
         oracle_collapse: reference-network collapse bound (top-concept probability).
         oracle_min_steps: first step at which the reference checks apply.
@@ -141,12 +149,13 @@ class DreamConfig:
     refine: bool = True
     w_target: float = 1.0
     w_seen: float = 1.0
+    seen_mass: float = 0.0
     w_distinct: float = 0.5
     distinct_margin: float = 0.5
     w_consistency: float = 0.1
     w_norm: float = 0.01
     w_coherence: float = 0.0
-    oracle_threshold: float = 0.9
+    oracle_threshold: float | None = 0.9
     oracle_max_entropy: float | None = 0.95
     oracle_collapse: float | None = 0.98
     oracle_min_steps: int = 1
@@ -163,6 +172,8 @@ class DreamConfig:
     def __post_init__(self) -> None:
         if self.init not in _INITS:
             raise ValueError(f"DreamConfig.init must be one of {_INITS}, got {self.init!r}")
+        if not 0.0 <= self.seen_mass < 1.0:
+            raise ValueError(f"DreamConfig.seen_mass must be in [0, 1), got {self.seen_mass}")
         if self.sleep_epochs < 0:
             raise ValueError(f"DreamConfig.sleep_epochs must be >= 0, got {self.sleep_epochs}")
         for name in ("batch_per_class", "samples_per_class", "generate_batch_size"):
@@ -414,8 +425,12 @@ def dream_losses(
     terms: dict[str, Tensor] = {}
     terms["target"] = F.cross_entropy(logits, targets)
     if n_seen > 0:
-        p_seen = logits.softmax(dim=1)[:, :n_seen].sum(1)
-        terms["seen"] = -torch.log1p(-p_seen.clamp(max=1 - 1e-6)).mean()
+        p_seen = logits.softmax(dim=1)[:, :n_seen].sum(1).clamp(1e-6, 1 - 1e-6)
+        m = float(config.seen_mass)
+        bce = -(1 - m) * torch.log1p(-p_seen)
+        if m > 0:  # BCE towards m, minus its minimum (the entropy of m): 0 at p_seen = m
+            bce = bce - m * torch.log(p_seen) + (m * math.log(m) + (1 - m) * math.log1p(-m))
+        terms["seen"] = bce.mean()
     else:
         terms["seen"] = logits.new_zeros(())
     f = F.normalize(_pool(feats).float(), dim=1)
