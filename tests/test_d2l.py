@@ -765,13 +765,42 @@ def test_plugin_composes_with_er_ace_and_der_using_their_buffer(bench, dreamer, 
 
 def test_der_targets_cover_only_the_classes_the_stored_logits_describe():
     stored = torch.tensor([[1.0, MASK_VALUE, 2.0], [0.5, MASK_VALUE, MASK_VALUE]])
-    current = torch.tensor([[0.0, 3.0, 1.0, 7.0], [1.0, 2.0, 4.0, -1.0]], requires_grad=True)
+    current = torch.tensor([[0.0, 3.0, 1.0, 7.0], [1.0, 0.2, 4.0, -1.0]], requires_grad=True)
     target = der_targets(stored, current, n_classes=3)
     assert target.shape == current.shape and not target.requires_grad
-    # stored class columns kept; masked ones and the dream column take the current output
-    assert torch.equal(target, torch.tensor([[1.0, 3.0, 2.0, 7.0], [0.5, 2.0, 4.0, -1.0]]))
+    # stored class columns kept; a class without a head at storage is held at or below the
+    # sample's lowest stored logit (3.0 -> 1.0, 4.0 -> 0.5; 0.2 is already below 0.5); the dream
+    # column takes the current output
+    assert torch.equal(target, torch.tensor([[1.0, 1.0, 2.0, 7.0], [0.5, 0.2, 0.5, -1.0]]))
     F.mse_loss(current, target).backward()
-    assert torch.count_nonzero(current.grad) == 3  # only the 3 described entries pull
+    # the stored entries and the two masked ones scoring above their sample's stored classes
+    # pull; the masked one already below and the dream columns do not
+    assert torch.equal(
+        current.grad != 0,
+        torch.tensor([[True, True, True, False], [True, False, True, False]]),
+    )
+
+
+def test_der_distillation_keeps_classes_without_a_head_at_storage_below_the_stored_ones():
+    """DER++ distils, for a class not seen yet when a sample was stored, the low logit its output
+    unit had; under D2L that column was masked. Training on the aligned targets must push such a
+    class back below the sample's stored classes (the plain-DER behaviour that keeps new classes
+    from taking old samples), leave the stored classes at their stored logits, and leave the
+    dream column alone."""
+    stored = torch.tensor([[3.0, 1.0, MASK_VALUE], [0.5, 2.0, MASK_VALUE], [2.0, 1.0, MASK_VALUE]])
+    start = torch.tensor([[0.0, 0.0, 5.0, 1.0], [0.0, 0.0, 4.0, -2.0], [0.0, 0.0, -3.0, 0.0]])
+    logits = nn.Parameter(start.clone())
+    opt = torch.optim.SGD([logits], lr=1.0)
+    for _ in range(300):
+        opt.zero_grad()
+        F.mse_loss(logits, der_targets(stored, logits, n_classes=3)).backward()
+        opt.step()
+    out = logits.detach()
+    assert torch.allclose(out[:, :2], stored[:, :2], atol=1e-3)  # stored classes distilled
+    lowest = stored[:, :2].min(1).values
+    assert (out[:2, 2] <= lowest[:2] + 1e-3).all()  # new class pushed below: 5 -> 1, 4 -> 0.5
+    assert out[2, 2] == start[2, 2]  # already below its sample's stored classes: untouched
+    assert torch.equal(out[:, 3], start[:, 3])  # dream column: not distilled
 
 
 @pytest.mark.parametrize("dreams", ["random", "optimised"])

@@ -482,15 +482,26 @@ def der_targets(stored: Tensor, current: Tensor, n_classes: int) -> Tensor:
     """DER's distillation targets for a training output with dream columns.
 
     ``stored``: ``(B, n_classes)`` class-space logits kept in the buffer; ``current``: the
-    learner's ``(B, n_classes + K)`` training output. Columns of classes that had no head when the
-    logits were stored (:data:`MASK_VALUE`) and the dream columns take the current (detached)
-    output, so they add no error: the distillation covers exactly the classes the stored logits
-    describe, and the stored logits keep their class-space width.
+    learner's ``(B, n_classes + K)`` training output. The stored logits keep their class-space
+    width and are distilled as stored; two kinds of columns are aligned:
+
+    * classes that had no head when the logits were stored (:data:`MASK_VALUE`): the stored output
+      ranked them below every class it scored. Plain DER++ stores, for a class not seen yet, the
+      logit of an output unit that the cross-entropy has been pushing below the seen classes, and
+      distilling it keeps the new classes' logits low on old samples. The target keeps exactly
+      that ranking without inventing a value: ``min(current, lowest stored logit of the
+      sample)`` -- an error only where such a class now scores above every stored class.
+      (Taking the current output there, which adds no error at all, measured 0.946 / 0.806 final
+      accuracy on ``split_digits`` / ``split_color_digits`` seeds 0-2 against DER++'s 0.973 /
+      0.877; this target 0.970 / 0.864.)
+    * dream columns take the current (detached) output: the stored logits say nothing of dreams.
     """
     cur = current.detach()
     target = stored.to(cur.dtype).clone()
     masked = target <= MASK_VALUE / 2
-    target[masked] = cur[:, :n_classes][masked]
+    lowest = target.masked_fill(masked, float("inf")).amin(1, keepdim=True)
+    ranked_below = torch.minimum(cur[:, :n_classes], lowest.expand_as(target))
+    target[masked] = ranked_below[masked]
     if cur.shape[1] > n_classes:
         target = torch.cat([target, cur[:, n_classes:]], dim=1)
     return target
