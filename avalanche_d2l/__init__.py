@@ -24,7 +24,7 @@ from avalanche_d2l.registry import RunConfig, register_strategy, strategy_names 
 from avalanche_d2l.scenarios import split_color_digits, split_digits  # noqa: E402
 from avalanche_d2l.strategies import D2L, D2LPlugin, Genifer, GeniferConfig, GeniferPlugin  # noqa: E402
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "D2L",

@@ -7,15 +7,17 @@ one :class:`~avalanche_d2l.strategies.d2l.D2LConfig` change:
 
 * ``replay``: the host alone (no dreams) -- the reference;
 * ``d2l_optimised``: prompts optimised by the learner through the frozen dreamer (the paper's
-  mechanism; the shipped default before these measurements);
-* ``d2l_random``: prompts drawn as the optimisation would start, never optimised (the shipped
-  default now: it measured best);
+  mechanism) with the preset's objective: the dreams are driven to a probability mass of 0.8 on
+  the seen classes (``DreamConfig.seen_mass``: at the boundary of what the learner knows) and run
+  to the step cap;
+* ``d2l_optimised_away``: the same with the objective before these measurements: the dreams are
+  pushed *off* the seen classes (``seen_mass=0``) and stop once the learner recognises them;
+* ``d2l_random``: prompts drawn as the optimisation would start, never optimised;
 * ``d2l_noise``: uniform noise images instead of the dreamer;
-* ``d2l_lr03``: the optimisation with a 6x larger prompt learning rate (0.3): with the preset's
-  0.05 the first dreaming phase moves the learner's target probability by about 0.01 in its 10
-  steps, and later phases stop at once (the oracle sees dreams the learner slept on);
-* ``d2l_target_only``: the optimisation with only the learner's target term (no seen /
-  distinct / consistency / norm terms);
+* ``d2l_lr03``: ``d2l_optimised_away`` with a 6x larger prompt learning rate (0.3);
+* ``d2l_target_only``: the optimisation with only the learner's target term;
+* ``d2l_boundary_m05`` / ``d2l_boundary_m05_s5`` / ``d2l_optimised_w05``: the objective search
+  (seen mass 0.5; 0.5 with 5 steps; 0.8 with half the dream weight in training);
 * ``er_ace`` / ``er_ace_d2l``, ``der`` / ``der_d2l``: the other hosts with and without D2L.
 
 Writes ``<out>/<benchmark>/{results.json,results.md}`` (means over seeds; the runner's own
@@ -34,6 +36,8 @@ import os
 import statistics
 from pathlib import Path
 
+from avalanche.core import SupervisedPlugin
+
 from avalanche_d2l import registry
 from avalanche_d2l.experiments import default_experiment, run_experiment
 from avalanche_d2l.strategies.d2l import D2LConfig, build_d2l
@@ -44,9 +48,16 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS: dict[str, tuple[str, dict | None]] = {
     "replay": ("replay", None),
     "d2l_optimised": ("d2l", {"dreams": "optimised"}),
+    "d2l_optimised_away": (
+        "d2l",
+        {"dreams": "optimised", "dream": {"seen_mass": 0.0, "oracle_threshold": 0.9}},
+    ),
     "d2l_random": ("d2l", {"dreams": "random"}),
     "d2l_noise": ("d2l", {"dreams": "noise"}),
-    "d2l_lr03": ("d2l", {"dreams": "optimised", "dream": {"lr": 0.3}}),
+    "d2l_lr03": (
+        "d2l",
+        {"dreams": "optimised", "dream": {"lr": 0.3, "seen_mass": 0.0, "oracle_threshold": 0.9}},
+    ),
     "d2l_target_only": (
         "d2l",
         {
@@ -54,12 +65,28 @@ VARIANTS: dict[str, tuple[str, dict | None]] = {
             "dream": {"w_seen": 0.0, "w_distinct": 0.0, "w_consistency": 0.0, "w_norm": 0.0},
         },
     ),
+    "d2l_boundary_m05": ("d2l", {"dreams": "optimised", "dream": {"seen_mass": 0.5}}),
+    "d2l_boundary_m05_s5": (
+        "d2l",
+        {"dreams": "optimised", "dream": {"seen_mass": 0.5, "steps": 5}},
+    ),
+    "d2l_optimised_w05": ("d2l", {"dreams": "optimised", "dream": {"dream_weight": 0.5}}),
     "er_ace": ("er_ace", None),
     "er_ace_d2l": ("er_ace_d2l", {}),
     "der": ("der", None),
     "der_d2l": ("der_d2l", {}),
 }
-DEFAULT_VARIANTS = ["replay", "d2l_optimised", "d2l_random", "d2l_noise"]
+DEFAULT_VARIANTS = [
+    "replay",
+    "d2l_random",
+    "d2l_optimised",
+    "d2l_optimised_away",
+    "d2l_noise",
+    "er_ace",
+    "er_ace_d2l",
+    "der",
+    "der_d2l",
+]
 KEYS = ("final_accuracy", "avg_incremental_accuracy", "forward_transfer", "wall_s")
 
 
@@ -117,10 +144,45 @@ def to_markdown(rows: list[dict], benchmark: str, seeds: list[int], mem_size: in
     return "\n".join(lines) + "\n"
 
 
-def diagnose(benchmark: str, seed: int, out: Path, dreams: str = "optimised") -> str:
-    """One D2L run (the experiment's settings) with the dreaming history of every phase: the
-    learner's mean target probability per prompt step, the oracle's stop reasons and steps, and
-    the first/last value of each loss term; written to ``out/diagnosis_<dreams>.md``."""
+class _WhereNewClassesLand(SupervisedPlugin):
+    """Avalanche plugin for the diagnosis, placed before ``D2LPlugin``: at the start of each
+    experience (before the head assignment) it records, on the experience's training samples, the
+    share whose argmax over *seen + free* heads is a seen class and the mean probability mass on
+    the seen classes -- new-class samples predicted as a class already learned can only score 0
+    at the start, whatever the dreams did to the free heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: dict[int, dict[str, float]] = {}
+
+    def before_training_exp(self, strategy, **kwargs):
+        import torch
+        from torch.utils.data import DataLoader
+
+        from avalanche_d2l.utils import training_mode
+
+        model = strategy.model
+        seen, free = model.seen_heads(), model.free_heads()
+        if not seen or not free:
+            return
+        visible = torch.tensor(seen + free)
+        on_seen, mass, n = 0.0, 0.0, 0
+        loader = DataLoader(strategy.experience.dataset.eval(), batch_size=512)
+        with torch.no_grad(), training_mode(model, False):
+            for batch in loader:
+                p = model.forward_heads(batch[0])[:, visible].softmax(1)
+                on_seen += float((p.argmax(1) < len(seen)).sum())
+                mass += float(p[:, : len(seen)].sum())
+                n += p.shape[0]
+        k = int(strategy.experience.current_experience)
+        self.rows[k] = {"argmax_on_seen": on_seen / n, "mass_on_seen": mass / n}
+
+
+def diagnose(benchmark: str, seed: int, out: Path, variant: str = "d2l_optimised") -> str:
+    """One D2L run of ``variant`` (the experiment's settings) with the dreaming history of every
+    phase: the learner's mean target probability per prompt step, the oracle's stop reasons and
+    steps, the first/last value of each loss term, and where the next experience's samples land
+    before its head assignment; written to ``out/diagnosis_<variant>.md``."""
     import collections
 
     import torch
@@ -131,6 +193,9 @@ def diagnose(benchmark: str, seed: int, out: Path, dreams: str = "optimised") ->
     from avalanche_d2l.scenarios import split_color_digits, split_digits
     from avalanche_d2l.utils import seed_everything
 
+    base, section = VARIANTS[variant]
+    if base != "d2l":
+        raise SystemExit(f"--diagnose takes a D2L variant on the ER host, got {variant!r}")
     torch.set_num_threads(1)
     make = split_digits if benchmark == "split_digits" else split_color_digits
     bench = make(n_experiences=5, image_size=16, seed=seed)
@@ -147,12 +212,15 @@ def diagnose(benchmark: str, seed: int, out: Path, dreams: str = "optimised") ->
         run=run,
         evaluator=make_evaluator(bench, interactive=False),
         device="cpu",
-        config={"dreams": dreams},
+        config=section or {},
     )
+    probe = _WhereNewClassesLand()
+    strategy.plugins.insert(0, probe)  # before D2LPlugin: it must see the heads unassigned
     lines = [
-        f"# D2L dreaming diagnosis: `{benchmark}`, seed {seed}, dreams={dreams}",
+        f"# D2L dreaming diagnosis: `{benchmark}`, seed {seed}, variant `{variant}`",
         "",
-        f"Command: `python benchmarks/d2l_ablation.py --diagnose --benchmark {benchmark}`.",
+        f"Changes from the default: `{json.dumps(section)}`. Command: `python "
+        f"benchmarks/d2l_ablation.py --diagnose {variant} --benchmark {benchmark} --seeds {seed}`.",
         "",
     ]
     for k, exp in enumerate(bench.train_stream):
@@ -185,12 +253,20 @@ def diagnose(benchmark: str, seed: int, out: Path, dreams: str = "optimised") ->
     fwt = next(
         m for m in strategy.evaluator.metrics if type(m).__name__ == "ForwardTransferAtStart"
     )
-    lines.append(
-        "Accuracy at the start of each experience (after head assignment): "
-        + ", ".join(f"{k}: {v:.3f}" for k, v in sorted(fwt.accuracy_at_start.items()))
-    )
+    lines += [
+        "Start of each experience (before the head assignment, on its training samples; after "
+        "the assignment for the accuracy):",
+        "",
+        "| experience | predicted as a seen class | probability mass on seen classes | "
+        "accuracy at start |",
+        "|---|---|---|---|",
+    ]
+    for k, acc in sorted(fwt.accuracy_at_start.items()):
+        r = probe.rows.get(k)
+        where = f"{r['argmax_on_seen']:.2f} | {r['mass_on_seen']:.2f}" if r else "- | -"
+        lines.append(f"| {k} | {where} | {acc:.3f} |")
     md = "\n".join(lines) + "\n"
-    _atomic_write(out / f"diagnosis_{dreams}.md", md)
+    _atomic_write(out / f"diagnosis_{variant}.md", md)
     return md
 
 
@@ -205,15 +281,17 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/d2l_ablation"))
     parser.add_argument("--quick", action="store_true", help="tiny settings (smoke test)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (processes)")
     parser.add_argument(
         "--diagnose",
-        action="store_true",
-        help="one optimised D2L run (first seed) with its dreaming history, then stop",
+        metavar="VARIANT",
+        choices=[v for v, (base, _) in VARIANTS.items() if base == "d2l"],
+        help="one run of this D2L variant (first seed) with its dreaming history, then stop",
     )
     args = parser.parse_args(argv)
     out = Path(args.out) / args.benchmark
     if args.diagnose:
-        print(diagnose(args.benchmark, args.seeds[0], out))
+        print(diagnose(args.benchmark, args.seeds[0], out, args.diagnose))
         return 0
 
     exp = default_experiment(args.benchmark)
@@ -229,6 +307,7 @@ def main(argv=None) -> int:
         epochs=args.epochs,
         quick=args.quick,
         progress=not args.no_progress,
+        jobs=args.jobs,
     )
     rows = []
     for v, name in zip(args.variants, names):

@@ -108,6 +108,8 @@ def _cpu_preset() -> DreamConfig:
         batch_per_class=4,
         samples_per_class=64,
         backprop_steps=2,
+        seen_mass=0.8,
+        oracle_threshold=None,
         dream_weight=1.0,
         sleep_epochs=1,
         generate_batch_size=256,
