@@ -27,7 +27,7 @@ from avalanche_d2l.dreaming.oracle import (
     Oracle,
     ReferenceOracle,
 )
-from avalanche_d2l.dreaming.prompts import DreamConfig, dream_classes
+from avalanche_d2l.dreaming.prompts import DreamConfig, dream_classes, dream_losses
 from avalanche_d2l.models.classifiers import small_cnn
 from avalanche_d2l.models.heads import MASK_VALUE, DreamHeads
 from avalanche_d2l.scenarios import split_digits, tensor_benchmark
@@ -327,6 +327,60 @@ def test_dreams_are_distinct_from_seen_classes_by_the_learners_measure(bench):
     # most of the learner's mass is on the dream heads, and each dream's own head gets more than
     # chance; the dream heads are untrained here (that comes from training on the dreams)
     assert min(target.values()) > 1 / 6  # above chance over the 6 visible heads
+
+
+def test_seen_mass_term_pulls_the_seen_mass_towards_its_target():
+    """``seen_mass = 0`` pushes the learner's mass on seen classes down wherever it is;
+    ``seen_mass = m`` pulls it up from below ``m`` and down from above (the boundary objective)."""
+
+    def grad_of_seen_term(p_seen: float, m: float) -> float:
+        logit = torch.tensor(0.0, requires_grad=True)  # seen-vs-dream split: p_seen = sigmoid
+        shift = torch.logit(torch.tensor(p_seen))
+        z = torch.stack([logit + shift, torch.tensor(0.0)]).unsqueeze(0)  # 1 seen, 1 dream head
+        terms = dream_losses(
+            z,
+            torch.ones(1, 4),
+            targets=torch.tensor([1]),
+            n_seen=1,
+            class_index=torch.zeros(1, dtype=torch.long),
+            n_active=1,
+            other_means=None,
+            prompts=torch.ones(1, 2, 2),
+            concept_norm=2.0,
+            config=DreamConfig(seen_mass=m),
+        )
+        terms["seen"].backward()
+        return float(logit.grad)  # > 0: descending lowers p_seen; < 0: raises it
+
+    assert grad_of_seen_term(0.3, 0.0) > 0 and grad_of_seen_term(0.9, 0.0) > 0
+    assert grad_of_seen_term(0.3, 0.8) < 0 < grad_of_seen_term(0.95, 0.8)
+    with pytest.raises(ValueError, match="seen_mass"):
+        DreamConfig(seen_mass=1.0)
+
+
+def test_boundary_objective_keeps_dreams_nearer_the_seen_classes(bench):
+    """Through the real optimisation loop: with ``seen_mass=0.8`` the dreams end with more of
+    the learner's mass on the seen classes than with ``seen_mass=0`` from the same start, and
+    with ``oracle_threshold=None`` only the step cap stops them."""
+    dreamer = LinearDreamer()
+    seed_everything(1)
+    model = train_on_classes(heads_model(), bench, [0, 1, 2, 3], steps=80)
+    mass = {}
+    for m in (0.0, 0.8):
+        config = cfg(
+            steps=40,
+            lr=0.3,
+            batch_per_class=3,
+            samples_per_class=10,
+            seen_mass=m,
+            oracle_threshold=None,
+        )
+        result = dream_classes(
+            dreamer=dreamer, classifier=model, heads=[6, 8], seen_heads=[0, 1, 2, 3], config=config
+        )
+        assert {s["reason"] for s in result.history["stop"].values()} == {STEP_CAP}
+        mass[m] = sum(result.history["final_seen_mass"].values()) / 2
+    assert mass[0.8] > mass[0.0] + 0.1, mass
 
 
 def test_oracle_rules_and_halt_restores_previous_prompt(dreamer):
