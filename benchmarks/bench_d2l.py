@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -87,13 +88,22 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def compare_hosts(
-    hosts: list[str], *, seed: int, epochs: int | None, quick: bool, out: Path
+    hosts: list[str],
+    *,
+    seed: int,
+    epochs: int | None,
+    quick: bool,
+    out: Path,
+    dreams: str | None = None,
 ) -> tuple[list[dict], dict[str, float]]:
-    """Each host and its D2L variant through the experiment runner; (records, wall ratios)."""
+    """Each host and its D2L variant through the experiment runner; (records, wall ratios).
+    ``dreams``: the D2L variants' ``D2LConfig.dreams`` (``None``: the default)."""
     exp = default_experiment("split_digits")
     names = [n for h in hosts for n in (h, HOSTS[h])]
+    d2l_section = {"dreams": dreams} if dreams else {}
+    sections = {n: (d2l_section if n in HOSTS.values() else {}) for n in names}
     exp = type(exp).from_dict(
-        {**exp.to_dict(), "strategies": {n: {} for n in names}, "seeds": [seed]}, name=exp.name
+        {**exp.to_dict(), "strategies": sections, "seeds": [seed]}, name=exp.name
     )
     res = run_experiment(exp, out=out, seeds=[seed], epochs=epochs, quick=quick, progress=False)
     by = {r["strategy"]: r for r in res["runs"]}
@@ -120,10 +130,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--name", default="bench_d2l", help="output file stem")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument(
+        "--dreams",
+        choices=["random", "optimised", "noise"],
+        default=None,
+        help="D2LConfig.dreams of the D2L variants (default: the package default)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    d2l = D2LConfig()
+    d2l = D2LConfig(**({"dreams": args.dreams} if args.dreams else {}))
     dreamer = load_dreamer(d2l.dreamer, d2l.dreamer_overrides, progress=False)
     config = DreamConfig.from_dict({**d2l.dream.to_dict(), "seed": args.seed, "progress": False})
     results: dict = {
@@ -135,6 +151,8 @@ def main(argv=None) -> int:
             "Adam 1e-3, buffer 100)",
             "epochs": args.epochs,
             "quick": args.quick,
+            "command": "python benchmarks/bench_d2l.py "
+            + " ".join(argv if argv is not None else sys.argv[1:]),
         },
         "device": f"cpu ({platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads)",
@@ -150,6 +168,7 @@ def main(argv=None) -> int:
             epochs=args.epochs,
             quick=args.quick,
             out=args.out / f"{args.name}_runs",
+            dreams=args.dreams,
         )
         results["runs"], results["d2l_over_host_wall"] = runs, ratios
 
@@ -165,7 +184,8 @@ def to_markdown(r: dict) -> str:
         "# D2L benchmark (CPU)",
         "",
         f"Device: {r['device']}, torch {r['torch']}. Seed {r['config']['seed']}. "
-        f"Dreamer: `{r['config']['d2l']['dreamer']}`. Command: `python benchmarks/bench_d2l.py`.",
+        f"Dreamer: `{r['config']['d2l']['dreamer']}`, dreams `{r['config']['d2l']['dreams']}`. "
+        f"Command: `{r['config'].get('command', 'python benchmarks/bench_d2l.py')}`.",
         "",
         "## Dreaming throughput",
         "",

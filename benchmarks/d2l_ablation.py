@@ -18,6 +18,8 @@ one :class:`~avalanche_d2l.strategies.d2l.D2LConfig` change:
 * ``d2l_target_only``: the optimisation with only the learner's target term;
 * ``d2l_boundary_m05`` / ``d2l_boundary_m05_s5`` / ``d2l_optimised_w05``: the objective search
   (seen mass 0.5; 0.5 with 5 steps; 0.8 with half the dream weight in training);
+* ``*_sleep_only``: each host's D2L with the dreams learned in the sleep phase only
+  (``train_dream_weight=0``), not during the training of the next experience;
 * ``er_ace`` / ``er_ace_d2l``, ``der`` / ``der_d2l``: the other hosts with and without D2L.
 
 Writes ``<out>/<benchmark>/{results.json,results.md}`` (means over seeds; the runner's own
@@ -40,7 +42,7 @@ from avalanche.core import SupervisedPlugin
 
 from avalanche_d2l import registry
 from avalanche_d2l.experiments import default_experiment, run_experiment
-from avalanche_d2l.strategies.d2l import D2LConfig, build_d2l
+from avalanche_d2l.strategies.d2l import D2LConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,6 +73,9 @@ VARIANTS: dict[str, tuple[str, dict | None]] = {
         {"dreams": "optimised", "dream": {"seen_mass": 0.5, "steps": 5}},
     ),
     "d2l_optimised_w05": ("d2l", {"dreams": "optimised", "dream": {"dream_weight": 0.5}}),
+    "d2l_sleep_only": ("d2l", {"dream": {"train_dream_weight": 0.0}}),
+    "er_ace_d2l_sleep_only": ("er_ace_d2l", {"dream": {"train_dream_weight": 0.0}}),
+    "der_d2l_sleep_only": ("der_d2l", {"dream": {"train_dream_weight": 0.0}}),
     "er_ace": ("er_ace", None),
     "er_ace_d2l": ("er_ace_d2l", {}),
     "der": ("der", None),
@@ -104,11 +109,11 @@ def _register(variant: str) -> str:
         return base
     registry.register_strategy(
         variant,
-        build_d2l,
+        registry.get_strategy(base).factory,
         config=D2LConfig,
         keeps_buffer=True,
         overwrite=True,
-        description=f"D2L control {variant}",
+        description=f"D2L control {variant} (on {base})",
     )
     return variant
 
@@ -141,6 +146,70 @@ def to_markdown(rows: list[dict], benchmark: str, seeds: list[int], mem_size: in
             f"{r['final_accuracy_std']:.3f} | {r['avg_incremental_accuracy']:.3f} | "
             f"{r['forward_transfer']:+.3f} [{per_seed}] | {r['wall_s']:.0f} | {ratio} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+#: the four cells of the summary: (benchmark, results folder, seeds)
+CELLS = (
+    ("split_digits", "d2l_ablation", "0-2"),
+    ("split_color_digits", "d2l_ablation", "0-2"),
+    ("split_digits", "d2l_heldout_seeds", "3-5 (held out)"),
+    ("split_color_digits", "d2l_heldout_seeds", "3-5 (held out)"),
+)
+HOSTS = {"d2l": "replay", "er_ace_d2l": "er_ace", "der_d2l": "der"}
+
+
+def summarise(results_root: Path) -> str:
+    """``summary.md``: every variant's final accuracy and FWT in each cell (stream x seed set)
+    and their mean over the cells it ran in, with each D2L host's gain over its host per cell;
+    read from the cells' ``results.json``."""
+    cells = []
+    for bench, folder, seeds in CELLS:
+        path = results_root / folder / bench / "results.json"
+        rows = {r["variant"]: r for r in json.loads(path.read_text())} if path.is_file() else {}
+        cells.append((f"{bench} {seeds}", rows))
+    names = [v for v in VARIANTS if any(v in rows for _, rows in cells)]
+    head = " | ".join(label for label, _ in cells)
+    lines = [
+        "# D2L: hosts with and without D2L, and the dream controls (four cells)",
+        "",
+        "Final accuracy / FWT, mean over 3 seeds per cell; seeds 3-5 were never used for a "
+        "choice. Command: `python benchmarks/d2l_ablation.py --summarise` (after the four runs "
+        "named in each cell's `results.md`).",
+        "",
+        f"| variant | {head} | mean | x host wall (range) |",
+        "|---" * (len(cells) + 3) + "|",
+    ]
+    for v in names:
+        vals, fa, fw, ratio = [], [], [], []
+        for _, rows in cells:
+            r = rows.get(v)
+            if r is None:
+                vals.append("-")
+                continue
+            vals.append(f"{r['final_accuracy']:.3f} / {r['forward_transfer']:+.3f}")
+            fa.append(r["final_accuracy"])
+            fw.append(r["forward_transfer"])
+            if r.get("wall_over_host"):
+                ratio.append(r["wall_over_host"])
+        mean = f"{statistics.fmean(fa):.3f} / {statistics.fmean(fw):+.3f}" if fa else "-"
+        span = f"{min(ratio):.1f}-{max(ratio):.1f}" if ratio else "1.0"
+        lines.append(f"| {v} | {' | '.join(vals)} | {mean} | {span} |")
+    lines += ["", "Each D2L variant against its host (final accuracy difference; FWT):", ""]
+    lines += [f"| variant | {head} |", "|---" * (len(cells) + 1) + "|"]
+    for v in names:
+        host = HOSTS.get(VARIANTS[v][0])
+        if host is None:
+            continue
+        diffs = []
+        for _, rows in cells:
+            r, h = rows.get(v), rows.get(host)
+            diffs.append(
+                f"{r['final_accuracy'] - h['final_accuracy']:+.3f}; {r['forward_transfer']:+.3f}"
+                if r and h
+                else "-"
+            )
+        lines.append(f"| {v} vs {host} | {' | '.join(diffs)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -288,7 +357,17 @@ def main(argv=None) -> int:
         choices=[v for v, (base, _) in VARIANTS.items() if base == "d2l"],
         help="one run of this D2L variant (first seed) with its dreaming history, then stop",
     )
+    parser.add_argument(
+        "--summarise",
+        action="store_true",
+        help="write benchmarks/results/d2l_ablation/summary.md from the four cells, then stop",
+    )
     args = parser.parse_args(argv)
+    if args.summarise:
+        md = summarise(ROOT / "benchmarks/results")
+        _atomic_write(ROOT / "benchmarks/results/d2l_ablation/summary.md", md)
+        print(md)
+        return 0
     out = Path(args.out) / args.benchmark
     if args.diagnose:
         print(diagnose(args.benchmark, args.seeds[0], out, args.diagnose))

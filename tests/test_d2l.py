@@ -706,6 +706,24 @@ def test_sleep_phase_learns_the_dreams_before_the_next_experience(bench, tmp_pat
     assert probs[10] > probs[0] + 0.2, probs
 
 
+def test_train_dream_weight_zero_keeps_dreams_out_of_the_experiences_training(bench, tmp_path):
+    """``train_dream_weight=0``: the dreams are learned in the sleep phase (as before) and add no
+    loss while the next experience trains; ``None`` adds ``dream_weight * CE(dreams)``."""
+    added = {}
+    for w in (None, 0.0):
+        s = make_d2l(
+            LinearDreamer(),
+            tmp_path / f"w{w}",
+            dream_config=cfg(steps=1, samples_per_class=8, sleep_epochs=1, train_dream_weight=w),
+        )
+        s.train(bench.train_stream[0])
+        assert s.d2l_plugin.history[-1]["sleep_steps"] > 0  # sleep unchanged
+        s.loss = torch.zeros(())
+        s.d2l_plugin.before_backward(s)
+        added[w] = float(s.loss)
+    assert added[0.0] == 0.0 and added[None] > 0.1, added
+
+
 def test_sleep_without_a_replay_buffer_is_skipped_with_a_warning(bench, dreamer, tmp_path):
     plugin = D2LPlugin(dreamer, cfg(steps=1, sleep_epochs=2))
     strategy = plugin_door([plugin])

@@ -116,7 +116,11 @@ class DreamConfig:
             see :meth:`~avalanche_d2l.dreaming.Dreamer.reference_network`).
         require_reference: stop with an error when no reference network is available, instead
             of running the oracle on the learner's threshold and the step cap alone.
-        dream_weight: weight of the dream cross-entropy added to the training loss.
+        dream_weight: weight of the dream cross-entropy added to the training loss (during an
+            experience and in the sleep phase).
+        train_dream_weight: the weight during an experience's training only (``None``: as
+            ``dream_weight``); ``0`` learns the dreams in the sleep phase alone, so they do not
+            share the training of the new classes.
         dream_batch_size: dream samples per training minibatch (``None``: ``train_mb_size``).
         sleep_epochs: passes over the new dream set right after dreaming, before the next
             experience arrives ("sleep"): minibatches of dreams (labelled with their heads) with
@@ -162,6 +166,7 @@ class DreamConfig:
     oracle_reference: str | None = None
     require_reference: bool = False
     dream_weight: float = 1.0
+    train_dream_weight: float | None = None
     dream_batch_size: int | None = None
     sleep_epochs: int = 1
     dream_after_last: bool = False
