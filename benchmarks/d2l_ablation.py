@@ -177,7 +177,7 @@ def summarise(results_root: Path) -> str:
         "choice. Command: `python benchmarks/d2l_ablation.py --summarise` (after the four runs "
         "named in each cell's `results.md`).",
         "",
-        f"| variant | {head} | mean | x host wall (range) |",
+        f"| variant | {head} | mean | wall / host's (range over cells) |",
         "|---" * (len(cells) + 3) + "|",
     ]
     for v in names:
@@ -190,10 +190,11 @@ def summarise(results_root: Path) -> str:
             vals.append(f"{r['final_accuracy']:.3f} / {r['forward_transfer']:+.3f}")
             fa.append(r["final_accuracy"])
             fw.append(r["forward_transfer"])
-            if r.get("wall_over_host"):
-                ratio.append(r["wall_over_host"])
+            host = rows.get(HOSTS.get(VARIANTS[v][0], VARIANTS[v][0]))
+            if host is not None and host.get("wall_s") and r.get("wall_s"):
+                ratio.append(r["wall_s"] / host["wall_s"])  # same call when both ran together
         mean = f"{statistics.fmean(fa):.3f} / {statistics.fmean(fw):+.3f}" if fa else "-"
-        span = f"{min(ratio):.1f}-{max(ratio):.1f}" if ratio else "1.0"
+        span = f"{min(ratio):.1f}-{max(ratio):.1f}" if ratio else "-"
         lines.append(f"| {v} | {' | '.join(vals)} | {mean} | {span} |")
     lines += ["", "Each D2L variant against its host (final accuracy difference; FWT):", ""]
     lines += [f"| variant | {head} |", "|---" * (len(cells) + 1) + "|"]
