@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 
 from avalanche_d2l.dreaming.prompts import DreamConfig, dream_classes
 from avalanche_d2l.experiments import default_experiment, run_experiment
+from avalanche_d2l.experiments.report import atomic_write
 from avalanche_d2l.models.classifiers import small_cnn
 from avalanche_d2l.models.heads import DreamHeads
 from avalanche_d2l.strategies.d2l import D2LConfig, load_dreamer
@@ -78,13 +78,6 @@ def bench_dreaming(dreamer, config: DreamConfig, *, seed: int, n_dreams: int) ->
         "dream_images_per_s": n_images / max(hist["generate_seconds"], 1e-9),
         "num_inference_steps": cfg.num_inference_steps or dreamer.config.num_inference_steps,
     }
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def compare_hosts(
@@ -172,8 +165,8 @@ def main(argv=None) -> int:
         )
         results["runs"], results["d2l_over_host_wall"] = runs, ratios
 
-    _atomic_write(args.out / f"{args.name}.json", json.dumps(results, indent=2))
-    _atomic_write(args.out / f"{args.name}.md", to_markdown(results))
+    atomic_write(args.out / f"{args.name}.json", json.dumps(results, indent=2))
+    atomic_write(args.out / f"{args.name}.md", to_markdown(results))
     print(to_markdown(results))
     return 0
 

@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout, installed or not
 
 from avalanche_d2l.experiments import load_experiment  # noqa: E402
+from avalanche_d2l.experiments.report import atomic_write
 from avalanche_d2l.models.classifiers import resnet18_cifar, small_cnn  # noqa: E402
 from avalanche_d2l.models.feature_gan import frozen_copy  # noqa: E402
 from avalanche_d2l.scenarios import tensor_benchmark  # noqa: E402
@@ -42,12 +43,6 @@ from avalanche_d2l.strategies.genifer import GeniferConfig, GeniferPlugin  # noq
 from avalanche_d2l.utils import resolve_device, seed_everything  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _peak_rss_mb() -> float:
@@ -205,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "bench_genifer.json", json.dumps(result, indent=2) + "\n")
+    atomic_write(out / "bench_genifer.json", json.dumps(result, indent=2) + "\n")
     lines = [
         f"# Genifer speed ({device}, {torch.get_num_threads()} threads, torch {torch.__version__})",
         "",
@@ -245,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"are {100 * naive_cmp['genifer_gan_share']:.0f}% of Genifer's wall time. Load "
             f"average at the end: {result['load_average_at_end'][0]:.1f} (shared machine).",
         ]
-    _atomic_write(out / "bench_genifer.md", "\n".join(lines) + "\n")
+    atomic_write(out / "bench_genifer.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return result
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from avalanche.core import SupervisedPlugin
 
 from avalanche_d2l import registry
 from avalanche_d2l.experiments import default_experiment, run_experiment
+from avalanche_d2l.experiments.report import atomic_write
 from avalanche_d2l.strategies.d2l import D2LConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,13 +80,6 @@ DEFAULT_VARIANTS = [
     "der_d2l",
 ]
 KEYS = ("final_accuracy", "avg_incremental_accuracy", "forward_transfer", "wall_s")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _register(variant: str) -> str:
@@ -321,7 +314,7 @@ def diagnose(benchmark: str, seed: int, out: Path, variant: str = "d2l_optimised
         where = f"{r['argmax_on_seen']:.2f} | {r['mass_on_seen']:.2f}" if r else "- | -"
         lines.append(f"| {k} | {where} | {acc:.3f} |")
     md = "\n".join(lines) + "\n"
-    _atomic_write(out / f"diagnosis_{variant}.md", md)
+    atomic_write(out / f"diagnosis_{variant}.md", md)
     return md
 
 
@@ -351,7 +344,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.summarise:
         md = summarise(ROOT / "benchmarks/results")
-        _atomic_write(ROOT / "benchmarks/results/d2l_ablation/summary.md", md)
+        atomic_write(ROOT / "benchmarks/results/d2l_ablation/summary.md", md)
         print(md)
         return 0
     out = Path(args.out) / args.benchmark
@@ -395,9 +388,9 @@ def main(argv=None) -> int:
         if host in base_wall and r["wall_s"]:
             r["wall_over_host"] = r["wall_s"] / base_wall[host]
     rows = _merge(out / "results.json", rows, args.variants)
-    _atomic_write(out / "results.json", json.dumps(rows, indent=1))
+    atomic_write(out / "results.json", json.dumps(rows, indent=1))
     md = to_markdown(rows, args.benchmark, args.seeds, exp.mem_sizes[0])
-    _atomic_write(out / "results.md", md)
+    atomic_write(out / "results.md", md)
     print(md)
     return 0
 

@@ -27,16 +27,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from avalanche_d2l.experiments import load_experiment  # noqa: E402
+from avalanche_d2l.experiments.report import atomic_write  # noqa: E402
 from avalanche_d2l.experiments.runner import run_experiment  # noqa: E402
 
 VARIANTS: dict[str, dict] = {
@@ -58,13 +57,6 @@ METRICS = (
     "forgetting",
     "wall_s",
 )
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _fmt(values: list[float]) -> str:
@@ -115,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
                 + " ".join(argv if argv is not None else sys.argv[1:]),
                 "rows": list(rows.values()),
             }
-            _atomic_write(summary_path, json.dumps(table, indent=2) + "\n")
+            atomic_write(summary_path, json.dumps(table, indent=2) + "\n")
     lines = [
         "# Genifer variants on the offline streams",
         "",
@@ -136,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     lines += ["", "Variants (changes to `GeniferConfig()`):", ""]
     lines += [f"* `{k}`: `{json.dumps(v)}`" for k, v in VARIANTS.items()]
     lines += ["", f"Command: `{table['command']}`"]
-    _atomic_write(out / "results.md", "\n".join(lines) + "\n")
+    atomic_write(out / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return table
 

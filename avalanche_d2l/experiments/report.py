@@ -23,8 +23,10 @@ METRICS = [
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write ``path`` through a temporary file in the same folder and a rename."""
+    """Write ``path`` through a temporary file in the same folder and a rename (the folder is
+    created if missing)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     if isinstance(data, bytes):
         tmp.write_bytes(data)
