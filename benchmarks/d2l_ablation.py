@@ -382,9 +382,8 @@ def main(argv=None) -> int:
         row["seeds"] = [r["seed"] for r in runs]
         rows.append(row)
     base_wall = {r["strategy"]: r["wall_s"] for r in rows if r["changes"] == {}}
-    hosts = {"d2l": "replay", "er_ace_d2l": "er_ace", "der_d2l": "der"}
     for r in rows:
-        host = hosts.get(r["strategy"], r["strategy"])
+        host = HOSTS.get(r["strategy"], r["strategy"])
         if host in base_wall and r["wall_s"]:
             r["wall_over_host"] = r["wall_s"] / base_wall[host]
     rows = _merge(out / "results.json", rows, args.variants)
