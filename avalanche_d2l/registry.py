@@ -222,8 +222,11 @@ def config_from_dict(cls: type, data: Mapping[str, Any], *, where: str = ""):
     dataclass; unknown keys are an error listing the valid ones."""
     if hasattr(cls, "from_dict"):
         return cls.from_dict(dict(data))
+    from avalanche_d2l.fields import typed_fields
+
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**check_keys(dict(data), names, f"the settings of {where or cls.__name__}"))
+    where = f"the settings of {where or cls.__name__}"
+    return cls(**typed_fields(cls, check_keys(dict(data), names, where), where))
 
 
 def config_to_dict(config) -> dict[str, Any] | None:

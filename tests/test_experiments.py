@@ -141,7 +141,7 @@ def test_cifar100_genifer_resolves_to_reference_optimisers():
         ({"mem_sizes": [-5]}, ">= 0"),
         (
             {"training": {"optimizer": {"name": "adam", "lr": 1e-3, "epochs": 0}}},
-            "epochs must be >= 1",
+            "epochs must be a whole number >= 1",
         ),
         (
             {"training": {"optimizer": {"name": "lion", "lr": 1e-3, "epochs": 1}}},

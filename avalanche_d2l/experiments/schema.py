@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from avalanche_d2l.fields import check_value, typed_fields
 from avalanche_d2l.registry import check_keys, config_to_dict, get_strategy, strategy_names
 
 __all__ = ["OptimSpec", "ModelSpec", "TrainingSpec", "Experiment", "ALIASES", "check_keys"]
@@ -70,7 +71,7 @@ def _from_fields(cls, section: Any, where: str, required: tuple[str, ...] = ()):
     missing = [k for k in required if k not in section]
     if missing:
         raise ValueError(f"{where} lacks {missing}")
-    return cls(**section)
+    return cls(**typed_fields(cls, section, where))
 
 
 @dataclass(frozen=True)
@@ -109,9 +110,9 @@ class OptimSpec:
         if self.decoupled_weight_decay and name != "radam":
             raise ValueError("decoupled_weight_decay is a RAdam setting (use adamw for Adam)")
         if int(self.epochs) < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+            raise ValueError(f"epochs must be a whole number >= 1, got {self.epochs}")
         if float(self.lr) <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise ValueError(f"lr must be a number > 0, got {self.lr}")
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> OptimSpec:
@@ -167,7 +168,7 @@ class TrainingSpec:
     @classmethod
     def from_dict(cls, d: Any) -> TrainingSpec:
         allowed = {f.name for f in dataclasses.fields(cls)}
-        d = dict(check_keys(d, allowed, "training"))
+        d = typed_fields(cls, dict(check_keys(d, allowed, "training")), "training")
         if "optimizer" not in d:
             raise ValueError("training needs an 'optimizer' (name, lr, epochs, ...)")
         d["optimizer"] = OptimSpec.from_dict(d["optimizer"], "training.optimizer")
@@ -270,12 +271,12 @@ class Experiment:
             model=_from_fields(ModelSpec, data["model"], "model", ("name", "feature_layer")),
             training=TrainingSpec.from_dict(data["training"]),
             strategies=dict(check_keys(data["strategies"], set(data["strategies"]), "strategies")),
-            mem_sizes=[int(m) for m in data.get("mem_sizes", [100])],
-            seeds=[int(s) for s in data.get("seeds", [0])],
-            device=str(data.get("device", "cpu")),
-            precision=str(data.get("precision", "no")),
-            dreamer_device=data.get("dreamer_device"),
-            description=str(data.get("description", "")),
+            mem_sizes=check_value(data.get("mem_sizes", [100]), list[int], "mem_sizes"),
+            seeds=check_value(data.get("seeds", [0]), list[int], "seeds"),
+            device=check_value(data.get("device", "cpu"), str, "device"),
+            precision=check_value(data.get("precision", "no"), str, "precision"),
+            dreamer_device=check_value(data.get("dreamer_device"), str | None, "dreamer_device"),
+            description=check_value(data.get("description", ""), str, "description"),
             notes=notes,
             name=name,
         )
@@ -284,7 +285,9 @@ class Experiment:
     def from_file(cls, path: str | Path) -> Experiment:
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path} is not UTF-8 text ({err.reason}): save it as UTF-8") from err
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from err
         try:
