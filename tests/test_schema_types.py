@@ -94,3 +94,20 @@ def test_valid_values_are_converted_not_refused(tmp_path):
     assert exp.training.optimizer.milestones == (1,)
     assert check_value(None, int | None, "x") is None
     assert check_value(3, float, "x") == 3.0 and isinstance(check_value(3, float, "x"), float)
+
+
+def test_a_diverging_run_stops_with_one_sentence_and_is_not_recorded(tmp_path, capsys):
+    from avalanche_d2l.cli import main
+
+    data = copy.deepcopy(BASE)
+    data["strategies"] = {"naive": {}}
+    data["training"]["optimizer"]["lr"] = 1e30  # finite, but the weights overflow at once
+    path = tmp_path / "diverge.json"
+    path.write_text(json.dumps(data))
+    out = tmp_path / "o"
+    code = main(["run", str(path), "--out", str(out), "--max-experiences", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "the training loss became" in err and "in experience 0" in err, err
+    assert "Traceback" not in err
+    assert not list((out / "runs").glob("*.json"))  # nothing recorded as a result

@@ -44,6 +44,7 @@ from avalanche_d2l.experiments.builders import (
     build_model,
     check_class_incremental,
 )
+from avalanche_d2l.experiments.guards import FiniteLossGuard
 from avalanche_d2l.experiments.report import atomic_write, summarise_run, write_report
 from avalanche_d2l.experiments.schedule import OptimSchedule
 from avalanche_d2l.experiments.schema import Experiment, check_mem_sizes, check_seeds, resolve_name
@@ -290,6 +291,7 @@ def build_run(
             fresh_each_experience=training.fresh_optimizer_each_experience,
         ),
         EpochBar(f"{key.strategy} s{key.seed}", enabled=opts.progress),
+        FiniteLossGuard(),
         *extra_plugins,
     ]
     info = get_strategy(key.strategy)
