@@ -1,0 +1,75 @@
+"""Nothing executes from a file planted in an output folder; failed writes leave nothing behind."""
+
+import os
+import pickle
+
+import pytest
+import torch
+from avalanche.training import Naive
+
+from avalanche_d2l.checkpointing import UntrustedCheckpoint, load_strategy, save_strategy
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _strategy():
+    model = torch.nn.Linear(4, 2)
+    return Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_a_planted_checkpoint_is_refused_before_unpickling(tmp_path):
+    ckpt = tmp_path / "naive_s0.pkl"
+    marker = tmp_path / "payload_ran"
+    ckpt.write_bytes(pickle.dumps(_Payload(str(marker))))
+    with pytest.raises(UntrustedCheckpoint, match="was not unpickled"):
+        load_strategy(_strategy(), ckpt)
+    assert not marker.exists()
+
+
+def test_a_checkpoint_changed_after_writing_is_refused(tmp_path):
+    ckpt = tmp_path / "naive_s0.pkl"
+    save_strategy(_strategy(), ckpt)
+    _, start = load_strategy(_strategy(), ckpt)  # the package's own file loads
+    assert start == 0
+    marker = tmp_path / "payload_ran"
+    ckpt.write_bytes(pickle.dumps(_Payload(str(marker))))  # replaced, record kept
+    with pytest.raises(UntrustedCheckpoint):
+        load_strategy(_strategy(), ckpt)
+    assert not marker.exists()
+
+
+def test_a_failed_checkpoint_write_is_one_oserror_and_leaves_no_temporary(tmp_path, monkeypatch):
+    import avalanche.checkpointing
+
+    def disk_full(strategy, fname, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed")
+
+    monkeypatch.setattr(avalanche.checkpointing, "save_checkpoint", disk_full)
+    with pytest.raises(OSError, match="could not write the checkpoint"):
+        save_strategy(_strategy(), tmp_path / "naive_s0.pkl")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_compare_sets_a_planted_checkpoint_aside_without_running_it(tmp_path):
+    from avalanche_d2l.experiments import default_experiment, run_experiment
+
+    exp = default_experiment("split_digits")
+    kw = dict(strategies=["naive"], seeds=[0], quick=True, epochs=1, progress=False)
+    clean = run_experiment(exp, out=tmp_path / "clean", **kw)
+    ckpt = tmp_path / "bad" / "checkpoints" / "naive_seed0.pkl"
+    ckpt.parent.mkdir(parents=True)
+    marker = tmp_path / "payload_ran"
+    ckpt.write_bytes(pickle.dumps(_Payload(str(marker))))
+    with pytest.warns(UserWarning, match="was not unpickled"):
+        bad = run_experiment(exp, out=tmp_path / "bad", **kw)
+    assert not marker.exists()
+    assert bad["runs"][0]["final_accuracy"] == clean["runs"][0]["final_accuracy"]
+    assert ckpt.with_name(ckpt.name + ".corrupt").exists()
