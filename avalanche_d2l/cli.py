@@ -203,6 +203,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"avalanche-d2l: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C: one line, the conventional exit status 130
+        print(
+            f"avalanche-d2l: {err or 'interrupted; run the same command to resume'}",
+            file=sys.stderr,
+        )
+        return 130
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import pickle
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -330,7 +331,7 @@ def train_with_checkpoints(
         :func:`summarise_run`'s dict plus ``wall_s``.
     """
     from avalanche_d2l.checkpointing import load_strategy, save_strategy
-    from avalanche_d2l.evaluation import SEEN_ACC
+    from avalanche_d2l.evaluation import LAB_ACC_EXP, LAB_AVG_ACC, SEEN_ACC
 
     loader_kwargs = loader_kwargs or {}
     try:
@@ -360,11 +361,22 @@ def train_with_checkpoints(
             ]
         )
         book["seen"].append(float(results[SEEN_ACC]))
+        # the lab's protocol (argmax over all output units, mean over trained experiences)
+        book.setdefault("lab_acc", []).append(
+            [float(results[LAB_ACC_EXP.format(j)]) for j in range(n_test)]
+        )
+        book.setdefault("lab_avg", []).append(float(results[LAB_AVG_ACC]))
         strategy._compare_book = book
         if is_main_process():
             save_strategy(strategy, ckpt)
         wait_for_everyone()
-    summary = summarise_run(strategy, n_train, book["acc"], book["seen"])
+    summary = summarise_run(
+        strategy,
+        n_train,
+        book["acc"],
+        book["seen"],
+        lab=(book.get("lab_acc", []), book.get("lab_avg", [])),
+    )
     summary["wall_s"] = book["wall_s"]
     return summary
 
@@ -406,6 +418,32 @@ def _worker(payload: tuple) -> dict:
     exp, key, opts, out, infos = payload
     ensure_registered(infos)
     return _execute(exp, key, opts, Path(out))
+
+
+def _worker_init() -> None:
+    """Pool workers ignore the terminal's Ctrl-C (the parent stops them) and die with the parent,
+    even when it is killed with SIGKILL (Linux: the parent-death signal)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a comparison; the message says what finished and how to resume."""
+
+
+def _interrupted(done: Sequence[str], stopped: Sequence[str], queued: int) -> RunInterrupted:
+    parts = [f"interrupted: {len(done)} run(s) finished ({', '.join(done) or 'none'})"]
+    if stopped:
+        parts.append(f"{', '.join(stopped)} stopped from its last checkpoint")
+    if queued:
+        parts.append(f"{queued} not started")
+    return RunInterrupted("; ".join(parts) + "; run the same command to resume")
 
 
 def _picklable_infos(names: Sequence[str]) -> list:
@@ -652,25 +690,56 @@ def run_experiment(
     bar = tqdm(
         total=len(todo), desc=exp.name or exp.benchmark["name"], unit="run", disable=not progress
     )
+    finished: list[str] = []
     if jobs == 1 or len(todo) <= 1:
-        for key in todo:
+        for i, key in enumerate(todo):
             bar.set_postfix_str(key.name)
-            finish(key, _execute(exp, key, opts, out))
+            try:
+                record = _execute(exp, key, opts, out)
+            except KeyboardInterrupt:
+                bar.close()
+                raise _interrupted(finished, [key.name], len(todo) - i - 1) from None
+            finish(key, record)
+            finished.append(key.name)
             bar.update(1)
     else:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx) as pool:
-            infos = _picklable_infos(sorted({key.strategy for key in todo}))
-            futures = {pool.submit(_worker, (exp, key, opts, str(out), infos)): key for key in todo}
-            for fut in as_completed(futures):
-                finish(futures[fut], fut.result())
-                bar.update(1)
+        infos = _picklable_infos(sorted({key.strategy for key in todo}))
+        _run_pool(todo, min(jobs, len(todo)), (exp, opts, str(out), infos), finish, bar)
     bar.close()
     results = _collect(exp, keys, records, extras)
     if main:
         _write_results(results_path, results)
         write_report(results, out)
     return results
+
+
+def _run_pool(todo: list[RunKey], jobs: int, payload: tuple, finish, bar) -> None:
+    """The runs of ``todo`` in ``jobs`` spawned processes. On Ctrl-C the queued runs are
+    cancelled and the workers terminated at once (each resumes from its checkpoint next time)."""
+    exp, opts, out, infos = payload
+    ctx = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init)
+    futures = {pool.submit(_worker, (exp, key, opts, out, infos)): key for key in todo}
+    finished: list[str] = []
+    try:
+        for fut in as_completed(futures):
+            finish(futures[fut], fut.result())
+            finished.append(futures[fut].name)
+            bar.update(1)
+    except KeyboardInterrupt:
+        running = [k.name for f, k in futures.items() if f.running()]
+        queued = sum(1 for f in futures if not f.done() and not f.running())
+        for f in futures:
+            f.cancel()
+        for proc in list((pool._processes or {}).values()):  # no public way to stop a worker
+            proc.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+        raise _interrupted(finished, running, queued) from None
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def with_dreamer(exp: Experiment, dreamer: str, names: Sequence[str]) -> Experiment:
@@ -735,7 +804,7 @@ def dry_run(
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Build every strategy once and time one training step (and, for strategies that dream, one
-    micro-batch of dreaming through :mod:`avalanche_d2l.dreaming.preflight`), without training.
+    micro-batch of dreaming: the preflight each strategy registers), without training.
     Prints the runs that ``run`` would do and the estimates; returns them."""
     if device is not None:
         exp = dataclasses.replace(exp, device=device)
@@ -757,7 +826,7 @@ def dry_run(
         key = RunKey(name, seeds[0], exp.mem_sizes[0] if exp.keeps_buffer(name) else None)
         _, strategy = build_run(exp, key, opts, benchmark=benchmark)
         report = {"strategy": name, **_time_training_step(strategy, benchmark, exp)}
-        dreaming = _dreaming_preflight(strategy, benchmark, exp)
+        dreaming = _method_preflight(name, strategy, benchmark, exp)
         if dreaming is not None:
             report["dreaming"] = dreaming.to_dict()
             log(dreaming.to_text())
@@ -766,37 +835,18 @@ def dry_run(
     return reports
 
 
-def _dreaming_preflight(strategy, benchmark, exp: Experiment):
-    """For a strategy that dreams (D2L): one micro-batch of dreaming, one generation batch and
-    one training step at the configured sizes, extrapolated to a dreaming phase and a run
-    (:func:`avalanche_d2l.dreaming.preflight.preflight`; on CUDA it raises, naming the settings
-    to change, when a phase cannot fit)."""
-    from avalanche_d2l.dreaming.preflight import dreaming_plan, preflight
-    from avalanche_d2l.strategies.d2l import D2LPlugin, infer_input_space
-
-    plugin = next((p for p in strategy.plugins if isinstance(p, D2LPlugin)), None)
-    if plugin is None or plugin.dreams == "noise":
+def _method_preflight(name: str, strategy, benchmark, exp: Experiment):
+    """The preflight the strategy registered (:class:`~avalanche_d2l.registry.StrategyInfo`;
+    D2L: one micro-batch of dreaming, one generation batch and one training step, extrapolated
+    to a run, raising on CUDA with the settings to change when a phase cannot fit), or ``None``."""
+    check = get_strategy(name).preflight
+    if check is None:
         return None
-    space = infer_input_space(benchmark.train_stream[0].dataset)
-    plugin.fit(space, strategy.model)
-    n_classes = int(benchmark.n_classes)
-    n_dream, phases = dreaming_plan(
-        n_classes=n_classes,
-        n_experiences=len(benchmark.train_stream),
-        dream_config=plugin.config,
-        n_extra_heads=strategy.model.n_heads - n_classes,
-    )
-    steps = sum(len(e.dataset) for e in benchmark.train_stream) // exp.training.train_mb_size
-    return preflight(
-        dreamer=plugin.dreamer,
-        classifier=strategy.model.to(strategy.device),
-        dream_config=plugin.config,
-        image_shape=space.shape,
-        n_dream_classes=n_dream,
-        n_dreaming_phases=phases,
-        train_batch=exp.training.train_mb_size,
-        device=strategy.device,
-        train_steps=steps * exp.training.optimizer.epochs,
+    return check(
+        strategy,
+        benchmark,
+        train_mb_size=exp.training.train_mb_size,
+        epochs=exp.training.optimizer.epochs,
     )
 
 
