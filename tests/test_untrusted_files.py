@@ -73,3 +73,18 @@ def test_compare_sets_a_planted_checkpoint_aside_without_running_it(tmp_path):
     assert not marker.exists()
     assert bad["runs"][0]["final_accuracy"] == clean["runs"][0]["final_accuracy"]
     assert ckpt.with_name(ckpt.name + ".corrupt").exists()
+
+
+def test_a_second_command_on_the_same_out_is_refused_naming_the_first(tmp_path, capsys):
+    from avalanche_d2l.cli import main
+    from avalanche_d2l.experiments.lock import OutputLock
+
+    out = tmp_path / "o"
+    out.mkdir()
+    with OutputLock(out):  # the first command, still running
+        code = main(["compare", "--strategies", "naive", "--quick", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and "is in use by another command (pid" in err, err
+        assert not (out / "runs").exists()
+    with OutputLock(out):  # released when the first command ends
+        pass

@@ -46,6 +46,7 @@ from avalanche_d2l.experiments.builders import (
     check_class_incremental,
 )
 from avalanche_d2l.experiments.guards import FiniteLossGuard
+from avalanche_d2l.experiments.lock import holds_output_lock
 from avalanche_d2l.experiments.report import atomic_write, summarise_run, write_report
 from avalanche_d2l.experiments.schedule import OptimSchedule
 from avalanche_d2l.experiments.schema import Experiment, check_mem_sizes, check_seeds, resolve_name
@@ -516,6 +517,7 @@ def plan_runs(
     return keys
 
 
+@holds_output_lock
 def run_experiment(
     exp: Experiment,
     *,
