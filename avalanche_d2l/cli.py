@@ -51,6 +51,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
     p.add_argument(
+        "--dreamer",
+        metavar="PATH_OR_ID",
+        default=None,
+        help="D2L's dreamer (a local folder or a Hugging Face hub id) for every strategy of the "
+        "command that has one (default: the experiment's)",
+    )
+    p.add_argument(
         "--dreamer-device", default=None, help="device of D2L's frozen dreamer (default: --device)"
     )
     p.add_argument(
@@ -91,12 +98,16 @@ def _parser() -> argparse.ArgumentParser:
     from avalanche_d2l.experiments import BENCHMARKS
     from avalanche_d2l.registry import get_strategy, strategy_names
 
-    parser = argparse.ArgumentParser(prog="avalanche-d2l", description=__doc__.split("\n")[0])
+    # no abbreviations: `--dreamer` must never be read as `--dreamer-device`
+    parser = argparse.ArgumentParser(
+        prog="avalanche-d2l", description=__doc__.split("\n")[0], allow_abbrev=False
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     listing = "\n".join(f"  {n:<18} {get_strategy(n).description}" for n in strategy_names())
     cmp_ = sub.add_parser(
         "compare",
         help="compare strategies on a benchmark",
+        allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="strategies:\n"
         + listing
@@ -116,7 +127,9 @@ def _parser() -> argparse.ArgumentParser:
         help="output folder (default results/BENCHMARK; resumes if it exists)",
     )
     _add_run_options(cmp_)
-    run = sub.add_parser("run", help="run an experiment file or a shipped experiment")
+    run = sub.add_parser(
+        "run", help="run an experiment file or a shipped experiment", allow_abbrev=False
+    )
     run.add_argument("experiment", nargs="?", help="a shipped experiment's name or a JSON file")
     run.add_argument("--list", action="store_true", help="list the shipped experiments")
     run.add_argument("--out", default=None, help="output folder (default results/EXPERIMENT)")
@@ -145,6 +158,7 @@ def _run_kwargs(args) -> dict:
         device=args.device,
         precision=args.precision,
         dreamer_device=args.dreamer_device,
+        dreamer=args.dreamer,
         quick=args.quick,
         max_experiences=args.max_experiences,
         progress=not args.no_progress,
@@ -153,6 +167,25 @@ def _run_kwargs(args) -> dict:
         num_workers=args.num_workers,
         check_images=args.check_data,
     )
+
+
+def _dry_run_experiment(exp, args):
+    """``exp`` with the overrides that ``run`` applies and ``dry_run`` does not take itself:
+    ``--dreamer`` (every strategy of the command that has a dreamer), ``--dreamer-device`` and
+    ``--precision``, checked as ``run`` checks them."""
+    import dataclasses
+
+    from avalanche_d2l.experiments.runner import check_device, with_dreamer
+    from avalanche_d2l.experiments.schema import resolve_name
+
+    if args.dreamer is not None:
+        names = [resolve_name(s) for s in (args.strategies or exp.strategies)]
+        exp = with_dreamer(exp, args.dreamer, names)
+    if args.precision is not None:
+        exp = dataclasses.replace(exp, precision=args.precision)
+    if args.dreamer_device is not None:
+        exp = dataclasses.replace(exp, dreamer_device=check_device(args.dreamer_device))
+    return exp
 
 
 def _main(args) -> int:
@@ -168,7 +201,7 @@ def _main(args) -> int:
         exp = ex.load_experiment(args.experiment)
         if args.dry_run:
             ex.dry_run(
-                exp,
+                _dry_run_experiment(exp, args),
                 data_root=args.data_root,
                 strategies=args.strategies,
                 seeds=args.seeds,
@@ -191,6 +224,17 @@ def _main(args) -> int:
     return 0
 
 
+def _one_sentence(err: BaseException) -> str:
+    """The error's own sentence; for an error raised in a ``DataLoader`` worker (which torch
+    re-raises with the worker's whole traceback in the message) its last line only."""
+    text = str(err)
+    if "Original Traceback" in text:
+        lines = [line for line in text.splitlines() if line.strip()]
+        last = lines[-1]
+        return last.split(": ", 1)[1] if last.startswith(type(err).__name__ + ": ") else last
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["pretrain-dreamer"]:
@@ -201,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(args)
     except (ValueError, OSError) as err:
-        print(f"avalanche-d2l: error: {err}", file=sys.stderr)
+        print(f"avalanche-d2l: error: {_one_sentence(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:  # Ctrl-C: one line, the conventional exit status 130
         print(
