@@ -6,9 +6,16 @@ from avalanche_d2l.evaluation import (
     AIA,
     AIA_WO_FIRST,
     FWT_STREAM,
+    LAB_ACC_EXP,
+    LAB_ACC_STREAM,
+    LAB_AVG_ACC,
+    LAB_FWT_STREAM,
     SEEN_ACC,
+    ForwardTransferAtStart,
     close_evaluator,
     experience_accuracy,
+    lab_correct,
+    lab_target_heads,
     make_evaluator,
 )
 from avalanche_d2l.models import small_cnn
@@ -170,3 +177,163 @@ def test_text_log_file_is_closed(tmp_path):
     del ev
     gc.collect()
     assert f.closed  # closed with the evaluator
+
+
+# ---- the two protocols on a hand-made case -----------------------------------------------------
+#
+# Inputs are the logits themselves: x = (N, 1, 1, 5) -> 5 head logits. 4 classes, 5 heads (one
+# dream-only head, 4). Experience 0 = classes {0, 1}, experience 1 = classes {2, 3}; heads are
+# assigned at the start of each experience: 0 -> 0, 1 -> 1, then 2 -> 3, 3 -> 2 (head 4 keeps
+# its dream). The learning rate is 0, so every accuracy below is known in advance.
+
+N_HEADS = 5
+ASSIGN = {0: {0: 0, 1: 1}, 1: {2: 3, 3: 2}}
+
+
+def _logits(order: list[int]) -> list[float]:
+    """Head logits whose ranking is ``order`` (best first)."""
+    out = [0.0] * N_HEADS
+    for rank, h in enumerate(order):
+        out[h] = float(N_HEADS - rank)
+    return out
+
+
+# (class, head ranking) of every test sample: (lab correct?, masked correct?) in the comment
+TEST_SAMPLES = [
+    (0, [0, 1]),  # yes, yes
+    (0, [4, 0]),  # no (dream head 4 wins), yes (head 4 masked)
+    (1, [1, 0]),  # yes, yes
+    (1, [4, 1]),  # no, yes
+    (1, [0, 1]),  # no, no
+    (0, [0, 4]),  # yes, yes
+    (2, [3, 2]),  # yes, yes (class 2 has head 3)
+    (3, [2, 3]),  # yes, yes (class 3 has head 2)
+    (2, [4, 3, 2]),  # no, yes
+]
+LAB = {0: 3 / 6, 1: 2 / 3}
+MASKED = {0: 5 / 6, 1: 3 / 3}
+
+
+class _TableHeads(torch.nn.Module):
+    """A head model in the DreamHeads sense (``forward_heads`` + ``class_to_head``), whose head
+    logits are its input. ``forward`` is the masked class space (identity before assignment)."""
+
+    def __init__(self, n_classes: int = 4):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(N_HEADS))
+        self.register_buffer("class_to_head", torch.full((n_classes,), -1, dtype=torch.long))
+
+    def forward_heads(self, x):
+        return x.flatten(1) + self.w
+
+    def forward(self, x):
+        heads = self.forward_heads(x)
+        if not bool((self.class_to_head >= 0).any()):
+            return heads[:, : len(self.class_to_head)]
+        out = heads[:, self.class_to_head.clamp(min=0)]
+        return out.masked_fill(self.class_to_head.unsqueeze(0) < 0, -1e4)
+
+
+class _Table(torch.nn.Module):
+    """A plain model whose 4 logits are its input's first 4 values."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(4))
+
+    def forward(self, x):
+        return x.flatten(1)[:, :4] + self.w
+
+
+class _AssignHeads:
+    """Stand-in for D2L's head assignment at the start of each experience."""
+
+    def before_training_exp(self, strategy, **kw):
+        k = strategy.experience.current_experience
+        model = strategy.model
+        if hasattr(model, "class_to_head"):
+            for c, h in ASSIGN[k].items():
+                model.class_to_head[c] = h
+
+
+def _table_run(model):
+    from avalanche_d2l.scenarios import tensor_benchmark
+
+    x = torch.tensor([_logits(order) for _, order in TEST_SAMPLES]).view(-1, 1, 1, N_HEADS)
+    y = torch.tensor([c for c, _ in TEST_SAMPLES])
+    bench = tensor_benchmark(x, y, x, y, n_experiences=2, class_order=[0, 1, 2, 3])
+    evaluator = make_evaluator(bench, interactive=False, timing=False)
+    strategy = Naive(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        train_mb_size=4,
+        train_epochs=1,
+        eval_mb_size=4,  # several minibatches per experience
+        evaluator=evaluator,
+        plugins=[_AssignHeads()],
+    )
+    results = []
+    for exp in bench.train_stream:
+        strategy.train(exp, eval_streams=[])
+        results.append(strategy.eval(bench.test_stream))
+    fwt = next(m for m in evaluator.metrics if isinstance(m, ForwardTransferAtStart))
+    return results, fwt
+
+
+def test_lab_and_masked_protocols_on_a_hand_made_head_model():
+    results, fwt = _table_run(_TableHeads())
+    res = results[-1]
+    for j in (0, 1):
+        assert res[f"Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{j:03d}"] == pytest.approx(
+            MASKED[j]
+        )
+        assert res[LAB_ACC_EXP.format(j)] == pytest.approx(LAB[j])
+    # lab final accuracy: the mean of the per-experience accuracies, not sample-weighted
+    assert res[LAB_AVG_ACC] == pytest.approx((3 / 6 + 2 / 3) / 2)
+    assert res[LAB_ACC_STREAM] == pytest.approx(5 / 9)
+    assert res[SEEN_ACC] == pytest.approx(8 / 9)  # masked, sample-weighted
+    # after experience 0 only experience 0 counts (experience 1's classes have no head yet:
+    # their samples are all wrong under the lab protocol)
+    assert results[0][LAB_AVG_ACC] == pytest.approx(3 / 6)
+    assert results[0][LAB_ACC_EXP.format(1)] == 0.0
+    # forward transfer: the random-init model (no head assigned: identity map) gets every
+    # experience-1 sample wrong under both protocols; at the start of experience 1 (after the
+    # assignment) the masked protocol finds 3 of 3, the lab protocol 2 of 3 (one sample on the
+    # dream head)
+    assert fwt.random_init_accuracy[1] == 0.0 and fwt.lab_random_init_accuracy[1] == 0.0
+    assert fwt.accuracy_at_start[1] == pytest.approx(1.0)
+    assert fwt.lab_accuracy_at_start[1] == pytest.approx(2 / 3)
+    assert res[FWT_STREAM] == pytest.approx(1.0)
+    assert res[LAB_FWT_STREAM] == pytest.approx(2 / 3)
+    # random init, experience 0, identity map: lab over 5 heads, masked over the first 4
+    assert fwt.lab_random_init_accuracy[0] == pytest.approx(3 / 6)
+    assert fwt.random_init_accuracy[0] == pytest.approx(5 / 6)
+
+
+def test_plain_model_protocols_differ_only_in_the_mean_over_experiences():
+    results, fwt = _table_run(_Table())
+    res = results[-1]
+    per_exp = [res[f"Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{j:03d}"] for j in (0, 1)]
+    assert [res[LAB_ACC_EXP.format(j)] for j in (0, 1)] == pytest.approx(per_exp)
+    # a plain model reads the first 4 units: head 4 does not exist for it, and the samples of
+    # classes 2 and 3 (ranked for their assigned heads 3 and 2) are all wrong
+    assert per_exp == pytest.approx([5 / 6, 0.0])
+    assert res[LAB_AVG_ACC] == pytest.approx((5 / 6 + 0.0) / 2)  # per-experience mean
+    assert res[SEEN_ACC] == pytest.approx(5 / 9)  # sample-weighted
+    assert fwt.lab_transfer == pytest.approx(fwt.transfer)
+
+
+def test_a_class_without_a_head_is_wrong_under_the_lab_protocol():
+    model = _TableHeads()
+    x = torch.tensor([_logits([1, 0]), _logits([4, 2])])
+    y = torch.tensor([1, 2])
+    # before any assignment the map is the identity: class 1 on head 1 is right, class 2 on
+    # head 4 (beyond the classes) wrong
+    assert lab_correct(model, x, y).tolist() == [True, False]
+    model.class_to_head[0] = 0
+    assert lab_target_heads(model, y).tolist() == [-1, -1]
+    assert lab_correct(model, x, y).tolist() == [False, False]
+    model.class_to_head[1] = 1
+    assert lab_correct(model, x, y).tolist() == [True, False]
+    with pytest.raises(ValueError, match="protocol"):
+        experience_accuracy(model, None, "cpu", protocol="top5")

@@ -189,7 +189,20 @@ def test_d2l_and_host_run_resume_and_record_their_settings(tmp_path, data_root, 
     config = runs["d2l"]["settings"]["config"]
     assert config["dreamer"] == str(dreamer_dir) and config["dream"]["steps"] == 1
     assert not list((out / "checkpoints").glob("*.pkl"))
-    assert "| d2l (mem 6) |" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "| d2l (mem 6) |" in md
+    # the lab protocol headlines the table, the masked figures beside it, the legend below
+    assert md.index("Final acc. (lab)") < md.index("Final acc. (masked)") and "*Lab*" in md
+    for r in runs.values():
+        lab, masked = r["lab_accuracy_matrix"], r["accuracy_matrix"]
+        assert len(lab) == 2 and all(len(row) == 3 for row in lab)
+        # the lab's final accuracy: the mean over the trained experiences of the last row
+        assert r["lab_final_accuracy"] == pytest.approx((lab[-1][0] + lab[-1][1]) / 2)
+        assert len(r["lab_accuracy_at_start"]) == 2
+        # the lab protocol can only lose samples (to dream heads), never gain them
+        assert all(a <= b + 1e-9 for lr, mr in zip(lab, masked) for a, b in zip(lr, mr))
+    # a plain classifier: both protocols see the same per-experience accuracies
+    assert runs["replay"]["lab_accuracy_matrix"] == runs["replay"]["accuracy_matrix"]
     # same again: nothing trains, same numbers
     again = run_experiment(exp, **kw)
     assert [r["fingerprint"] for r in again["runs"]] == [r["fingerprint"] for r in results["runs"]]
