@@ -31,6 +31,7 @@ from PIL import Image
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 from torchvision import transforms as T
+from tqdm.auto import tqdm
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -346,6 +347,21 @@ class ImagePathDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def unreadable(self) -> list[str]:
+        """Files that are empty, not images, or of zero size, read from their headers only (no
+        decode: a few milliseconds a file). ``--check-data`` decodes every file in full."""
+        problems = []
+        bar = tqdm(self.paths, desc="image headers", unit="file", leave=False, mininterval=1.0)
+        for path in bar:
+            try:
+                with Image.open(path) as img:
+                    width, height = img.size
+                if width < 1 or height < 1:
+                    problems.append(f"{path}: image of size {width}x{height}")
+            except (OSError, SyntaxError, ValueError) as err:
+                problems.append(f"{path}: {err}")
+        return problems
+
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         path = self.paths[index]
         try:
@@ -434,7 +450,20 @@ def _read_class_folders(
             )
         paths += files
         targets += [label] * len(files)
-    return ImagePathDataset(paths=paths, targets=targets, classes=classes)
+    return _readable(ImagePathDataset(paths=paths, targets=targets, classes=classes), source)
+
+
+def _readable(dataset: ImagePathDataset, source: _Source) -> ImagePathDataset:
+    """``dataset`` once every file's header reads as an image, else one error listing them."""
+    problems = dataset.unreadable()
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise ValueError(
+            f"{source.name}: {len(problems)} file(s) under {source.root} are not readable "
+            f"images; remove or replace them, then run again:\n  {shown}{more}"
+        )
+    return dataset
 
 
 def _find_split_dir(root: Path, names: Sequence[str]) -> Path | None:
@@ -841,7 +870,7 @@ def split_cub200(
         )
     classes = [names[cid] for cid in sorted_ids]
     targets = [label_of[int(class_ids[i])] for i in ids]
-    full = ImagePathDataset(paths=paths, targets=targets, classes=classes)
+    full = _readable(ImagePathDataset(paths=paths, targets=targets, classes=classes), source)
     train_idx = [k for k, i in enumerate(ids) if is_train[i] == "1"]
     test_idx = [k for k, i in enumerate(ids) if is_train[i] == "0"]
     train, test = full.subset(train_idx), full.subset(test_idx)

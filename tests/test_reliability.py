@@ -1,4 +1,5 @@
-"""Nothing executes from a file planted in an output folder; failed writes leave nothing behind."""
+"""Reliability: nothing executes from a planted file, failed writes leave nothing behind, one
+command per output folder, unreadable images are named before any training."""
 
 import os
 import pickle
@@ -88,3 +89,44 @@ def test_a_second_command_on_the_same_out_is_refused_naming_the_first(tmp_path, 
         assert not (out / "runs").exists()
     with OutputLock(out):  # released when the first command ends
         pass
+
+
+def test_files_that_are_not_images_are_named_before_any_training(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from avalanche_d2l.scenarios import split_mini_imagenet
+
+    for c in range(4):
+        for split, n in (("train", 3), ("test", 2)):
+            folder = tmp_path / split / f"n0000000{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((8, 8, 3), 40 * c, np.uint8)).save(folder / f"{i}.png")
+    empty = tmp_path / "train" / "n00000001" / "3.jpg"
+    empty.write_bytes(b"")
+    text = tmp_path / "train" / "n00000002" / "notes.png"
+    text.write_text("not an image")
+    with pytest.raises(ValueError, match="2 file\\(s\\) under .* are not readable images") as err:
+        split_mini_imagenet(tmp_path, n_experiences=2, image_size=8)
+    assert str(empty) in str(err.value) and str(text) in str(err.value)
+
+
+class _BadImages(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        raise OSError("cannot read image /data/a.png: truncated (remove or replace the file)")
+
+
+def test_an_unreadable_image_in_a_loader_worker_is_one_sentence():
+    from avalanche_d2l.cli import _one_sentence
+
+    loader = torch.utils.data.DataLoader(_BadImages(), num_workers=1)
+    with pytest.raises(OSError) as err:
+        next(iter(loader))
+    assert "Original Traceback" in str(err.value)  # torch's message: the worker's traceback
+    assert _one_sentence(err.value) == (
+        "cannot read image /data/a.png: truncated (remove or replace the file)"
+    )
