@@ -130,3 +130,14 @@ def test_an_unreadable_image_in_a_loader_worker_is_one_sentence():
     assert _one_sentence(err.value) == (
         "cannot read image /data/a.png: truncated (remove or replace the file)"
     )
+
+
+def test_num_workers_inside_jobs_is_refused_before_any_work(tmp_path, capsys):
+    from avalanche_d2l.cli import main
+
+    out = tmp_path / "o"
+    args = ["compare", "--strategies", "naive,lwf", "--jobs", "2", "--num-workers", "2"]
+    assert main([*args, "--quick", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--num-workers 2 with --jobs 2" in err and "Traceback" not in err
+    assert not (out / "runs").exists()

@@ -616,6 +616,12 @@ def run_experiment(
         raise ValueError(f"max_experiences must be >= 1, got {max_experiences}")
     if int(num_workers) < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if int(num_workers) > 0 and int(jobs) > 1:
+        raise ValueError(
+            f"--num-workers {num_workers} with --jobs {jobs}: each of the jobs would start its own "
+            "loader processes on the same cores (two naive runs did not finish in 900 s); use "
+            "--jobs for many small runs or --num-workers for image decoding, not both"
+        )
     buffered = [n for n in names if exp.keeps_buffer(n)]
     if buffered and not mem_sizes:
         raise ValueError(f"{', '.join(buffered)} keep a buffer: give at least one buffer size")
