@@ -67,7 +67,6 @@ if [ -n "$MISSING" ]; then
   fi
 fi
 "$PY" -c "import wandb" 2>/dev/null || export PYTHONPATH="$PYTHONPATH:$REPO/benchmarks/gpu_stubs"
-"$PY" -c "import avalanche, diffusers, avalanche_d2l; print('imports ok')" || echo "imports FAILED"
 
 # 2. the steps, under what is left of the deadline (a hung process is killed 20 s after it)
 LEFT=$((DEADLINE_S - ($(date +%s) - START)))
