@@ -285,7 +285,7 @@ def build_sd(root: Path, *, tiny: bool, device: torch.device) -> dict[str, Any]:
             ("text_encoder", CLIPTextModel(CLIPTextConfig(**clip_cfg))),
         ):
             params[name] = sum(p.numel() for p in model.parameters())
-            model.save_pretrained(tmp / name)
+            model.to("cpu").save_pretrained(tmp / name)  # written from host memory
             del model
     _letters_tokenizer(tmp / "tokfiles").save_pretrained(tmp / "tokenizer")
     shutil.rmtree(tmp / "tokfiles")
