@@ -288,6 +288,23 @@ class ERACEConfig:
 
 
 @dataclass
+class BiCConfig:
+    """Avalanche ``BiC`` (bias correction, Wu et al. 2019), Avalanche's defaults.
+
+    ``val_fraction`` of the buffer size is held out of the training data (per class) to fit the
+    bias layer for ``stage_2_epochs`` epochs at ``stage_2_lr`` after every experience but the
+    first; ``distill_weight`` -1 weighs distillation by the fraction of old classes; logits are
+    distilled at ``temperature``.
+    """
+
+    val_fraction: float = 0.1
+    temperature: int = 2
+    stage_2_epochs: int = 200
+    distill_weight: float = -1.0
+    stage_2_lr: float = 0.1
+
+
+@dataclass
 class GenerativeReplayConfig:
     """Avalanche ``GenerativeReplay`` with its MLP VAE sized to the benchmark's images."""
 
@@ -366,6 +383,55 @@ def _er_ace(*, benchmark, config: ERACEConfig, **kw):
         batch_size_mem=config.batch_size_mem or run.train_mb_size,
         **_common(**kw),
     )
+
+
+from avalanche.training.plugins.bic import BiCPlugin  # noqa: E402 -- BiC's shim below
+
+
+class _MultiStepLR(torch.optim.lr_scheduler.MultiStepLR):
+    """``MultiStepLR`` that accepts (and drops) ``verbose``, which recent torch removed."""
+
+    def __init__(self, *args, verbose=None, **kwargs):
+        super().__init__(*args, **kwargs)
+
+
+class TorchCompatBiCPlugin(BiCPlugin):
+    """Avalanche 0.6's ``BiCPlugin``, unchanged except that its bias-correction stage runs on
+    torch versions whose ``MultiStepLR`` has no ``verbose`` argument (Avalanche passes one)."""
+
+    def bias_correction_step(self, strategy, *args, **kwargs):
+        from avalanche.training.plugins import bic
+
+        original, bic.MultiStepLR = bic.MultiStepLR, _MultiStepLR
+        try:
+            return super().bias_correction_step(strategy, *args, **kwargs)
+        finally:
+            bic.MultiStepLR = original
+
+
+@register_strategy(
+    "bic",
+    config=BiCConfig,
+    keeps_buffer=True,
+    description="Avalanche BiC: replay, distillation and a bias layer fitted on held-out samples",
+)
+def _bic(*, benchmark, config: BiCConfig, **kw):
+    """Avalanche's ``BiC`` strategy: ``SupervisedTemplate`` + its plugin, added after the
+    run's plugins as ``BiC`` does."""
+    from avalanche.training.templates import SupervisedTemplate
+
+    common = _common(**kw)
+    common["plugins"].append(
+        TorchCompatBiCPlugin(
+            mem_size=kw["run"].mem_size,
+            val_percentage=config.val_fraction,
+            T=config.temperature,
+            stage_2_epochs=config.stage_2_epochs,
+            lamb=config.distill_weight,
+            lr=config.stage_2_lr,
+        )
+    )
+    return SupervisedTemplate(**common)
 
 
 @register_strategy(

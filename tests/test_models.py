@@ -76,6 +76,22 @@ def test_default_width_resnet_matches_reference_sizes():
         assert tuple(hook.pop().shape) == (1, 256, 8, 8)  # Genifer's feature map
 
 
+@pytest.mark.parametrize("size", [84, 224])
+def test_small_stem_resnet_keeps_full_resolution_at_imagenet_sizes(size):
+    """The D2L files' backbone: no stride or max-pool in the stem at any size, so ``layer1`` is
+    at the input's resolution and ``layer4`` at about 1/8 (torchvision's stem would give 1/4 and
+    1/32)."""
+    model = _resnet(5, 3).eval()
+    x = torch.rand(1, 3, size, size)
+    expected = {"layer1": size, "layer2": -(-size // 2), "layer4": -(-size // 8)}
+    for layer, side in expected.items():
+        with capture_features(model, layer) as hook, torch.no_grad():
+            assert model(x).shape == (1, 5)
+            assert tuple(hook.pop().shape[-2:]) == (side, side), layer
+    assert not any(isinstance(m, nn.MaxPool2d) for m in model.modules())
+    assert model.conv1.stride == (1, 1) and model.conv1.kernel_size == (3, 3)
+
+
 def test_captured_features_keep_the_graph():
     torch.manual_seed(0)
     model = _cnn(5, 3)

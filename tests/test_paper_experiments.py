@@ -106,6 +106,78 @@ def test_model_mapping():
         build_model("resnet18", "block9", 5, (3, 72, 72))
 
 
+PAPER_FILES = {  # file -> (experiences, image size)
+    "d2l_mini_imagenet": (10, 84),
+    "d2l_mini_imagenet_20tasks": (20, 84),
+    "d2l_fg_imagenet": (10, 256),
+    "d2l_fg_imagenet_20tasks": (20, 256),
+    "d2l_imagenet_r": (10, 224),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_FILES))
+def test_paper_files_follow_the_papers_protocol(name):
+    """10 tasks by default (20 in the variants), the small-stem ResNet-18 at the file's own
+    resolution, ER / ER-ACE / DER++ with and without D2L and BiC, sources in the description."""
+    data = _shipped(name)
+    n_exp, size = PAPER_FILES[name]
+    assert data["benchmark"]["n_experiences"] == n_exp
+    assert data["benchmark"]["image_size"] == size
+    model, layer = build_model(data["model"]["name"], data["model"]["feature_layer"], 5, (3, 8, 8))
+    big, _ = build_model(data["model"]["name"], data["model"]["feature_layer"], 5, (3, size, size))
+    assert isinstance(model, ResNetCifar) and isinstance(big, ResNetCifar) and layer == "features"
+    assert {"replay", "er_ace", "der", "bic", "d2l", "er_ace_d2l", "der_d2l"} <= set(
+        data["strategies"]
+    )
+    assert "papers/d2l.md" in data["description"] and "silent" in data["description"]
+    if name.endswith("_20tasks"):  # a variant: only the split (and its description) differ
+        default = _shipped(name.removesuffix("_20tasks"))
+        for d in (data, default):
+            d["benchmark"].pop("n_experiences"), d.pop("description")
+        assert data == default
+
+
+# ---- BiC beside the rehearsal baselines ------------------------------------------------------
+
+
+def _tiny_bic(tmp_path: Path) -> Path:
+    data = copy.deepcopy(_shipped("d2l_mini_imagenet"))
+    data["benchmark"].update(expected_classes=N_CLASSES, n_experiences=3, image_size=16)
+    data["model"]["width"] = 8
+    data["training"].update(train_mb_size=8, eval_mb_size=32)
+    data["training"]["optimizer"]["epochs"] = 1
+    data["strategies"] = {"bic": {"stage_2_epochs": 3, "stage_2_lr": 0.5}}
+    data.update(mem_sizes=[12], seeds=[0], device="cpu", precision="no")
+    return _write(tmp_path / "bic_tiny.json", data)
+
+
+def test_bic_runs_in_the_engine_and_fits_its_bias_layer(tmp_path, data_root):
+    from avalanche.training.plugins.bic import BiCPlugin
+
+    from avalanche_d2l.experiments.runner import RunKey, RunOptions, build_run
+
+    exp = Experiment.from_file(_tiny_bic(tmp_path))
+    assert exp.keeps_buffer("bic")
+    opts = RunOptions(data_root=str(data_root), progress=False)
+    bench, strategy = build_run(exp, RunKey("bic", 0, 12), opts)
+    plugin = next(p for p in strategy.plugins if isinstance(p, BiCPlugin))
+    assert (plugin.mem_size, plugin.stage_2_epochs, plugin.lr) == (12, 3, 0.5)
+    for experience in bench.train_stream[:2]:
+        strategy.train(experience, eval_streams=[])
+    # after the second experience the bias layer was fitted on the held-out samples
+    assert plugin.bias_layer is not None
+    assert float(plugin.bias_layer.alpha) != 1.0 or float(plugin.bias_layer.beta) != 0.0
+    assert len(plugin.storage_policy.buffer) == 12
+    results = run_experiment(
+        exp, data_root=data_root, out=tmp_path / "out", max_experiences=2, progress=False
+    )
+    (run,) = results["runs"]
+    assert run["strategy"] == "bic" and run["mem_size"] == 12
+    assert run["settings"]["config"]["stage_2_epochs"] == 3
+    # a plain classifier: the lab protocol sees BiC's corrected outputs like the masked one
+    assert run["lab_accuracy_matrix"] == run["accuracy_matrix"]
+
+
 # ---- clear errors before any training --------------------------------------------------------
 
 

@@ -1,4 +1,5 @@
-"""Classifiers with named feature layers, usable at 16 px on CPU."""
+"""Classifiers with named feature layers: a small CNN for CPU runs at 8-32 px and the small-stem
+ResNet-18 that the D2L and Genifer authors use at every resolution."""
 
 from __future__ import annotations
 
@@ -31,7 +32,13 @@ class BasicBlock(nn.Module):
 
 
 class ResNetCifar(nn.Module):
-    """ResNet with the CIFAR stem (3x3 stride-1 conv, no max-pool).
+    """ResNet with the small (CIFAR) stem: a 3x3 stride-1 conv and no max-pool.
+
+    Any input size works (the pooling is adaptive). The stem does not downsample, so ``layer1``
+    runs at the input's full resolution and ``layer4`` at 1/8 of it. At ImageNet sizes the
+    residual layers then do about 16x the multiply-adds of torchvision's ResNet-18 (whose 7x7
+    stride-2 stem and max-pool leave 1/4 of each side): the price of the D2L lab's protocol,
+    the same backbone at every resolution (papers/d2l.md B).
 
     Named feature layers: ``layer1`` .. ``layer4`` (maps), ``features`` (pooled vector),
     head ``linear``.
@@ -65,7 +72,8 @@ class ResNetCifar(nn.Module):
 
 
 def resnet18_cifar(num_classes: int = 100, in_channels: int = 3, width: int = 64) -> ResNetCifar:
-    """CIFAR-style ResNet-18 (Genifer's reference classifier; feature layer ``layer3``)."""
+    """Small-stem ResNet-18: Genifer's reference classifier (feature layer ``layer3``) and the D2L
+    lab's backbone at every resolution (experiment files name it ``resnet18_cifar``)."""
     return ResNetCifar((2, 2, 2, 2), num_classes=num_classes, in_channels=in_channels, width=width)
 
 
