@@ -48,6 +48,8 @@ TINY = GeniferConfig(
     kd_weight=1.0,
     fd_weight=1.0,
     output_range=(0.0, 1.0),
+    gan_stop="fixed",  # fixed lengths and no fidelity probes: fast, and what these tests need
+    measure_fidelity=False,
 )
 
 
@@ -451,8 +453,9 @@ def test_registered_with_cpu_preset_defaults():
     assert info.config_type is GeniferConfig and info.keeps_buffer is False
     assert info.make_config({}) == GeniferConfig()
     cfg = GeniferConfig()  # the tuned CPU preset of the 16 px offline streams
-    assert (cfg.ce_weight, cfg.kd_weight, cfg.fd_weight) == (1.0, 3.0, 0.1)
-    assert (cfg.gan_steps_first, cfg.gan_steps, cfg.gan_batch_size) == (200, 200, 64)
+    assert (cfg.ce_weight, cfg.kd_weight, cfg.fd_weight, cfg.fd_distance) == (1.0, 3.0, 1.0, "rms")
+    assert (cfg.gan_steps_first, cfg.gan_steps, cfg.gan_batch_size) == (800, 800, 64)
+    assert (cfg.gan_stop, cfg.gan_min_steps, cfg.fidelity_threshold) == ("fidelity", 100, 0.85)
     assert (cfg.z_dim, cfg.g_channel_base, cfg.g_channel_max, cfg.d_channels) == (64, 256, 32, 64)
     assert (cfg.ema_kimg, cfg.ema_rampup, cfg.ada_kimg, cfg.replay_crop_pad) == (5.0, 0.05, 20.0, 2)
     assert (cfg.head, cfg.teacher_bn, cfg.r1_lazy_scaling) == (
@@ -573,6 +576,7 @@ def test_reference_preset_gan_training(reference):
     assert factor == pytest.approx(16 / 17) and lr == pytest.approx(0.0025 * 16 / 17)
     assert betas == (0.0, pytest.approx(0.99 ** (16 / 17)))
     assert (cfg.gan_steps_first, cfg.gan_steps, cfg.gan_batch_size) == (250_000, 80_000, 64)
+    assert cfg.gan_stop == "fixed"  # the authors' fixed lengths
     assert (cfg.g_lr, cfg.adam_betas, cfg.gan_optimizer_reset) == (0.0025, (0.0, 0.99), True)
     assert (cfg.ema_kimg, cfg.ema_rampup, cfg.ema_ramp_phase) == (500.0, None, 0.5)
     trainer = FeatureGANTrainer(config=cfg, rng=torch.Generator())
@@ -612,6 +616,7 @@ def test_reference_preset_classifier_update(reference):
         1.0,
         1.0,
     )
+    assert cfg.fd_distance == "norm"  # the reference's unnormalised norm at its own layer
     assert (cfg.head, cfg.teacher_bn) == ("fresh_per_task", "train")
     assert (cfg.replay_split, exp.training.train_mb_size) == (0.5, 32)  # 16 real + 16 replayed
     assert (cfg.replay_crop_pad, cfg.replay_flip, cfg.replay_padding) == (4, True, "edge")
@@ -673,7 +678,9 @@ def test_replay_matches_real_images(channels, size):
     model = UserCNN(channels)
     plugin = GeniferPlugin(
         feature_layer="features.2",
-        config=GeniferConfig(gan_steps_first=2, gan_batch_size=8, progress=False),
+        config=GeniferConfig(
+            gan_steps_first=2, gan_batch_size=8, progress=False, measure_fidelity=False
+        ),
     )
     capture = _CaptureReplay(plugin)
     strategy = Naive(
@@ -738,7 +745,13 @@ class _Spy:
 def test_fresh_per_task_head_with_fixed_size_model():
     bench = _shape_bench(1, 8, 0.0, 1.0)
     model = UserCNN(1, n_classes=4)
-    cfg = GeniferConfig(gan_steps_first=2, gan_batch_size=8, progress=False, head="fresh_per_task")
+    cfg = GeniferConfig(
+        gan_steps_first=2,
+        gan_batch_size=8,
+        progress=False,
+        head="fresh_per_task",
+        measure_fidelity=False,
+    )
     plugin = GeniferPlugin(feature_layer="features.2", config=cfg)
     spy = _Spy(plugin)
     strategy = Naive(

@@ -379,6 +379,9 @@ def train_with_checkpoints(
         lab=(book.get("lab_acc", []), book.get("lab_avg", [])),
     )
     summary["wall_s"] = book["wall_s"]
+    for plugin in strategy.plugins:  # a method's own per-run figures (Genifer: replay fidelity)
+        if hasattr(plugin, "run_results"):
+            summary.update(plugin.run_results())
     return summary
 
 

@@ -31,7 +31,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import asdict
@@ -396,12 +396,16 @@ class FeatureGANTrainer:
         device: torch.device | str = "cpu",
         experience: int = 0,
         checkpoint_path: str | os.PathLike | None = None,
+        monitor: Callable[[int], bool] | None = None,
+        monitor_every: int = 0,
     ) -> dict[str, Any]:
         """Train G and D for ``steps`` steps on the features of the frozen ``classifier``.
 
         ``dataset`` holds the real images of ``new_classes``; ``old_classes`` are drawn from the
-        EMA generator as it is at the start of the phase. Returns (and appends to
-        ``self.history``) a summary of the phase.
+        EMA generator as it is at the start of the phase. With ``monitor``, it is called with the
+        number of steps done every ``monitor_every`` steps and the phase ends early when it
+        returns True (``steps`` is then the cap). Returns (and appends to ``self.history``) a
+        summary of the phase.
         """
         cfg = self.config
         device = torch.device(device)
@@ -456,6 +460,7 @@ class FeatureGANTrainer:
                 sums = saved["sums"]
                 G, G_ema, D = self.generator, self.generator_ema, self.discriminator
         t0 = time.perf_counter()
+        done = start
 
         def features(x: torch.Tensor) -> torch.Tensor:
             return tap(classifier, self.ada(x, generator=self.rng))
@@ -552,6 +557,14 @@ class FeatureGANTrainer:
                 every = cfg.gan_checkpoint_every
                 if ckpt is not None and every and (step + 1) % every == 0 and step + 1 < steps:
                     self._write_checkpoint(ckpt, key, step + 1, g_prev, real_iter, sums)
+                done = step + 1
+                # 7. stop when the monitor (the replay's fidelity) says the replay is good
+                if monitor is not None and monitor_every and done % monitor_every == 0:
+                    G.eval()
+                    stop = monitor(done)
+                    G.train()
+                    if stop:
+                        break
         finally:
             bar.close()
             tap.remove()
@@ -560,17 +573,17 @@ class FeatureGANTrainer:
         if ckpt is not None and ckpt.exists():
             ckpt.unlink()  # the phase is complete: its result lives in the trainer's state
         wall = time.perf_counter() - t0
-        done = steps - start
         summary = {
             "experience": int(experience),
             "new_classes": new,
             "old_classes": old,
-            "steps": steps,
+            "steps": done,
+            "max_steps": steps,
             "resumed_at": start,
             "wall_s": wall,
-            "steps_per_s": done / wall if wall > 0 else math.inf,
+            "steps_per_s": (done - start) / wall if wall > 0 else math.inf,
             "ada_p": float(self.ada.p),
-            **{k: v / max(1, steps) for k, v in sums.items()},
+            **{k: v / max(1, done) for k, v in sums.items()},
         }
         self.history.append(summary)
         return summary

@@ -1,0 +1,141 @@
+"""Genifer's feature distillation: its strength does not depend on the feature layer's size.
+
+The replay is replaced by real images of the old classes (``_RealReplay``), so what is measured
+is the classifier update alone: with a feature layer that is a large conv map or its pooled
+vector, the new classes are learned and the old ones kept.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from avalanche.evaluation.metrics import accuracy_metrics
+from avalanche.training import Naive
+from avalanche.training.plugins import EvaluationPlugin
+from torch import nn
+from torch.nn import functional as F
+
+from avalanche_d2l.scenarios import tensor_benchmark
+from avalanche_d2l.strategies import GeniferConfig, GeniferPlugin
+from avalanche_d2l.utils import seed_everything
+
+
+class UserCNN(nn.Module):
+    """Three conv blocks with batch norm, global average pooling, a linear head."""
+
+    def __init__(self, n_classes: int = 4, width: int = 16):
+        super().__init__()
+
+        def block(cin: int, cout: int, pool: bool) -> nn.Sequential:
+            layers = [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+            return nn.Sequential(*layers, *([nn.MaxPool2d(2)] if pool else []))
+
+        self.block1 = block(1, width, True)
+        self.block2 = block(width, 2 * width, False)
+        self.block3 = block(2 * width, 2 * width, False)  # 32 x 8 x 8 = 2048 values at 16 px
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())  # 32 values
+        self.head = nn.Linear(2 * width, n_classes)
+
+    def forward(self, x):
+        return self.head(self.pool(self.block3(self.block2(self.block1(x)))))
+
+
+def _digits16():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=16, mode="bilinear", antialias=True).clamp(0, 1)
+    y = torch.tensor(d.target)
+    keep = y < 4
+    x, y = x[keep], y[keep]
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    x, y = x[perm], y[perm]
+    n_test = len(y) // 4
+    return x[n_test:], y[n_test:], x[:n_test], y[:n_test]
+
+
+class _RealReplay:
+    """Stands in for the EMA generator: "generates" real training images of the asked classes."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+        self.range_low = torch.zeros(1, 1, 1, 1)
+
+    def to(self, device):
+        return self
+
+    def sample_labels(self, n, classes, *, generator=None):
+        classes = torch.as_tensor(list(classes))
+        return classes[torch.randint(len(classes), (n,), generator=generator)]
+
+    def generate(self, n, labels, *, generator=None):
+        out = torch.empty(n, *self.x.shape[1:])
+        for c in labels.unique():
+            pool = self.x[self.y == c]
+            where = labels == c
+            out[where] = pool[torch.randint(len(pool), (int(where.sum()),), generator=generator)]
+        return out
+
+    def clamp(self, x):
+        return x
+
+
+def _classifier_update(layer: str, epochs: int = 10, **overrides) -> tuple[float, float]:
+    """Accuracy on old (0, 1) and new (2, 3) classes after the second experience."""
+    xtr, ytr, xte, yte = _digits16()
+    bench = tensor_benchmark(xtr, ytr, xte, yte, n_experiences=2, class_order=[0, 1, 2, 3])
+    seed_everything(0)
+    model = UserCNN()
+    cfg = GeniferConfig(
+        gan_steps_first=0,  # no GAN: the replay is real images (below)
+        gan_stop="fixed",
+        measure_fidelity=False,
+        replay_crop_pad=0,
+        output_range=(0.0, 1.0),
+        progress=False,
+        **overrides,
+    )
+    plugin = GeniferPlugin(feature_layer=layer, config=cfg)
+    strategy = Naive(
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+        train_mb_size=32,
+        train_epochs=epochs,
+        evaluator=EvaluationPlugin(accuracy_metrics(experience=True), loggers=[]),
+        plugins=[plugin],
+    )
+    strategy.train(bench.train_stream[0])
+    plugin.gan.generator_ema = _RealReplay(xtr, ytr)
+    strategy.train(bench.train_stream[1])
+    model.eval()
+    with torch.no_grad():
+        pred = plugin.mask_logits(model(xte)).argmax(1)
+    old, new = yte < 2, yte >= 2
+    acc = (pred == yte).float()
+    return float(acc[old].mean()), float(acc[new].mean())
+
+
+def test_rms_distance_is_independent_of_the_layer_size():
+    """A change uniform over space: the conv map and its pooled vector give the same value."""
+    plugin = GeniferPlugin(feature_layer="block3", config=GeniferConfig(progress=False))
+    t = torch.randn(4, 32, 1, 1)
+    delta = torch.randn(4, 32, 1, 1)
+    fmap = plugin.feature_distance((t + delta).expand(4, 32, 8, 8), t.expand(4, 32, 8, 8))
+    fvec = plugin.feature_distance((t + delta).flatten(1), t.flatten(1))
+    assert math.isclose(float(fmap), float(fvec), rel_tol=1e-5)
+    ref = GeniferPlugin(
+        feature_layer="block3", config=GeniferConfig(fd_distance="norm", progress=False)
+    )
+    big = ref.feature_distance((t + delta).expand(4, 32, 8, 8), t.expand(4, 32, 8, 8))
+    small = ref.feature_distance((t + delta).flatten(1), t.flatten(1))
+    assert math.isclose(float(big), 8 * float(small), rel_tol=1e-5)  # the norm grows with size
+
+
+@pytest.mark.parametrize("layer", ["block3", "pool"])
+def test_new_classes_learn_and_old_kept_with_map_or_pooled_layer(layer):
+    old, new = _classifier_update(layer)
+    assert new >= 0.85, f"new classes not learned with feature layer {layer}: {new:.2f}"
+    assert old >= 0.85, f"old classes forgotten with feature layer {layer}: {old:.2f}"
