@@ -72,6 +72,7 @@ def _run(name: str, stream: str, layer: str, seed: int, epochs: int, config: dic
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[])
     common = {
+        "criterion": nn.CrossEntropyLoss(),
         "train_mb_size": 32,
         "train_epochs": epochs,
         "eval_mb_size": 256,
