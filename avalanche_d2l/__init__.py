@@ -16,18 +16,19 @@ import warnings
 # is installed; no strategy of this package uses it.
 warnings.filterwarnings("ignore", message="no QP solver found")
 
-from avalanche_d2l.dreaming import DreamConfig, Dreamer, DreamerConfig  # noqa: E402
+from avalanche_d2l.d2l import D2L, D2LConfig, D2LPlugin, DreamConfig, DreamHeads  # noqa: E402
+from avalanche_d2l.dreaming import Dreamer, DreamerConfig  # noqa: E402
 from avalanche_d2l.evaluation import make_evaluator  # noqa: E402
+from avalanche_d2l.genifer import Genifer, GeniferConfig, GeniferPlugin  # noqa: E402
 from avalanche_d2l.models import resnet18_cifar, small_cnn  # noqa: E402
-from avalanche_d2l.models.heads import DreamHeads  # noqa: E402
 from avalanche_d2l.registry import RunConfig, register_strategy, strategy_names  # noqa: E402
 from avalanche_d2l.scenarios import split_color_digits, split_digits  # noqa: E402
-from avalanche_d2l.strategies import D2L, D2LPlugin, Genifer, GeniferConfig, GeniferPlugin  # noqa: E402
 
 __version__ = "0.2.0"
 
 __all__ = [
     "D2L",
+    "D2LConfig",
     "D2LPlugin",
     "DreamConfig",
     "DreamHeads",

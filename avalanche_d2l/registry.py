@@ -79,6 +79,9 @@ class StrategyInfo:
         keeps_buffer: whether it keeps real samples (rehearsal); buffer-free runs serve every
             buffer size of an experiment.
         description: one line for ``--list``/``--help``.
+        preflight: ``preflight(strategy, benchmark, *, train_mb_size, epochs)`` measuring the
+            method's own expensive parts for a dry run (a report with ``to_text``/``to_dict``,
+            or ``None``); ``None``: nothing beyond the training step.
     """
 
     name: str
@@ -86,6 +89,7 @@ class StrategyInfo:
     config_type: type | None = None
     keeps_buffer: bool = False
     description: str = ""
+    preflight: Callable[..., Any] | None = None
 
     def make_config(self, section: Mapping[str, Any] | None = None):
         """The typed config from an experiment file's section (``None``/``{}`` -> defaults)."""
@@ -108,8 +112,10 @@ def register_strategy(
     keeps_buffer: bool = False,
     description: str = "",
     overwrite: bool = False,
+    preflight: Callable[..., Any] | None = None,
 ):
     """Register ``factory`` under ``name``; usable as a decorator (``factory`` omitted).
+    ``preflight``: see :class:`StrategyInfo`.
 
     Replacing an existing name warns unless ``overwrite=True``.
     """
@@ -118,7 +124,7 @@ def register_strategy(
         if name in _REGISTRY and not overwrite:
             warnings.warn(f"strategy {name!r} is already registered; overwriting it", stacklevel=3)
         doc = description or (f.__doc__ or "").strip().split("\n")[0]
-        _REGISTRY[name] = StrategyInfo(name, f, config, keeps_buffer, doc)
+        _REGISTRY[name] = StrategyInfo(name, f, config, keeps_buffer, doc, preflight)
         return f
 
     return add if factory is None else add(factory)

@@ -1,4 +1,5 @@
-"""Dreaming at scale, on CPU: micro-batch invariance, 2-process sharding (gloo), loss scaling."""
+"""Dreaming at scale, on CPU: micro-batch invariance, 2-process sharding (gloo), loss scaling
+(:func:`avalanche_d2l.d2l.dreaming.dream` on a tiny diffusers dreamer)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,16 @@ import torch
 from tiny_models import tiny_pixel_dreamer
 from torch import nn
 
+from avalanche_d2l.d2l.config import DreamConfig
+from avalanche_d2l.d2l.dreaming import DreamJob, dream
+from avalanche_d2l.d2l.oracle import LearnedOracle
 from avalanche_d2l.dreaming import accel
-from avalanche_d2l.dreaming.oracle import STEP_CAP
-from avalanche_d2l.dreaming.prompts import DreamConfig, dream_classes
 
-HEADS, SEEN = [3, 4, 6, 7, 9], [0, 1]
+HEADS, SOURCES, SEEN = [3, 4, 6, 7, 9], [0, 1, 0, 1, 0], [0, 1]
 
 
 class TinyHeads(nn.Module):
-    """A small learner with head-space logits and features (BatchNorm for the coherence term)."""
+    """A small learner with head-space logits and pooled features."""
 
     def __init__(self, n_heads: int = 10, seed: int = 0):
         super().__init__()
@@ -38,9 +40,21 @@ class TinyHeads(nn.Module):
             bn.running_var.copy_(torch.rand(6, generator=g) + 0.5)
 
     def forward_heads(self, x, *, return_features: bool = False):
-        f = self.features(x)
-        logits = self.head(f.flatten(1))
+        f = self.features(x).flatten(1)
+        logits = self.head(f)
         return (logits, f) if return_features else logits
+
+
+def _jobs(dreamer):
+    """Anchored dream classes: 6 random 'buffer images' per source class, a prototype each."""
+    g = torch.Generator().manual_seed(1)
+    anchors = {c: torch.rand(6, 1, 8, 8, generator=g) for c in SEEN}
+    protos = {c: torch.nn.functional.normalize(torch.randn(24, generator=g), dim=0) for c in SEEN}
+    prompts = dreamer.random_prompt(len(HEADS), generator=g)
+    return [
+        DreamJob(h, c, prompts[i], anchors[c], protos[c], torch.zeros(24))
+        for i, (h, c) in enumerate(zip(HEADS, SOURCES))
+    ]
 
 
 def _setup(**cfg):
@@ -51,8 +65,7 @@ def _setup(**cfg):
         batch_per_class=2,
         samples_per_class=3,
         generate_batch_size=4,
-        oracle_threshold=1.01,
-        w_coherence=0.5,
+        oracle_min_labels=2,
         progress=False,
     )
     base.update(cfg)
@@ -60,8 +73,14 @@ def _setup(**cfg):
 
 
 def _run(dreamer, model, config, **kw):
-    return dream_classes(
-        dreamer=dreamer, classifier=model, heads=HEADS, seen_heads=SEEN, config=config, **kw
+    return dream(
+        dreamer=dreamer,
+        learner=model,
+        jobs=_jobs(dreamer),
+        seen_heads=SEEN,
+        config=config,
+        oracle=LearnedOracle(min_labels=2),
+        **kw,
     )
 
 
@@ -69,12 +88,16 @@ def _assert_same(a, b, atol=1e-5):
     torch.testing.assert_close(a.prompts, b.prompts, atol=atol, rtol=1e-4)
     torch.testing.assert_close(a.images, b.images, atol=atol, rtol=1e-4)
     assert a.labels.tolist() == b.labels.tolist() and a.heads.tolist() == b.heads.tolist()
-    assert {h: s["reason"] for h, s in a.history["stop"].items()} == {
-        h: s["reason"] for h, s in b.history["stop"].items()
+    assert {h: s["reason"] for h, s in a.history["stops"].items()} == {
+        h: s["reason"] for h, s in b.history["stops"].items()
     }
-    for name in ("loss", "distinct", "coherence", "target_prob"):
+    for name in ("distinctness", "coherence"):
         torch.testing.assert_close(
             torch.tensor(a.history[name]), torch.tensor(b.history[name]), atol=atol, rtol=1e-4
+        )
+    for name, values in a.history["terms"].items():
+        torch.testing.assert_close(
+            torch.tensor(values), torch.tensor(b.history["terms"][name]), atol=atol, rtol=1e-4
         )
 
 
@@ -82,14 +105,14 @@ def _assert_same(a, b, atol=1e-5):
 def test_result_does_not_depend_on_micro_batch(eta):
     runs = {}
     for mb in (None, 2, 4, 7):  # all classes in one pass; 1; 2; 3 (7 rounds down to 3 x 2)
-        dreamer, model, config = _setup(micro_batch=mb)
+        dreamer, model, config = _setup(micro_batch=mb, stop="fixed")
         dreamer.config.eta = eta
         runs[mb] = _run(dreamer, model, config)
     ref = runs[None]
     assert ref.history["steps"] == 3 and ref.history["micro_batch"] == 10
     assert runs[2].history["micro_batch"] == 2 and runs[7].history["micro_batch"] == 6
     # the terms that couple classes are on: the prompts moved because of them too
-    assert max(ref.history["distinct"]) > 0 and min(ref.history["coherence"]) > 0
+    assert max(ref.history["terms"]["distinct"]) > 0
     for mb in (2, 4, 7):
         _assert_same(runs[mb], ref)
     assert ref.images.shape == (15, 1, 8, 8)
@@ -112,19 +135,16 @@ def test_micro_batch_bounds_the_images_per_pass():
     assert sizes == [4, 4, 2]  # 5 classes x 2 images, 2 classes per pass
 
 
-def test_oracle_state_is_recorded(tmp_path):
-    dreamer, model, config = _setup(steps=1)
+def test_stops_and_the_oracle_are_recorded():
+    dreamer, model, config = _setup(steps=6)
     result = _run(dreamer, model, config)
-    summary = result.to_dict()
-    assert summary["oracle"]["reference_present"] is False
-    assert "no reference network" in summary["oracle"]["reference_missing"]
-    assert summary["oracle"]["stop_reasons"] == {str(h): STEP_CAP for h in HEADS}
-    assert summary["heads"] == HEADS and summary["n_images"] == 15
-    with pytest.raises(RuntimeError, match="oracle_reference"):
-        _run(dreamer, model, DreamConfig(**{**config.to_dict(), "require_reference": True}))
+    hist = result.history
+    assert set(hist["stops"]) == set(HEADS)
+    assert {s["reason"] for s in hist["stops"].values()} <= {"oracle", "step_cap"}
+    assert hist["oracle"]["type"] == "learned" and hist["oracle"]["labels"] > 0
 
 
-def test_oracle_reference_from_a_transformers_directory(tmp_path):
+def test_reference_network_from_a_transformers_directory(tmp_path):
     from transformers import ResNetConfig, ResNetForImageClassification
 
     torch.manual_seed(0)
@@ -134,14 +154,11 @@ def test_oracle_reference_from_a_transformers_directory(tmp_path):
         )
     )
     net.save_pretrained(tmp_path / "ref")
-    dreamer, model, config = _setup(steps=1, require_reference=True)
-    config.oracle_reference = str(tmp_path / "ref")
-    result = _run(dreamer, model, config)
-    assert result.oracle["reference_present"] is True
-    assert result.oracle["reference_source"] == str(tmp_path / "ref")
-    assert dreamer.reference_info()["present"]  # kept by the dreamer for the next phases
-    logits = dreamer.reference_network()(result.images[:2])  # grey 8 px -> RGB 224 px
-    assert logits.shape == (2, 4)
+    dreamer = tiny_pixel_dreamer(num_inference_steps=2)
+    dreamer.set_reference(tmp_path / "ref")
+    assert dreamer.reference_info()["present"]
+    images = dreamer.generate(2, dreamer.random_prompt(1)[0])
+    assert dreamer.reference_network()(images).shape == (2, 4)  # grey 8 px -> RGB 224 px
     with pytest.raises(OSError, match="no reference network"):
         dreamer.set_reference(tmp_path / "missing", local_files_only=True)
 
@@ -227,8 +244,8 @@ def test_two_processes_equal_one(tmp_path):
     torch.testing.assert_close(got["images"], single.images, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(other["images"], got["images"], atol=0, rtol=0)
     torch.testing.assert_close(
-        torch.tensor(got["history"]["loss"]),
-        torch.tensor(single.history["loss"]),
+        torch.tensor(got["history"]["terms"]["loss"]),
+        torch.tensor(single.history["terms"]["loss"]),
         atol=1e-5,
         rtol=1e-4,
     )

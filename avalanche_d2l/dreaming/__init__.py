@@ -1,10 +1,9 @@
-"""The diffusion dreamer of D2L: frozen diffusers models, differentiable sampling, glyph world.
+"""The diffusion dreamer of D2L: frozen diffusers models, differentiable sampling, glyph world
+(the method that uses it is :mod:`avalanche_d2l.d2l`).
 
 * :class:`Dreamer` / :class:`DreamerConfig` -- frozen denoiser + our differentiable DDIM loop.
 * :mod:`.glyphs` -- the offline glyph world (fonts shipped with matplotlib, no digits).
 * :mod:`.pretrain` -- pretrain / cache the offline glyph dreamer.
-* :mod:`.prompts` / :mod:`.oracle` -- soft-prompt dreaming (micro-batched, sharded across
-  processes) and its stop rule.
 * :mod:`.accel` -- processes (accelerate ``PartialState``), precision, loss scaling.
 * :mod:`.preflight` -- measure one pass of each kind of work and extrapolate to a run.
 """
@@ -48,17 +47,8 @@ __all__ = [
     "to_classifier_space",
 ]
 
-# ---- soft-prompt optimisation, oracle, processes, preflight ------------------------------------
+# ---- processes, preflight ------------------------------------------------------------------------
 from .accel import is_main_process, num_processes, process_index  # noqa: E402
-from .oracle import (  # noqa: E402
-    COLLAPSED,
-    DEGENERATED,
-    HALT_REASONS,
-    RECOGNISED,
-    STEP_CAP,
-    Oracle,
-    ReferenceOracle,
-)
 from .preflight import (  # noqa: E402
     GpuSpec,
     PreflightError,
@@ -66,21 +56,8 @@ from .preflight import (  # noqa: E402
     estimate_paper_cost,
     preflight,
 )
-from .prompts import DreamConfig, DreamResult, dream_classes, dream_losses, init_prompts  # noqa: E402
 
 __all__ += [
-    "COLLAPSED",
-    "DEGENERATED",
-    "HALT_REASONS",
-    "RECOGNISED",
-    "STEP_CAP",
-    "Oracle",
-    "ReferenceOracle",
-    "DreamConfig",
-    "DreamResult",
-    "dream_classes",
-    "dream_losses",
-    "init_prompts",
     "GpuSpec",
     "PreflightError",
     "PreflightReport",

@@ -545,6 +545,8 @@ class Dreamer(nn.Module):
         num_inference_steps: int | None = None,
         backprop_steps: int | None = None,
         grad: bool = True,
+        init: Tensor | None = None,
+        strength: float = 1.0,
     ) -> Tensor:
         """Generate one image per prompt through the differentiable DDIM loop.
 
@@ -558,6 +560,12 @@ class Dreamer(nn.Module):
             num_inference_steps: overrides ``config.num_inference_steps``.
             backprop_steps: overrides ``config.backprop_steps`` (last ``k`` steps keep a graph).
             grad: ``False`` runs the whole loop without a graph.
+            init: image-to-image start ``(B, latent_channels, latent_size, latent_size)`` in the
+                denoiser's space (:meth:`encode`); ``None`` starts from pure noise.
+            strength: with ``init``: the share of the DDIM steps that run, as the diffusers
+                img2img pipeline does: ``init`` is noised to the first of the last
+                ``round(steps * strength)`` timesteps with the scheduler's own ``add_noise``
+                and denoised from there (at least one step).
 
         Returns:
             ``(B, C_out, H_out, W_out)`` images in the classifier's input space (float32).
@@ -591,11 +599,25 @@ class Dreamer(nn.Module):
             )
         # (on the meta device, used to count FLOPs and bytes, the timesteps stay on the CPU)
         self.scheduler.set_timesteps(steps, device=device if device.type != "meta" else "cpu")
-        x = noise.to(device=device, dtype=torch.float32) * self.scheduler.init_noise_sigma
+        timesteps = self.scheduler.timesteps
+        if init is None:
+            x = noise.to(device=device, dtype=torch.float32) * self.scheduler.init_noise_sigma
+        else:
+            # image-to-image: the clean start noised to the first timestep that runs
+            if tuple(init.shape) != shape:
+                raise ValueError(f"init must have shape {shape}, got {tuple(init.shape)}")
+            n_run = min(max(int(round(steps * float(strength))), 1), steps)
+            timesteps = timesteps[steps - n_run :]
+            x = self.scheduler.add_noise(
+                init.to(device=device, dtype=torch.float32),
+                noise.to(device=device, dtype=torch.float32),
+                timesteps[:1].repeat(B),
+            )
+            n_nograd = len(timesteps) if not grad else max(len(timesteps) - k, 0)
         per_block = self._per_block_checkpointing()
         step_kw: dict[str, Any] = {"generator": generator}
 
-        for i, t in enumerate(self.scheduler.timesteps):
+        for i, t in enumerate(timesteps):
             keep_graph = i >= n_nograd
             with torch.set_grad_enabled(keep_graph and torch.is_grad_enabled()):
                 # 1. predict the noise eps(x_t, t, prompt) (guided when guidance_scale != 1)
@@ -628,6 +650,59 @@ class Dreamer(nn.Module):
                 mean=cfg.output_mean,
                 std=cfg.output_std,
             )
+
+    def denoising_loss(
+        self,
+        x0: Tensor,
+        prompt_embeds: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        t_range: tuple[float, float] = (0.2, 0.8),
+    ) -> Tensor:
+        """Per-image diffusion training loss of clean starts ``x0`` (:meth:`encode`) under
+        ``prompt_embeds``: noise each to a random timestep in ``t_range`` (a share of the training
+        timesteps) and compare the denoiser's prediction with its target (the noise, or the
+        velocity for v-prediction). Textual inversion minimises it over the prompt."""
+        sched = self.scheduler
+        n_train = int(sched.config.num_train_timesteps)
+        gdev = generator.device if generator is not None else torch.device("cpu")
+        lo = int(t_range[0] * n_train)
+        hi = max(int(t_range[1] * n_train), lo + 1)
+        t = torch.randint(lo, hi, (x0.shape[0],), generator=generator, device=gdev)
+        noise = torch.randn(x0.shape, generator=generator, device=gdev).to(x0.device)
+        t = t.to(x0.device)
+        x_t = sched.add_noise(x0.float(), noise, t)
+        with self._autocast():
+            pred = self.unet(
+                x_t.to(self.dtype),
+                t,
+                encoder_hidden_states=prompt_embeds.to(self.device, self.dtype),
+                return_dict=False,
+            )[0]
+        target = noise
+        if sched.config.get("prediction_type", "epsilon") == "v_prediction":
+            target = sched.get_velocity(x0.float(), noise, t)
+        return (pred.float() - target).pow(2).flatten(1).mean(1)
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """Images in the classifier's input space -> clean starts for ``sample(init=...)``.
+
+        Undoes the output normalisation, resizes to the native ``image_size`` and converts to the
+        native channels, maps [0, 1] to [-1, 1]; the latent kind then takes the mean of the VAE's
+        posterior, scaled (and shifted) as the diffusers pipelines do.
+        """
+        cfg = self.config
+        x01 = from_classifier_space(images.float(), mean=cfg.output_mean, std=cfg.output_std)
+        x01 = _convert_channels(_resize(x01.clamp(0.0, 1.0), cfg.image_size), cfg.channels)
+        x = (x01 * 2.0 - 1.0).to(self.device)
+        if cfg.kind != "latent":
+            return x
+        with self._autocast():
+            z = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean.float()
+        scale = getattr(self.vae.config, "scaling_factor", 1.0)
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (z - shift) * scale
 
     @torch.no_grad()
     def generate(

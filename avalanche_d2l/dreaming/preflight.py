@@ -30,14 +30,16 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from . import accel
-from .prompts import DreamConfig
+
+if TYPE_CHECKING:  # the settings of the method layer above; read by attribute only
+    from ..d2l.config import DreamConfig
 
 __all__ = [
     "GpuSpec",

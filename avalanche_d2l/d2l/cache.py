@@ -1,0 +1,90 @@
+"""The dream-set cache: dream images on disk, keyed by everything that made them.
+
+A dream set is a function of the learner (weights, head layout), the buffer it was anchored on,
+the prompt inventory and oracle it started from, the dream settings, the dreamer and the input
+space. :func:`cache_key` hashes all of them; :class:`DreamCache` writes a set atomically (temp
+file + rename, main process only), reads it back only under the same key, sets an unreadable file
+aside (``*.corrupt``) and keeps ``keep`` files per experience.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..dreaming.accel import is_main_process
+
+__all__ = ["DreamCache", "cache_key", "tensor_digest"]
+
+
+def tensor_digest(h, t: Tensor) -> None:
+    """Feed ``t``'s bytes into the hash ``h``."""
+    h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+
+
+def cache_key(*, model, buffer: dict[str, Tensor], payload: dict[str, Any]) -> str:
+    """Hash of the learner's state, the buffer's contents and a JSON-able ``payload``."""
+    h = hashlib.sha1()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        tensor_digest(h, t)
+    for name in sorted(buffer):
+        tensor_digest(h, buffer[name])
+    h.update(json.dumps(payload, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+class DreamCache:
+    """Dream sets of one run in ``folder`` (``None``: no cache)."""
+
+    def __init__(self, folder: str | os.PathLike | None, keep: int = 1):
+        self.folder = Path(folder) if folder is not None else None
+        self.keep = max(int(keep), 1)
+
+    def path(self, k: int, key: str) -> Path | None:
+        return None if self.folder is None else self.folder / f"dreams_exp{k}_{key[:16]}.pt"
+
+    def read(self, path: Path | None, key: str) -> dict | None:
+        """The set at ``path`` if it holds ``key``; an unreadable file is moved aside."""
+        if path is None or not path.is_file():
+            return None
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(blob, dict) or "images_u8" not in blob:
+                raise ValueError("not a D2L dream set")
+        except Exception as err:  # noqa: BLE001 -- any unreadable file is set aside, then rebuilt
+            aside = path.with_name(path.name + ".corrupt")
+            warnings.warn(
+                f"the dream cache {path} could not be loaded ({type(err).__name__}: {err}); "
+                f"moved it to {aside} and dreaming again",
+                stacklevel=3,
+            )
+            os.replace(path, aside)
+            return None
+        return blob if blob.get("key") == key else None
+
+    def write(self, k: int, key: str, blob: dict[str, Any]) -> Path | None:
+        """Write ``blob`` under ``key`` (main process only); returns its path."""
+        path = self.path(k, key)
+        if path is None or not is_main_process():
+            return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save({**blob, "key": key}, tmp)
+        os.replace(tmp, path)
+        files = sorted(
+            (Path(p) for p in glob.glob(str(self.folder / f"dreams_exp{k}_*.pt"))),
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
+        )
+        for p in [p for p in files if p != path][self.keep - 1 :]:
+            p.unlink(missing_ok=True)
+        return path

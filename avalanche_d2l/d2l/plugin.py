@@ -1,0 +1,505 @@
+"""D2L -- Dream2Learn (Calcagno et al., arXiv 2603.01935) as an Avalanche plugin.
+
+The algorithm, hook by hook, in the order it runs for each experience:
+
+0. ``before_train_dataset_adaptation`` (first experience): size D2L to the data once -- the
+   learner's input space, the dreamer fitted to it, the learner's extra head
+   (:func:`~avalanche_d2l.d2l.space.size_to_data`).
+1. ``before_training_exp`` -- **head assignment**. The learner has one head per class of the
+   stream (+ optional dream-only heads). Before any update it predicts on the new experience's
+   samples; each new class takes the free head most of its samples land on (greedy, each head
+   once). A new class thus inherits the head whose dream resembles it: forward transfer.
+2. ``before_backward`` -- **training with dreams**: each minibatch of the host (ER, ER-ACE,
+   DER++, with its own replay loss) adds ``dream_weight * CE`` on a minibatch of dreams labelled
+   with their heads. Dreams never enter the buffer.
+3. ``after_training_exp`` -- **dreaming**, then **sleep**. Every learned class ``c`` grows a dream
+   class on a free head: its prompt ``p_c`` (from the inventory, or first fitted to ``c``'s
+   buffer images) is optimised by the learner through the frozen dreamer, from ``c``'s buffer
+   images noised to ``strength``, until the learned oracle says stop
+   (:func:`~avalanche_d2l.d2l.dreaming.dream`). Then the learner sleeps: it trains on the new
+   dreams with buffer minibatches and the host's replay loss, before the next experience comes.
+
+The method's state is the prompt inventory and the oracle (:mod:`.inventory`); dream images are
+a keyed cache (:mod:`.cache`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from avalanche.core import SupervisedPlugin
+from torch import Tensor
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+
+from ..utils import training_mode
+from .cache import DreamCache, cache_key
+from .config import DreamConfig, _dream_from_dict, cpu_preset
+from .dreaming import DreamSet, dream
+from .heads import DreamHeads
+from .hosts import buffer_tensors, der_targets, host_kind, replay_loss, replay_source
+from .inventory import Inventory, plan_jobs
+from .oracle import LearnedOracle
+from .prompts import interpolation_images, noise_images
+from .space import InputSpace, load_dreamer, size_to_data
+
+__all__ = ["D2LPlugin", "greedy_assignment"]
+
+
+def greedy_assignment(counts: Tensor) -> list[tuple[int, int]]:
+    """Greedy ``(row, col)`` pairs by largest count, each row and column once; ties go to the
+    lower row, then the lower column. ``counts``: ``(new classes, free heads)``."""
+    n_rows, n_cols = counts.shape
+    if n_cols < n_rows:
+        raise ValueError(f"{n_rows} new classes but only {n_cols} free heads")
+    c = counts.detach().to(torch.float64).cpu().clone()
+    pairs = []
+    for _ in range(n_rows):
+        r, k = divmod(int(torch.argmax(c)), n_cols)
+        pairs.append((r, k))
+        c[r, :], c[:, k] = -1.0, -1.0
+    return sorted(pairs)
+
+
+class D2LPlugin(SupervisedPlugin):
+    """The D2L method; the strategy's model must be a :class:`~avalanche_d2l.d2l.heads.DreamHeads`.
+
+    Hosts: ``Replay``/``ReplayPlugin`` (put it *before* this plugin), ``ER_ACE`` and ``DER``
+    (their ``storage_policy``), or any buffer given as ``buffer=``.
+
+    Args:
+        dreamer: a :class:`~avalanche_d2l.dreaming.Dreamer`, or ``"offline"`` /
+            ``"offline-rgb"`` / a path or hub id (loaded once per process, reloaded from its
+            source after unpickling: checkpoints carry no diffusion weights).
+        config: the :class:`~avalanche_d2l.d2l.config.DreamConfig` (default: the CPU preset); a
+            dict is applied on top of the preset.
+        buffer: the rehearsal buffer (default: found on the host).
+        image_shape: ``(C, H, W)`` of the inputs (default: learned from the first experience).
+        dreamer_overrides: ``DreamerConfig`` overrides when ``dreamer`` is a string.
+        dreamer_device: where the dreamer runs (default CPU).
+        cache_dir: folder of the dream-set cache (``None``: no cache).
+        class_names: names of the stream's classes (Stable Diffusion's prompts start from them).
+        keep_cached: dream-set files kept per experience.
+    """
+
+    def __init__(
+        self,
+        dreamer=None,
+        config: DreamConfig | Mapping | None = None,
+        *,
+        buffer=None,
+        image_shape: Sequence[int] | None = None,
+        dreamer_overrides=None,
+        dreamer_device=None,
+        cache_dir: str | os.PathLike | None = None,
+        class_names: Sequence[str] | None = None,
+        keep_cached: int = 1,
+    ):
+        super().__init__()
+        if isinstance(config, Mapping):
+            config = _dream_from_dict(config)
+        self.config = config if config is not None else cpu_preset()
+        self.dreamer_overrides = dict(dreamer_overrides or {})
+        self.dreamer_device = str(dreamer_device) if dreamer_device is not None else "cpu"
+        dreamer = "offline" if dreamer is None else dreamer
+        self.dreamer_source = str(dreamer) if isinstance(dreamer, (str, os.PathLike)) else None
+        if self.dreamer_source is None and not hasattr(dreamer, "sample"):
+            raise TypeError(
+                f"dreamer must be a Dreamer, a hub id / path or 'offline', got "
+                f"{type(dreamer).__name__}"
+            )
+        self._base_dreamer = None if self.dreamer_source is not None else dreamer
+        if self.dreamer_source is not None and self.config.uses_dreamer:
+            _ = self.base_dreamer  # load now: a missing dreamer fails before training
+        self._dreamer = None
+        self.buffer = buffer
+        self.space = InputSpace(tuple(int(s) for s in image_shape)) if image_shape else None
+        self._space_learned = False
+        self.cache = DreamCache(cache_dir, keep_cached)
+        self.class_names = list(class_names) if class_names is not None else None
+        # the method's state
+        self.inventory = Inventory()
+        self.oracle = LearnedOracle(
+            hidden=self.config.oracle_hidden,
+            lr=self.config.oracle_lr,
+            updates=self.config.oracle_updates,
+            min_labels=self.config.oracle_min_labels,
+            memory=self.config.oracle_memory,
+            seed=self.config.seed,
+        )
+        self._dreams_u8: Tensor | None = None
+        self._dreams_float: Tensor | None = None
+        self._dream_file: tuple[str, str] | None = None
+        self.dream_labels: Tensor | None = None
+        self.history: list[dict[str, Any]] = []
+        self.assignments: list[dict[int, int]] = []
+        self.dreams_loaded_from_cache = 0
+        self._jobs: dict[int, Any] = {}  # head -> DreamJob of the last phase (for figures)
+
+    # ---- 0. sized to the data once --------------------------------------------------------------
+
+    @property
+    def base_dreamer(self):
+        if self._base_dreamer is None:
+            self._base_dreamer = load_dreamer(
+                self.dreamer_source,
+                self.dreamer_overrides,
+                device=self.dreamer_device,
+                progress=False,
+            )
+        return self._base_dreamer
+
+    @property
+    def dreamer(self):
+        """The dreamer fitted to the learner's input space (``None`` when dreams need none)."""
+        if not self.config.uses_dreamer:
+            return None
+        if self._dreamer is None:
+            if self.space is None:
+                return self.base_dreamer
+            _, self._dreamer, _ = size_to_data(space=self.space, dreamer=self.base_dreamer)
+        return self._dreamer
+
+    def fit(self, space: InputSpace, model: DreamHeads | None = None) -> bool:
+        """Size to ``space`` (the dreamer, the learner's extra head); True when the model gained
+        parameters (the optimizer must learn of them)."""
+        base = self.base_dreamer if self.config.uses_dreamer else None
+        self.space, self._dreamer, grew = size_to_data(space=space, dreamer=base, model=model)
+        self._space_learned = True
+        return grew
+
+    def before_train_dataset_adaptation(self, strategy, **kwargs):
+        model = _heads(strategy)
+        labels = [int(t) for t in getattr(strategy.experience, "task_labels", None) or [0]]
+        if any(labels):
+            raise ValueError(
+                "D2L is class-incremental and ignores task labels, but this experience has task "
+                f"labels {sorted(set(labels))}: use a class-incremental benchmark (task label 0)"
+            )
+        if not self._space_learned:
+            space, _, _ = size_to_data(dataset=strategy.experience.dataset)
+            if self.space is not None and self.space.shape != space.shape:
+                raise ValueError(
+                    f"D2LPlugin was given image_shape={self.space.shape} but the experience's "
+                    f"images are {space.shape}: pass image_shape={space.shape} or leave it out"
+                )
+            self.fit(space)
+        if model.build(self.space.shape):
+            from .strategy import add_missing_params
+
+            add_missing_params(strategy.optimizer, model)
+
+    # ---- 1. head assignment ---------------------------------------------------------------------
+
+    def before_training_exp(self, strategy, **kwargs):
+        model = _heads(strategy)
+        self.assignments.append(self.assign_heads(strategy))
+        # dreams whose head a real class took are dropped; the others keep training
+        if self.dream_labels is not None and self.config.labels == "new_head":
+            keep = torch.isin(self.dream_labels, torch.tensor(model.free_heads()))
+            if not bool(keep.all()):
+                self._set_dreams(self._dream_u8()[keep], self.dream_labels[keep])
+            model.set_dream_heads(sorted(set(self.dream_labels.tolist())))
+
+    @torch.no_grad()
+    def assign_heads(self, strategy) -> dict[int, int]:
+        """Each new class takes the free head most of its samples land on (``labels=
+        "source_class"``: the free heads in order, no head reuse); returns ``{class: head}``."""
+        model = _heads(strategy)
+        classes = [int(c) for c in strategy.experience.classes_in_this_experience]
+        new = sorted(c for c in classes if int(model.class_to_head[c]) < 0)
+        free = model.free_heads()
+        if not new:
+            return {}
+        if self.config.labels == "source_class":
+            mapping = dict(zip(new, free))
+        else:
+            counts = torch.zeros(len(new), len(free))
+            cols = torch.tensor(free, device=strategy.device)
+            ds = strategy.experience.dataset.eval()
+            with training_mode(model, False):
+                for x, y, *_ in DataLoader(ds, batch_size=strategy.eval_mb_size or 256):
+                    lands = model.forward_heads(x.to(strategy.device))[:, cols].argmax(1).cpu()
+                    for r, c in enumerate(new):
+                        counts[r] += torch.bincount(lands[y == c], minlength=len(free)).float()
+            mapping = {new[r]: free[k] for r, k in greedy_assignment(counts)}
+        model.assign(mapping)
+        return mapping
+
+    # ---- 2. training with dreams ----------------------------------------------------------------
+
+    def after_forward(self, strategy, **kwargs):
+        """DER host: its stored logits stay in class space; align the distillation targets with
+        the training output (:func:`~avalanche_d2l.d2l.hosts.der_targets`)."""
+        stored = getattr(strategy, "batch_logits", None)
+        if getattr(strategy, "replay_loader", None) is None or stored is None:
+            return
+        model, n = _heads(strategy), getattr(strategy, "batch_size_mem", -1)
+        if hasattr(strategy, "alpha") and stored.shape == (n, model.n_classes):
+            strategy.batch_logits = der_targets(stored, strategy.mb_output[:n], model.n_classes)
+
+    def before_backward(self, strategy, **kwargs):
+        w = self.config.train_dream_weight
+        w = self.config.dream_weight if w is None else w
+        if w == 0 or self.dream_labels is None or self.dream_labels.numel() == 0:
+            return
+        model = _heads(strategy)
+        n = self.config.dream_batch_size or strategy.train_mb_size
+        idx = torch.randint(0, self.dream_labels.numel(), (n,))
+        x = self.dream_images[idx].to(strategy.device, non_blocking=True)
+        target = self._targets(model, self.dream_labels[idx].to(strategy.device))
+        strategy.loss = strategy.loss + w * F.cross_entropy(model(x), target)
+
+    def _targets(self, model: DreamHeads, heads: Tensor) -> Tensor:
+        """Training-output columns of dream images labelled with heads (a seen head: its class)."""
+        if self.config.labels == "source_class":
+            lut = torch.full((model.n_heads,), -1, dtype=torch.long, device=heads.device)
+            known = (model.class_to_head >= 0).nonzero().flatten().to(heads.device)
+            lut[model.class_to_head[known].to(heads.device)] = known
+            return lut[heads]
+        return model.dream_targets(heads)
+
+    # ---- 3. dreaming, then sleep ----------------------------------------------------------------
+
+    def after_training_exp(self, strategy, **kwargs):
+        model, k = _heads(strategy), int(strategy.experience.current_experience)
+        owner, buffer = replay_source(self, strategy)
+        buf = buffer_tensors(buffer) if buffer is not None else {"x": torch.empty(0)}
+        done = bool((model.class_to_head >= 0).all()) and not self.config.dream_after_last
+        if done or not model.free_heads() or buf["x"].numel() == 0:
+            if buf["x"].numel() == 0:
+                warnings.warn(
+                    "D2L found no (non-empty) replay buffer: no dreams, no sleep "
+                    "(add a ReplayPlugin before D2LPlugin)",
+                    stacklevel=2,
+                )
+            self._set_dreams(None, None)
+            model.set_dream_heads([])
+            return
+        result, cached, file = self._dream_or_load(model, buf, k)
+        self.dreams_loaded_from_cache += int(cached)
+        labels = result.labels
+        if self.config.labels == "source_class":  # a dream is labelled as the class it grew from
+            src = {int(h): int(model.class_to_head[j.source]) for h, j in self._jobs.items()}
+            labels = torch.tensor([src[int(h)] for h in labels.tolist()], dtype=torch.long)
+        self._set_dreams(self.space.quantise(result.images), labels, file)
+        model.set_dream_heads(
+            sorted(set(labels.tolist())) if self.config.labels == "new_head" else []
+        )
+        hist = {
+            "experience": k,
+            "from_cache": cached,
+            "heads": result.heads.tolist(),
+            **result.history,
+        }
+        hist.update(self.sleep(strategy, owner, buf, k))
+        self.history.append(hist)
+
+    def _dream_or_load(self, model: DreamHeads, buf: dict, k: int):
+        """``(dream set, from the cache, (path, key) of its cache file or None)``."""
+        jobs, keys = plan_jobs(
+            inventory=self.inventory,
+            model=model,
+            buffer=buf,
+            dreamer=self.dreamer,
+            config=self.config,
+            experience=k,
+            class_names=self.class_names,
+        )
+        self._jobs = {j.head: j for j in jobs}
+        dcfg = getattr(getattr(self.dreamer, "config", None), "to_dict", dict)()
+        payload = {
+            "dream": self.config.fingerprint(),
+            "experience": k,
+            "keys": keys,
+            "heads": [j.head for j in jobs],
+            "dreamer": dcfg,
+            "source": self.dreamer_source,
+            "space": dataclasses.asdict(self.space),
+            "oracle": self.oracle.digest(),
+            "prompts": {key: _digest(p) for key, p in self.inventory.prompts.items()},
+        }
+        key = cache_key(model=model, buffer=buf, payload=payload)
+        path = self.cache.path(k, key)
+        blob = self.cache.read(path, key)
+        file = (str(path), key) if blob is not None else None
+        if blob is not None:
+            result = DreamSet(
+                blob["heads"],
+                blob["prompts"],
+                self.space.dequantise(blob["images_u8"]),
+                blob["labels"],
+            )
+            self.oracle.load_state_dict(blob["oracle"])
+        else:
+            result = self._make_dreams(model, jobs, k)
+            written = self.cache.write(
+                k,
+                key,
+                {
+                    "heads": result.heads,
+                    "prompts": result.prompts,
+                    "labels": result.labels,
+                    "images_u8": self.space.quantise(result.images),
+                    "oracle": self.oracle.state_dict(),
+                },
+            )
+            file = (str(written), key) if written is not None else None
+        for key_, job, p in zip(keys, jobs, result.prompts):
+            if self.config.uses_dreamer:
+                self.inventory.prompts[key_] = p.clone()
+            self.inventory.homes[key_] = job.head
+        return result, blob is not None, file
+
+    def _make_dreams(self, model: DreamHeads, jobs, k: int) -> DreamSet:
+        seed, n = int(self.config.seed) + k, self.config.samples_per_class
+        if self.config.uses_dreamer:
+            return dream(
+                dreamer=self.dreamer,
+                learner=model,
+                jobs=jobs,
+                seen_heads=model.seen_heads(),
+                config=self.config,
+                oracle=self.oracle,
+                seed=seed,
+            )
+        g = torch.Generator().manual_seed(seed * 31 + 5)
+        images = []
+        for i, job in enumerate(jobs):
+            if self.config.source == "noise":
+                images.append(noise_images(n, g, self.space))
+            else:  # interpolation with the next job's class (another seen class when there is one)
+                other = jobs[(i + 1) % len(jobs)].anchors if len(jobs) > 1 else job.anchors
+                images.append(interpolation_images(job.anchors, other, n, g, self.space))
+        heads = torch.tensor([j.head for j in jobs], dtype=torch.long)
+        return DreamSet(
+            heads,
+            torch.empty(len(jobs), 0),
+            torch.cat(images),
+            heads.repeat_interleave(n),
+            {"steps": 0},
+        )
+
+    def sleep(self, strategy, owner, buf: dict[str, Tensor], k: int) -> dict[str, Any]:
+        """``sleep_epochs`` passes over the dream set, each dream minibatch with as many buffer
+        samples: ``host replay loss + dream_weight * CE(dreams)``, the strategy's optimizer."""
+        epochs, n_dreams = int(self.config.sleep_epochs), int(self.dream_labels.numel())
+        if epochs <= 0 or n_dreams == 0:
+            return {"sleep_steps": 0, "sleep_seconds": 0.0}
+        kind, model, dev = host_kind(strategy, owner), _heads(strategy), strategy.device
+        g = torch.Generator().manual_seed(int(self.config.seed) + 104_729 + k)
+        n, m = self.config.dream_batch_size or strategy.train_mb_size, strategy.train_mb_size
+        dreams, t0, steps = self.dream_images, time.perf_counter(), 0
+        with training_mode(model, True):
+            for _ in range(epochs):
+                order = torch.randperm(n_dreams, generator=g)
+                for s in range(0, n_dreams, n):
+                    idx, bidx = (
+                        order[s : s + n],
+                        torch.randint(0, buf["y"].numel(), (m,), generator=g),
+                    )
+                    out = model(torch.cat([buf["x"][bidx].to(dreams.dtype), dreams[idx]]).to(dev))
+                    stored = buf["logits"][bidx].to(dev) if kind == "der" else None
+                    loss = replay_loss(kind, strategy, out[:m], buf["y"][bidx].to(dev), stored)
+                    target = self._targets(model, self.dream_labels[idx].to(dev))
+                    loss = loss + self.config.dream_weight * F.cross_entropy(out[m:], target)
+                    strategy.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    strategy.optimizer.step()
+                    steps += 1
+        return {"sleep_steps": steps, "sleep_seconds": time.perf_counter() - t0, "host": kind}
+
+    # ---- the dream set (uint8 in memory or in the cache file) and the plugin's state ------------
+
+    @property
+    def dream_images(self) -> Tensor | None:
+        """The dream set in the learner's input space (CPU)."""
+        if self._dreams_float is None and self._dream_u8() is not None:
+            self._dreams_float = self.space.dequantise(self._dream_u8())
+        return self._dreams_float
+
+    def _dream_u8(self) -> Tensor | None:
+        if (
+            self._dreams_u8 is None
+            and self._dream_file is not None
+            and self.dream_labels is not None
+        ):
+            path, key = self._dream_file
+            blob = self.cache.read(Path(path), key)
+            if blob is None:
+                raise RuntimeError(
+                    f"the dream set of this checkpoint, {path}, is missing or "
+                    "unreadable: delete the checkpoint to restart the run"
+                )
+            self._dreams_u8 = blob["images_u8"]
+        return self._dreams_u8
+
+    def _set_dreams(self, u8: Tensor | None, labels: Tensor | None, file=None) -> None:
+        """The dream set (``file``: ``(path, key)`` of the cache file holding exactly it)."""
+        self._dreams_u8, self._dreams_float, self.dream_labels = u8, None, labels
+        self._dream_file = file
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.update(_dreamer=None, _dreams_float=None, _jobs={})
+        if self.dreamer_source is not None:
+            state["_base_dreamer"] = None  # reloaded from its source
+        if self._dream_file is not None and Path(self._dream_file[0]).is_file():
+            state["_dreams_u8"] = None  # referenced by its cache file and key
+        return state
+
+    def state_dict(self) -> dict[str, Any]:
+        u8 = self._dream_u8()
+        return {
+            "config": self.config.to_dict(),
+            "space": None if self.space is None else dataclasses.asdict(self.space),
+            "inventory": self.inventory.state_dict(),
+            "oracle": self.oracle.state_dict(),
+            "dream_images_u8": None if u8 is None else u8.clone(),
+            "dream_labels": None if self.dream_labels is None else self.dream_labels.clone(),
+            "history": list(self.history),
+            "assignments": [dict(a) for a in self.assignments],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        cfg = DreamConfig.from_dict(state["config"])
+        if cfg.fingerprint() != self.config.fingerprint():
+            warnings.warn(
+                "loading D2LPlugin state saved with another DreamConfig; the saved "
+                "config replaces the current one",
+                stacklevel=2,
+            )
+        self.config = cfg
+        if state.get("space") is not None:
+            sp = {k: tuple(v) if isinstance(v, list) else v for k, v in state["space"].items()}
+            self.space, self._dreamer, self._space_learned = InputSpace(**sp), None, True
+        self.inventory.load_state_dict(state["inventory"])
+        self.oracle.load_state_dict(state["oracle"])
+        self._dream_file = None
+        self._dreams_u8, self._dreams_float = state["dream_images_u8"], None
+        self.dream_labels = state["dream_labels"]
+        self.history = list(state["history"])
+        self.assignments = [{int(c): int(h) for c, h in a.items()} for a in state["assignments"]]
+
+
+def _heads(strategy) -> DreamHeads:
+    if not isinstance(strategy.model, DreamHeads):
+        raise TypeError(
+            f"D2LPlugin needs the strategy's model to be a DreamHeads wrapper, got "
+            f"{type(strategy.model).__name__}. Use D2L(...), or wrap it: "
+            "DreamHeads(model, n_classes=benchmark.n_classes, feature_layer='...')"
+        )
+    return strategy.model
+
+
+def _digest(t: Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha1(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()

@@ -1,0 +1,78 @@
+"""Where a dream class's prompt starts, and the dreams that need no dreamer.
+
+A learned class ``c`` gets its prompt ``p_c`` once, when it first dreams (later phases refine the
+prompt kept in the plugin's inventory):
+
+* Stable Diffusion, when the benchmark knows ``c``'s name: the text encoder's embedding of
+  ``name_template.format(name)``;
+* otherwise textual inversion on ``c``'s buffer images: the dreamer's concept (a row of the
+  glyph dreamer's concept table, or an encoded caption) with the lowest denoising loss on those
+  images, then ``invert_steps`` Adam steps on that loss (:meth:`Dreamer.denoising_loss`);
+* ``prompts="random"`` (a control) or an unanchored dream: a random mix of the dreamer's concepts
+  (:meth:`Dreamer.random_prompt`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .config import DreamConfig
+
+__all__ = ["initial_prompt", "interpolation_images", "noise_images"]
+
+
+def _invert(dreamer, anchors: Tensor, config: DreamConfig, g: torch.Generator) -> Tensor:
+    """Textual inversion of ``anchors`` (learner-space images of one class)."""
+    x0 = dreamer.encode(anchors)
+    concepts = dreamer.concept_embeddings().detach().float()
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+    scores = []
+    with torch.no_grad():
+        for row in concepts:  # the same timesteps and noise for every concept
+            cond = row.unsqueeze(0).expand(x0.shape[0], -1, -1)
+            loss = dreamer.denoising_loss(x0, cond, generator=torch.Generator().manual_seed(seed))
+            scores.append(float(loss.mean()))
+    prompt = torch.nn.Parameter(concepts[int(torch.tensor(scores).argmin())].clone())
+    if config.invert_steps > 0:
+        opt = torch.optim.Adam([prompt], lr=config.invert_lr)
+        with torch.enable_grad():
+            for _ in range(config.invert_steps):
+                cond = prompt.unsqueeze(0).expand(x0.shape[0], -1, -1)
+                loss = dreamer.denoising_loss(x0, cond, generator=g).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    return prompt.detach().float().cpu()
+
+
+def initial_prompt(
+    dreamer,
+    *,
+    anchors: Tensor | None,
+    name: str | None,
+    config: DreamConfig,
+    generator: torch.Generator,
+) -> tuple[Tensor, str]:
+    """``(p, how)``: the first prompt ``(L, D)`` of a dream class and how it was made."""
+    if config.prompts == "random" or anchors is None or anchors.shape[0] == 0:
+        return dreamer.random_prompt(1, generator=generator)[0].float().cpu(), "random"
+    if name is not None and getattr(dreamer, "text_encoder", None) is not None:
+        return dreamer.encode_text([config.name_template.format(name)])[0].float().cpu(), "name"
+    return _invert(dreamer, anchors, config, generator), "inversion"
+
+
+def interpolation_images(
+    first: Tensor, second: Tensor, n: int, generator: torch.Generator, space
+) -> Tensor:
+    """``n`` mixes ``lam * a + (1 - lam) * b`` (``lam`` in [0.35, 0.65], in [0, 1] image space)
+    of random images ``a`` of ``first`` and ``b`` of ``second`` (learner-space batches)."""
+    a = space.to_unit(first[torch.randint(0, first.shape[0], (n,), generator=generator)])
+    b = space.to_unit(second[torch.randint(0, second.shape[0], (n,), generator=generator)])
+    lam = 0.35 + 0.3 * torch.rand(n, 1, 1, 1, generator=generator)
+    return space.from_unit(lam * a + (1 - lam) * b)
+
+
+def noise_images(n: int, generator: torch.Generator, space) -> Tensor:
+    """``n`` uniform-noise images in the learner's space (a control)."""
+    return space.from_unit(torch.rand((n, *space.shape), generator=generator))
