@@ -487,3 +487,29 @@ def test_default_request_gets_the_shipped_dreamer_at_any_learner_shape(
             assert pretrain_mod.evaluate_dreamer(d, per_class=1, guidance_scale=2.0) > 0.3
     assert pretrain_mod.weights_digest(d) == manifest["weights_digest"]
     assert not (tmp_path / "cache").exists()  # the cache is not touched
+
+
+def test_a_device_error_while_loading_is_not_taken_for_a_damaged_folder(tmp_path, monkeypatch):
+    P = pretrain_mod
+    """A CUDA failure (out of memory, a busy device) while a dreamer folder loads is raised as
+    it is: the folder is neither reported as damaged nor moved aside; a file error still is."""
+    folder = tmp_path / "d"
+    folder.mkdir()
+    monkeypatch.setattr(P, "verify_dreamer_dir", lambda f: None)
+
+    def cuda_fails(*a, **kw):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(Dreamer, "from_pretrained", cuda_fails)
+    with pytest.raises(RuntimeError, match="CUDA error"):
+        P._load_folder(folder, device="cpu", overrides={})
+    assert folder.is_dir()
+
+    def file_fails(*a, **kw):
+        raise OSError("unexpected end of file")
+
+    monkeypatch.setattr(Dreamer, "from_pretrained", file_fails)
+    with pytest.raises(P.DreamerFolderError, match="does not load"):
+        P._load_folder(folder, device="cpu", overrides={})
+    assert P.is_device_error(RuntimeError("CUDA error: device-side assert triggered"))
+    assert not P.is_device_error(RuntimeError("size mismatch for conv.weight"))

@@ -1196,7 +1196,9 @@ def _default_scheduler_config(overrides: dict | None) -> dict[str, Any]:
 def _load_text(src, kw: dict, local_files_only: bool | None, *, subfolders: bool):
     """Optional CLIP text encoder + tokenizer (``text_encoder/``, ``tokenizer/``)."""
     try:
-        from transformers import AutoTokenizer, CLIPTextModel
+        # CLIPTokenizer, not AutoTokenizer: with transformers 5 AutoTokenizer fails on the
+        # tokenizer/ folder of Stable Diffusion repos (no tokenizer class in its config)
+        from transformers import CLIPTextModel, CLIPTokenizer
     except ImportError:  # pragma: no cover - transformers is a dependency
         return None, None
     if not subfolders:
@@ -1205,7 +1207,7 @@ def _load_text(src, kw: dict, local_files_only: bool | None, *, subfolders: bool
             return None, None
         enc = CLIPTextModel.from_pretrained(src / "text_encoder", **kw)
         tok = (
-            AutoTokenizer.from_pretrained(src / "tokenizer")
+            CLIPTokenizer.from_pretrained(src / "tokenizer")
             if (src / "tokenizer").is_dir()
             else None
         )
@@ -1213,7 +1215,7 @@ def _load_text(src, kw: dict, local_files_only: bool | None, *, subfolders: bool
     tkw = {"local_files_only": local_files_only} if local_files_only is not None else {}
     try:
         enc = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **kw)
-        tok = AutoTokenizer.from_pretrained(src, subfolder="tokenizer", **tkw)
+        tok = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **tkw)
     except (OSError, ValueError) as err:
         warnings.warn(
             f"{src!r}: no loadable text_encoder/ + tokenizer/ ({err}); the dreamer works with "

@@ -836,6 +836,35 @@ def shipped_dreamers() -> dict[str, Path]:
     return out
 
 
+_DEVICE_WORDS = (
+    "cuda",
+    "cudnn",
+    "cublas",
+    "nccl",
+    "hip error",
+    "device-side",
+    "out of memory",
+    "mps backend",
+    "xpu",
+)
+
+
+def is_device_error(err: BaseException) -> bool:
+    """Whether ``err`` comes from the accelerator (CUDA/ROCm/MPS: out of memory, a busy or
+    failed device, a driver error), not from the files being loaded."""
+    kinds = tuple(
+        k
+        for k in (
+            getattr(torch.cuda, "OutOfMemoryError", None),
+            getattr(torch, "AcceleratorError", None),
+        )
+        if k
+    )
+    if kinds and isinstance(err, kinds):
+        return True
+    return isinstance(err, RuntimeError) and any(w in str(err).lower() for w in _DEVICE_WORDS)
+
+
 def _load_folder(
     folder: Path, *, device: str | torch.device | None, overrides: dict[str, Any]
 ) -> Dreamer:
@@ -844,7 +873,9 @@ def _load_folder(
     dev = resolve_device(device)
     try:
         dreamer = Dreamer.from_pretrained(folder, device=dev, **overrides)
-    except Exception as err:  # any loader error means: this folder cannot be used
+    except Exception as err:  # a loader error means: this folder cannot be used ...
+        if is_device_error(err):  # ... unless the device failed: the folder is not to blame
+            raise
         raise DreamerFolderError(folder, f"does not load ({type(err).__name__}: {err})") from err
     if dev.type == "cpu" and dreamer.dtype != torch.float32:
         dreamer = dreamer.to(torch.float32)
