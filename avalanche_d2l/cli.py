@@ -7,12 +7,16 @@
 
 Both ``compare`` and ``run`` write ``results.json`` (every run, with the resolved settings that
 made it), ``results.md`` (mean ± std over seeds), ``accuracy.png`` and ``summary.png``, checkpoint
-every run after each experience, and resume when run again into the same ``--out``.
+every run after each experience, and resume when run again into the same ``--out``. Any setting of
+the experiment can be changed with ``--set key.path=value`` (checked as the file's own values are);
+``--lr``, ``--batch-size``, ``--model``, ``--n-experiences`` are short forms of ``--set`` paths;
+``--show`` prints the experiment that would run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +35,66 @@ def _strategy_list(text: str) -> list[str]:
     return names
 
 
+#: Short options -> the experiment path they set (Mammoth's names).
+SHORTCUTS = {
+    "lr": "training.optimizer.lr",
+    "batch_size": "training.train_mb_size",
+    "model": "model.name",
+    "n_experiences": "benchmark.n_experiences",
+}
+
+
+def _assignment(text: str):
+    from avalanche_d2l.experiments.schema import parse_assignment
+
+    try:
+        return parse_assignment(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _add_setting_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("experiment settings (applied before the experiment is checked)")
+    g.add_argument(
+        "--set",
+        dest="assignments",
+        metavar="KEY.PATH=VALUE",
+        type=_assignment,
+        action="append",
+        default=[],
+        help="set any field of the experiment, e.g. training.optimizer.lr=0.01, "
+        "strategies.d2l.dream.steps=5, benchmark.image_size=64; VALUE is read as JSON when it "
+        "parses (5, 0.1, true, [0,1]), else as text; repeat for several",
+    )
+    g.add_argument(
+        "--lr",
+        metavar="LR",
+        help="= --set training.optimizer.lr=LR (the optimiser of every experience; of the later "
+        "ones when the experiment has training.first_experience)",
+    )
+    g.add_argument("--batch-size", metavar="N", help="= --set training.train_mb_size=N")
+    g.add_argument(
+        "--model",
+        metavar="NAME",
+        help="= --set model.name=NAME: small_cnn, resnet18, resnet18_cifar, or your own as "
+        "package.module:callable, called with the number of classes and returning a "
+        "torch.nn.Module (D2L and Genifer read its model.feature_layer, default 'features')",
+    )
+    g.add_argument("--n-experiences", metavar="N", help="= --set benchmark.n_experiences=N")
+    g.add_argument(
+        "--show", action="store_true", help="print the resolved experiment as JSON and exit"
+    )
+    g = p.add_argument_group("logs (one sub-folder or run per strategy, seed and buffer size)")
+    g.add_argument("--tensorboard", metavar="DIR", help="TensorBoard event files in DIR/<run>/")
+    g.add_argument("--csv", metavar="DIR", help="Avalanche's CSV logs in DIR/<run>/")
+    g.add_argument(
+        "--wandb", metavar="PROJECT", help="log to Weights & Biases (needs pip install wandb)"
+    )
+    g.add_argument("--text-log", metavar="DIR", help="Avalanche's text log in DIR/<run>.log")
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
+    _add_setting_options(p)
     p.add_argument("--data-root", default=None, help="the dataset's folder (paper benchmarks)")
     p.add_argument(
         "--strategies",
@@ -43,6 +106,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None, help="epochs per experience")
     p.add_argument(
         "--mem-size",
+        "--buffer-size",
         dest="mem_sizes",
         type=int,
         nargs="+",
@@ -166,7 +230,77 @@ def _run_kwargs(args) -> dict:
         jobs=args.jobs,
         num_workers=args.num_workers,
         check_images=args.check_data,
+        logs=_logs(args),
     )
+
+
+def _logs(args):
+    from avalanche_d2l.experiments.builders import RunLogs, check_wandb
+
+    if args.wandb is not None:
+        check_wandb()
+    dirs = (args.tensorboard, args.csv, args.wandb, args.text_log)
+    return None if all(d is None for d in dirs) else RunLogs(*dirs)
+
+
+def _overrides(args) -> list:
+    """The shortcuts as ``--set`` assignments, then the ``--set`` ones (which win)."""
+    from avalanche_d2l.experiments.schema import parse_assignment
+
+    out = []
+    for dest, path in SHORTCUTS.items():
+        raw = getattr(args, dest)
+        if raw is not None:  # a model name is text; numbers are read as --set reads them
+            out.append((path, raw) if dest == "model" else parse_assignment(f"{path}={raw}"))
+    return out + list(args.assignments)
+
+
+def _experiment(args):
+    """The experiment of the command with every --set (and shortcut) applied, checked."""
+    from avalanche_d2l import experiments as ex
+    from avalanche_d2l.experiments.builders import import_model
+
+    overrides = _overrides(args)
+    if args.command == "run":
+        if not args.experiment:
+            raise ValueError("name an experiment (avalanche-d2l run --list) or a JSON file")
+        exp = ex.load_experiment(args.experiment, overrides)
+    else:
+        title = Path(args.data_root).expanduser().resolve().name if args.data_root else ""
+        exp = ex.default_experiment(
+            args.benchmark, overrides, title=title if args.benchmark == "image_folder" else ""
+        )
+    if ":" in exp.model.name:
+        import_model(exp.model.name)  # one sentence now if it cannot be imported
+    return exp
+
+
+def _shown(exp, args) -> dict:
+    """``exp`` as ``run_experiment`` resolves it with the command's other options."""
+    import dataclasses
+
+    from avalanche_d2l.experiments.runner import QUICK_EPOCHS, with_dreamer
+    from avalanche_d2l.experiments.schema import resolve_name
+
+    if args.strategies is not None:
+        names = [resolve_name(s) for s in args.strategies]
+        exp = dataclasses.replace(exp, strategies={n: exp.strategies.get(n, {}) for n in names})
+    if args.dreamer is not None:
+        exp = with_dreamer(exp, args.dreamer, list(exp.strategies))
+    epochs = args.epochs
+    if epochs is None and args.quick and exp.training.optimizer.epochs > QUICK_EPOCHS:
+        epochs = QUICK_EPOCHS
+    if epochs is not None:
+        exp = dataclasses.replace(exp, training=exp.training.with_epochs(epochs))
+    changes = {
+        "seeds": args.seeds,
+        "mem_sizes": args.mem_sizes,
+        "device": args.device,
+        "precision": args.precision,
+        "dreamer_device": args.dreamer_device,
+    }
+    exp = dataclasses.replace(exp, **{k: v for k, v in changes.items() if v is not None})
+    return exp.to_dict()
 
 
 def _dry_run_experiment(exp, args):
@@ -195,10 +329,13 @@ def _main(args) -> int:
         for name, description in ex.list_experiments():
             print(f"{name:<22} {description}")
         return 0
+    if args.command == "compare" and args.strategies is None:
+        args.strategies = DEFAULT_STRATEGIES.split(",")
+    exp = _experiment(args)
+    if args.show:
+        print(json.dumps(_shown(exp, args), indent=2))
+        return 0
     if args.command == "run":
-        if not args.experiment:
-            raise ValueError("name an experiment (avalanche-d2l run --list) or a JSON file")
-        exp = ex.load_experiment(args.experiment)
         if args.dry_run:
             ex.dry_run(
                 _dry_run_experiment(exp, args),
@@ -211,10 +348,7 @@ def _main(args) -> int:
             return 0
         out = Path(args.out or Path("results") / exp.name)
     else:
-        exp = ex.default_experiment(args.benchmark)
-        if args.strategies is None:
-            args.strategies = DEFAULT_STRATEGIES.split(",")
-        out = Path(args.out or Path("results") / args.benchmark)
+        out = Path(args.out or Path("results") / (exp.title or args.benchmark))
     results = ex.run_experiment(exp, out=out, **_run_kwargs(args))
     print((out / "results.md").read_text())
     print(
@@ -242,6 +376,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return pretrain_main(argv[1:])
     args = _parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # a redirected log fills line by line, as it goes
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     try:
         return _main(args)
     except (ValueError, OSError) as err:

@@ -10,8 +10,10 @@ and the scripts in ``benchmarks/`` all go through it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from avalanche_d2l.experiments.builders import (
     BENCHMARKS,
@@ -35,6 +37,8 @@ from avalanche_d2l.experiments.schema import (
     ModelSpec,
     OptimSpec,
     TrainingSpec,
+    apply_overrides,
+    parse_assignment,
 )
 
 __all__ = [
@@ -47,6 +51,7 @@ __all__ = [
     "RunKey",
     "RunOptions",
     "TrainingSpec",
+    "apply_overrides",
     "build_benchmark",
     "build_model",
     "build_run",
@@ -57,6 +62,7 @@ __all__ = [
     "list_experiments",
     "load_experiment",
     "mean_std",
+    "parse_assignment",
     "run_experiment",
     "train_with_checkpoints",
     "write_report",
@@ -78,36 +84,42 @@ def list_experiments() -> list[tuple[str, str]]:
     return [(name, load_experiment(name).description) for name in experiment_files()]
 
 
-def load_experiment(name_or_path: str | Path) -> Experiment:
-    """A shipped experiment by name, or an experiment file by path.
+def load_experiment(
+    name_or_path: str | Path, overrides: Sequence[tuple[str, Any]] = ()
+) -> Experiment:
+    """A shipped experiment by name, or an experiment file by path, with ``overrides``
+    (``[("training.optimizer.lr", 0.01)]``, :func:`apply_overrides`) set before it is checked.
 
     Raises:
         ValueError: neither a shipped name nor an existing file (the message lists the names),
-            or a file that does not follow the schema.
+            a file that does not follow the schema, or an override the schema refuses.
     """
     files = experiment_files()
     if str(name_or_path) in files:
-        return Experiment.from_file(files[str(name_or_path)])
+        return Experiment.from_file(files[str(name_or_path)], overrides)
     path = Path(name_or_path).expanduser()
     if path.is_file():
-        return Experiment.from_file(path)
+        return Experiment.from_file(path, overrides)
     raise ValueError(
         f"{str(name_or_path)!r} is neither a shipped experiment nor a file; shipped: "
         f"{', '.join(files)} (avalanche-d2l run --list)"
     )
 
 
-def default_experiment(benchmark: str) -> Experiment:
+def default_experiment(
+    benchmark: str, overrides: Sequence[tuple[str, Any]] = (), *, title: str = ""
+) -> Experiment:
     """What ``compare --benchmark NAME`` runs: the shipped experiment of that name when there is
     one (the offline streams), else the benchmark with its default classifier, Adam (lr 1e-3),
-    10 epochs, batch 32, buffer 100 and every strategy at its defaults."""
+    10 epochs, batch 32, buffer 100 and every strategy at its defaults; ``overrides`` as in
+    :func:`load_experiment`; ``title`` names the report (default: the benchmark's name)."""
     if benchmark in experiment_files():
-        return load_experiment(benchmark)
-    if benchmark not in BENCHMARKS:
+        exp = load_experiment(benchmark, overrides)
+    elif benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}; valid names: {', '.join(BENCHMARKS)}")
-    info = BENCHMARKS[benchmark]
-    return Experiment.from_dict(
-        {
+    else:
+        info = BENCHMARKS[benchmark]
+        data = {
             "description": f"{benchmark} with the default settings of compare",
             "benchmark": {"name": benchmark},
             "model": {"name": info.model, "feature_layer": info.feature_layer},
@@ -119,6 +131,8 @@ def default_experiment(benchmark: str) -> Experiment:
             "strategies": {"naive": {}},
             "mem_sizes": [100],
             "seeds": [0, 1, 2],
-        },
-        name=benchmark,
-    )
+        }
+        exp = Experiment.from_dict(apply_overrides(data, overrides), name=benchmark)
+    if title and not exp.title:
+        exp.title = title
+    return exp

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from avalanche_d2l.dreaming.accel import is_main_process, num_processes, wait_for_everyone
 from avalanche_d2l.experiments.builders import (
+    RunLogs,
     build_benchmark,
     build_model,
     check_class_incremental,
@@ -217,6 +218,7 @@ class RunOptions:
     progress: bool = True
     num_workers: int = 0
     threads: int | None = 1
+    logs: RunLogs | None = None  # TensorBoard / CSV / W&B / text logs, one per run
 
 
 def run_settings(exp: Experiment, key: RunKey, opts: RunOptions) -> dict[str, Any]:
@@ -270,7 +272,10 @@ def build_run(
     if opts.quick and exp.training.optimizer.epochs > QUICK_EPOCHS:
         training = training.with_epochs(QUICK_EPOCHS)
     optimizer = training.first.build(model.parameters())
-    evaluator = make_evaluator(benchmark, interactive=False, eval_mb_size=training.eval_mb_size)
+    logs = (opts.logs or RunLogs()).evaluator_kwargs(key.name, run_settings(exp, key, opts))
+    evaluator = make_evaluator(
+        benchmark, interactive=False, eval_mb_size=training.eval_mb_size, **logs
+    )
     run = RunConfig(
         benchmark=exp.benchmark["name"],
         feature_layer=layer,
@@ -541,6 +546,7 @@ def run_experiment(
     jobs: int = 1,
     num_workers: int = 0,
     check_images: bool = False,
+    logs: RunLogs | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run ``exp`` into ``out`` (resumable) and write ``results.json``, ``results.md``,
@@ -564,6 +570,7 @@ def run_experiment(
         jobs: runs executed at once, each in its own process.
         num_workers: ``DataLoader`` workers (image decoding).
         check_images: decode every image once before training and stop on unreadable ones.
+        logs: TensorBoard / CSV / W&B / text logs of every run (a sub-folder per run).
         log: where messages about skipped / re-run runs go.
 
     Returns:
@@ -636,6 +643,7 @@ def run_experiment(
         progress=progress and jobs == 1,
         num_workers=int(num_workers),
         threads=threads,
+        logs=logs,
     )
     # data (the loaders raise with the layout they expect), class-incremental, images
     try:

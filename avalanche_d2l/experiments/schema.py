@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,16 @@ import torch
 from avalanche_d2l.fields import check_value, typed_fields
 from avalanche_d2l.registry import check_keys, config_to_dict, get_strategy, strategy_names
 
-__all__ = ["OptimSpec", "ModelSpec", "TrainingSpec", "Experiment", "ALIASES", "check_keys"]
+__all__ = [
+    "ALIASES",
+    "Experiment",
+    "ModelSpec",
+    "OptimSpec",
+    "TrainingSpec",
+    "apply_overrides",
+    "check_keys",
+    "parse_assignment",
+]
 
 #: Names used in the papers' tables -> registry names.
 ALIASES: dict[str, str] = {
@@ -188,6 +198,7 @@ class TrainingSpec:
 
 
 _TOP_KEYS = {
+    "title",
     "description",
     "notes",
     "data_root_hint",
@@ -225,6 +236,7 @@ class Experiment:
     description: str = ""
     notes: dict[str, str] = field(default_factory=dict)
     name: str = ""
+    title: str = ""
 
     def __post_init__(self) -> None:
         from avalanche_d2l.experiments.builders import check_benchmark_section
@@ -277,21 +289,19 @@ class Experiment:
             precision=check_value(data.get("precision", "no"), str, "precision"),
             dreamer_device=check_value(data.get("dreamer_device"), str | None, "dreamer_device"),
             description=check_value(data.get("description", ""), str, "description"),
+            title=check_value(data.get("title", ""), str, "title"),
             notes=notes,
             name=name,
         )
 
     @classmethod
-    def from_file(cls, path: str | Path) -> Experiment:
+    def from_file(cls, path: str | Path, overrides: Sequence[tuple[str, Any]] = ()) -> Experiment:
+        """The experiment of a file, with ``overrides`` (:func:`apply_overrides`) applied
+        before it is checked."""
         path = Path(path)
+        data = read_experiment_file(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{path} is not UTF-8 text ({err.reason}): save it as UTF-8") from err
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from err
-        try:
-            return cls.from_dict(data, name=path.stem)
+            return cls.from_dict(apply_overrides(data, overrides), name=path.stem)
         except (ValueError, TypeError) as err:
             raise ValueError(f"{path}: {err}") from err
 
@@ -323,6 +333,7 @@ class Experiment:
     def to_dict(self) -> dict[str, Any]:
         """The experiment with every strategy's *resolved* config (defaults filled in)."""
         out = {
+            **({"title": self.title} if self.title else {}),
             "description": self.description,
             **self.common_settings(),
             "strategies": {n: config_to_dict(self.method_config(n)) or {} for n in self.strategies},
@@ -335,6 +346,16 @@ class Experiment:
 
     def keeps_buffer(self, name: str) -> bool:
         return get_strategy(name).keeps_buffer
+
+
+def read_experiment_file(path: Path) -> Any:
+    """The JSON content of an experiment file (not yet checked), or one sentence."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason}): save it as UTF-8") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
 
 
 def check_seeds(seeds) -> list[int]:
@@ -364,3 +385,106 @@ def loader_keywords(loader) -> set[str]:
     """Keyword arguments of a scenario loader that an experiment file may set."""
     skip = {"root", "seed", "train_transform", "eval_transform", "download"}
     return {p for p in inspect.signature(loader).parameters if p not in skip}
+
+
+# ---- command-line overrides ----------------------------------------------------------------------
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``"key.path=value"`` -> ``("key.path", value)``: the value as JSON when it parses
+    (``5``, ``0.1``, ``true``, ``[0, 1]``, ``null``), else the text itself (``sgd``, ``fast``)."""
+    path, sep, raw = text.partition("=")
+    if not sep or not path.strip() or any(not part for part in path.strip().split(".")):
+        raise ValueError(f"--set {text!r}: write KEY.PATH=VALUE, e.g. training.optimizer.lr=0.01")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return path.strip(), value
+
+
+def _valid_keys(data: dict[str, Any], parents: list[str]) -> set[str] | None:
+    """The keys an experiment file may hold at ``parents`` (``None``: not known here, e.g. a
+    strategy's own config, which checks its keys itself and lists them)."""
+    if not parents:
+        return set(_TOP_KEYS)
+    head, rest = parents[0], parents[1:]
+    if head == "training":
+        if not rest:
+            return {f.name for f in dataclasses.fields(TrainingSpec)}
+        if len(rest) == 1 and rest[0] in ("optimizer", "first_experience"):
+            return {f.name for f in dataclasses.fields(OptimSpec)}
+    if head == "model" and not rest:
+        return {f.name for f in dataclasses.fields(ModelSpec)}
+    if head == "benchmark" and not rest:
+        from avalanche_d2l.experiments.builders import BENCHMARKS, benchmark_loader
+
+        name = data.get("benchmark", {}).get("name")
+        return loader_keywords(benchmark_loader(name)) | {"name"} if name in BENCHMARKS else None
+    if head == "strategies":
+        if not rest:
+            return set(strategy_names()) | set(ALIASES)
+        return _config_keys(resolve_name(rest[0]), rest[1:])
+    return None
+
+
+def _config_keys(strategy: str, parents: list[str]) -> set[str] | None:
+    """Field names of a strategy's typed config, or of a nested config on ``parents``."""
+    import typing
+
+    if strategy not in strategy_names():
+        return None
+    cls = get_strategy(strategy).config_type
+    for key in parents:
+        if cls is None or not dataclasses.is_dataclass(cls):
+            return None
+        cls = typing.get_type_hints(cls).get(key)
+    if cls is None or not dataclasses.is_dataclass(cls):
+        return None
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def apply_overrides(data: Any, assignments: Sequence[tuple[str, Any]]) -> Any:
+    """A copy of the experiment file's ``data`` with each ``(key.path, value)`` set, before the
+    file is checked: the schema then checks the values as it checks a file's (its messages name
+    the key's path). A path through an unknown key is refused here, naming the valid keys; a
+    strategy that shares another's section (``"er_ace_d2l": "d2l"``) gets a copy of it first.
+
+    Raises:
+        ValueError: an unknown key on the path, or a path through a value that is not a section.
+    """
+    if not assignments:
+        return data
+    where = "the top level of an experiment file"
+    data = json.loads(json.dumps(check_keys(data, _TOP_KEYS, where)))
+    for path, value in assignments:
+        parts = path.split(".")
+        node = data
+        for i, key in enumerate(parts[:-1]):
+            _check_step(data, path, parts[:i], key)
+            node = _section(node, key, path, parts[: i + 1])
+        _check_step(data, path, parts[:-1], parts[-1])
+        node[parts[-1]] = value
+    return data
+
+
+def _check_step(data: dict[str, Any], path: str, parents: list[str], key: str) -> None:
+    valid = _valid_keys(data, parents)
+    if valid is not None and key not in valid:
+        raise ValueError(
+            f"--set {path}: unknown key {key!r} in {'.'.join(parents) or 'the top level'}; "
+            f"valid keys: {', '.join(sorted(valid))}"
+        )
+
+
+def _section(node: dict[str, Any], key: str, path: str, where: list[str]) -> dict[str, Any]:
+    """``node[key]`` as a section to set keys in (created when absent)."""
+    child = node.get(key)
+    if child is None:
+        child = node[key] = {}
+    elif isinstance(child, str) and where[:-1] == ["strategies"]:
+        shared = node.get(child)  # "er_ace_d2l": "d2l" -> its own copy of d2l's section
+        child = node[key] = dict(json.loads(json.dumps(shared))) if isinstance(shared, dict) else {}
+    elif not isinstance(child, dict):
+        raise ValueError(f"--set {path}: {'.'.join(where)} is {child!r}, not a section with keys")
+    return child
