@@ -118,7 +118,29 @@ def test_genifer_notebook_shows_table_plots_and_replay_grid(kernel_env, tmp_path
     assert (out / "runs" / "genifer_seed0.json").stat().st_mtime_ns == mtime
 
 
-def test_d2l_notebook_shows_table_fwt_and_dreams(kernel_env, tmp_path):
+def clean_outputs(nb, *forbidden: str) -> None:
+    """No warning and none of the ``forbidden`` strings (absolute paths) in any output."""
+    for cell in nb.cells:
+        for o in cell.get("outputs", []):
+            text = json.dumps(o.get("text", "")) + json.dumps(
+                o.get("data", {}).get("text/plain", "")
+            )
+            assert "Warning" not in text, (cell.source[:60], text[:300])
+            for bad in forbidden:
+                assert bad not in text, (cell.source[:60], bad, text[:300])
+
+
+def test_committed_d2l_notebook_has_no_warning_or_absolute_path():
+    nb = nbformat.read(NOTEBOOKS / "d2l.ipynb", as_version=4)
+    assert any(c.get("outputs") for c in nb.cells), "d2l.ipynb is committed executed"
+    clean_outputs(nb, str(ROOT), "site-packages", os.path.expanduser("~") + os.sep)
+
+
+def test_d2l_notebook_shows_table_controls_fwt_and_dreams_from_the_stream(kernel_env, tmp_path):
+    import torch
+
+    from avalanche_d2l.scenarios import split_digits
+
     out = tmp_path / "d2l"
     env = {
         **kernel_env,
@@ -127,6 +149,27 @@ def test_d2l_notebook_shows_table_fwt_and_dreams(kernel_env, tmp_path):
     }
     nb = execute("d2l", env)
     check_common(nb, out, ["d2l", "replay"])
+    clean_outputs(nb, str(ROOT), "site-packages")  # OUT (tmp_path) is shown as a parameter
     assert outputs(tagged(nb, "fwt-plot"), "image/png")
+    controls = "".join(outputs(tagged(nb, "control-table"), "text/markdown"))
+    assert "d2l_unanchored" in controls and "Targets" in controls
     grid = tagged(nb, "dream-grid")
     assert outputs(grid, "image/png") and (out / "d2l_dreams.png").stat().st_size > 1000
+    # each dream head is shown beside real training images of the class it grew from, a class
+    # learned by then; its dreams are new images, not those buffer images
+    rows = torch.load(out / "d2l_dreams.pt", weights_only=False)["value"]
+    bench = split_digits(n_experiences=5, image_size=16, seed=0)
+    train = [torch.stack([x for x, *_ in e.dataset]) for e in bench.train_stream]
+    labels = [torch.tensor([int(y) for _, y, *_ in e.dataset]) for e in bench.train_stream]
+    assert sorted(rows) == list(range(len(bench.train_stream) - 1))
+    for k, row in rows.items():
+        seen = set().union(
+            *(bench.train_stream[j].classes_in_this_experience for j in range(k + 1))
+        )
+        assert row["dreams"] and len(row["sources"]) == len(row["dreams"])
+        for c, sources, dreams in zip(row["source_classes"], row["sources"], row["dreams"]):
+            assert c in seen
+            pool = torch.cat([x[y == c] for x, y in zip(train, labels)]).flatten(1)
+            gap = torch.cdist(sources.flatten(1), pool).min(1).values
+            assert gap.max() < 0.1, f"experience {k}: a source image is not an image of class {c}"
+            assert torch.cdist(dreams.flatten(1), sources.flatten(1)).min() > 0.1

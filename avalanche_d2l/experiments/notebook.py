@@ -4,11 +4,13 @@ it (so a re-executed notebook reads instead of retraining)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
 import json
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,7 +22,14 @@ from avalanche_d2l.experiments.report import atomic_write
 from avalanche_d2l.experiments.runner import RunKey, RunOptions, build_run, run_settings
 from avalanche_d2l.experiments.schema import Experiment
 
-__all__ = ["DreamRecorder", "notebook_params", "cached", "settings_key", "trained_run"]
+__all__ = [
+    "DreamRecorder",
+    "cached",
+    "notebook_params",
+    "quiet_replay_deprecation",
+    "settings_key",
+    "trained_run",
+]
 
 ENV_PREFIX = "AVALANCHE_D2L_NB_"
 
@@ -97,10 +106,30 @@ def trained_run(
     key = RunKey(strategy, seed, mem)
     opts = RunOptions(quick=quick, progress=False)
     benchmark, strat = build_run(exp, key, opts, extra_plugins=plugins)
-    for k, experience in enumerate(benchmark.train_stream):
-        seed_everything(seed * 1000 + k)
-        strat.train(experience, eval_streams=[])
+    with quiet_replay_deprecation():
+        for k, experience in enumerate(benchmark.train_stream):
+            seed_everything(seed * 1000 + k)
+            strat.train(experience, eval_streams=[])
     return benchmark, strat
+
+
+@contextlib.contextmanager
+def quiet_replay_deprecation():
+    """Drop Avalanche 0.6's deprecation message of its replay buffer's ``update`` (one per
+    experience, with the installation's path). It is raised through ``deprecated``, which forces
+    the warning on inside its own ``catch_warnings``, so a filter cannot silence it; the display
+    function can."""
+    show = warnings.showwarning
+
+    def quiet(message, *args, **kwargs):
+        if "Call to deprecated function update" not in str(message):
+            show(message, *args, **kwargs)
+
+    warnings.showwarning = quiet
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
 
 
 def settings_key(exp: Experiment, strategy: str, seed: int, quick: bool, **extra) -> dict:
@@ -114,21 +143,31 @@ def settings_key(exp: Experiment, strategy: str, seed: int, quick: bool, **extra
 
 
 class DreamRecorder:
-    """Avalanche plugin (put after D2L's): after each experience, ``per_head`` images of every
-    dream head of the new dream set, in [0, 1]: ``rows[k]`` is a tensor of shape
-    ``(heads * per_head, C, H, W)``."""
+    """Avalanche plugin (put after D2L's): after each experience, for every dream head of the new
+    dream set, ``per_head`` of its images and ``sources`` buffer images of the learned class it
+    grew from (its anchors; none for dreams not grown from a class), all in [0, 1]:
+    ``rows[k] = {"heads", "source_classes", "dreams", "sources"}`` (lists, one entry per head)."""
 
-    def __init__(self, per_head: int = 4):
+    def __init__(self, per_head: int = 4, sources: int = 2):
         self.per_head = per_head
-        self.rows: dict[int, torch.Tensor] = {}
+        self.sources = sources
+        self.rows: dict[int, dict] = {}
 
     def after_training_exp(self, strategy, **kwargs) -> None:
-        from avalanche_d2l.strategies.d2l import D2LPlugin
-
-        plugin = next(p for p in strategy.plugins if isinstance(p, D2LPlugin))
+        plugin = getattr(strategy, "d2l_plugin", None)  # set by the D2L strategies' factories
+        if plugin is None:
+            return
         images, labels = plugin.dream_images, plugin.dream_labels
         if images is None or labels is None:
             return
         unit = plugin.space.to_unit(images)
-        picks = [unit[labels == h][: self.per_head] for h in sorted(set(labels.tolist()))]
-        self.rows[strategy.experience.current_experience] = torch.cat(picks)
+        jobs = getattr(plugin, "_jobs", {})  # head -> the dream class's job (source, anchors)
+        row: dict[str, list] = {"heads": [], "source_classes": [], "dreams": [], "sources": []}
+        for h in sorted(set(labels.tolist())):
+            job = jobs.get(h)
+            anchors = job.anchors[: self.sources] if job is not None else images[:0]
+            row["heads"].append(h)
+            row["source_classes"].append(int(job.source) if job is not None else -1)
+            row["dreams"].append(unit[labels == h][: self.per_head])
+            row["sources"].append(plugin.space.to_unit(anchors.cpu()))
+        self.rows[strategy.experience.current_experience] = row
