@@ -468,6 +468,40 @@ def target_lines(table, cost: dict | None) -> list[str]:
     return lines
 
 
+def record_diagnosis(cell: str, seed: int) -> list[str]:
+    """From the run records alone: per variant, the accuracy on each new experience *right
+    after* training on it (and, for D2L, after the sleep on the dreams grown from it) under both
+    protocols -- the gap is the share of its test samples that land on a dream head -- and at
+    its start. Means over experiences 2-5."""
+    rows = [
+        "## Where new-class samples land (from the run records, "
+        f"{cell} seed {seed}; means over experiences 2-5)",
+        "",
+        "Right after training on experience k (after D2L's dreaming and sleep that follow it), "
+        "its test accuracy under the lab and the masked protocol: the difference is a lower bound "
+        "of the share of its samples predicted on a dream head (whose best class unit is right). "
+        "At start: accuracy on experience k before training on it (lab; masked).",
+        "",
+        "| variant | right after: lab | right after: masked | on a dream head (>=) | at start: lab "
+        "| at start: masked |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in current_records(CELLS[cell]):
+        if r["seed"] != seed or "lab_accuracy_matrix" not in r:
+            continue
+        lab, masked = r["lab_accuracy_matrix"], r["accuracy_matrix"]
+        ks = range(1, len(lab))
+        after_lab = statistics.fmean(lab[k][k] for k in ks)
+        after_masked = statistics.fmean(masked[k][k] for k in ks)
+        start_lab = statistics.fmean(r["lab_accuracy_at_start"][k] for k in ks)
+        start_masked = statistics.fmean(r["accuracy_at_start"][k] for k in ks)
+        rows.append(
+            f"| {variant_of(r)} | {after_lab:.3f} | {after_masked:.3f} | "
+            f"{after_masked - after_lab:.3f} | {start_lab:.3f} | {start_masked:.3f} |"
+        )
+    return [*rows, ""]
+
+
 def summarise() -> str:
     extra = [(c, "0-2") for c in CELLS if CELLS[c].user_cnn]
     cells = TARGET_CELLS + [FALLBACK_CELL] + extra
@@ -511,6 +545,7 @@ def summarise() -> str:
         n = f" ({len(ran)})" if ran and len(ran) < len(TARGET_CELLS) else ""
         lines.append(f"| {v} | {what} | {' | '.join(vals)} | {mean}{n} | {masked}{n} |")
     lines += ["", "## Targets (issue 19, item 6)", "", *target_lines(table, cost), ""]
+    lines += record_diagnosis("split_digits", 0)
     for path in sorted(RESULTS.glob("*/diagnosis_seed*.md")):
         body = path.read_text().split("\n", 2)[2]
         lines += [
