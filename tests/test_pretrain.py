@@ -13,6 +13,7 @@ import torch
 from tiny_models import TINY_UNET, tiny_pixel_dreamer
 
 from avalanche_d2l.dreaming import Dreamer
+from avalanche_d2l.dreaming import folders as folders_mod
 from avalanche_d2l.dreaming import pretrain as pretrain_mod
 from avalanche_d2l.dreaming.dreamer import make_reference
 from avalanche_d2l.dreaming.glyphs import DEFAULT_GLYPHS, GlyphBank, GlyphConfig
@@ -307,8 +308,8 @@ def test_temporary_folders_of_killed_processes_are_removed(fake_train, tmp_path)
         check=True,
     ).stdout.strip()
     out = tmp_path / "d"
-    live = Path(pretrain_mod._temp_prefix(out, "tmp") + "x")  # this process: running
-    stale = Path(pretrain_mod._temp_prefix(out, "tmp").replace(f"-{os.getpid()}-", f"-{dead}-"))
+    live = Path(folders_mod._temp_prefix(out, "tmp") + "x")  # this process: running
+    stale = Path(folders_mod._temp_prefix(out, "tmp").replace(f"-{os.getpid()}-", f"-{dead}-"))
     for p in (tmp_path / live, tmp_path / (stale.name + "x")):
         p.mkdir()
         (p / "unet").mkdir()
