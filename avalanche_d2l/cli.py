@@ -95,7 +95,12 @@ def _add_setting_options(p: argparse.ArgumentParser) -> None:
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     _add_setting_options(p)
-    p.add_argument("--data-root", default=None, help="the dataset's folder (paper benchmarks)")
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="the dataset's folder (paper benchmarks; image_folder: the folder holding train/ "
+        "and test/)",
+    )
     p.add_argument(
         "--strategies",
         type=_strategy_list,
@@ -188,7 +193,8 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument(
         "--out",
         default=None,
-        help="output folder (default results/BENCHMARK; resumes if it exists)",
+        help="output folder (default results/BENCHMARK, for image_folder results/<the folder's "
+        "name>; resumes if it exists)",
     )
     _add_run_options(cmp_)
     run = sub.add_parser(

@@ -123,3 +123,19 @@ def test_logs_survive_a_checkpoint_resume_and_the_text_log_is_written_as_it_goes
 
     gc.collect()  # the writers close with their loggers
     assert len(_scalars(tmp_path / "tb" / "naive_seed0")[ACC]) >= 2
+
+
+def test_wandb_without_the_package_is_one_sentence_before_any_work(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from avalanche_d2l.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    out = tmp_path / "out"
+    rc = main(["compare", "--strategies", "naive", "--wandb", "my-project", "--out", str(out)])
+    assert rc == 2
+    assert "--wandb needs the wandb package: pip install wandb" in capsys.readouterr().err
+    assert not out.exists()
