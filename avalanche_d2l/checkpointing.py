@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["save_strategy", "load_strategy", "UntrustedCheckpoint"]
+__all__ = ["save_strategy", "load_strategy", "remove_checkpoint", "UntrustedCheckpoint"]
 
 
 class UntrustedCheckpoint(ValueError):
@@ -74,6 +74,13 @@ def save_strategy(strategy, path: str | os.PathLike) -> None:
             f"could not write the checkpoint {path} ({err}); free disk space and run "
             "the same command again to resume"
         ) from None
+
+
+def remove_checkpoint(path: str | os.PathLike) -> None:
+    """Remove a checkpoint written by :func:`save_strategy` and its digest record (if any)."""
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    _digest_path(path).unlink(missing_ok=True)
 
 
 def load_strategy(strategy, path: str | os.PathLike, map_location=None):

@@ -38,16 +38,26 @@ class OutputLock:
     def __enter__(self) -> OutputLock:
         if fcntl is None:
             return self
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise FolderInUse(
+                    f"{self.path.parent} is in use by another command ({holder}); wait for it "
+                    "to finish, or pass another --out"
+                ) from None
+            # the holder removes the file when it is done: a lock taken on a file that was
+            # removed meanwhile locks nothing, so take it again on the file now at the path
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            raise FolderInUse(
-                f"{self.path.parent} is in use by another command ({holder}); wait for it to "
-                "finish, or pass another --out"
-            ) from None
         os.ftruncate(fd, 0)
         started = time.strftime("%Y-%m-%d %H:%M:%S")
         os.pwrite(fd, f"pid {os.getpid()}, started {started}: {' '.join(sys.argv)}".encode(), 0)
@@ -56,7 +66,8 @@ class OutputLock:
 
     def __exit__(self, *exc) -> None:
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)
+            # removed while still held (see __enter__), so a finished folder has no lock file
+            self.path.unlink(missing_ok=True)
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
 

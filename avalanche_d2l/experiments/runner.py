@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from avalanche_d2l.checkpointing import remove_checkpoint
 from avalanche_d2l.dreaming.accel import is_main_process, num_processes, wait_for_everyone
 from avalanche_d2l.experiments.builders import (
     RunLogs,
@@ -685,8 +686,7 @@ def run_experiment(
                 "running it again"
             )
             os.replace(path, path.with_name(path.name + ".stale"))
-            ckpt = out / "checkpoints" / f"{key.name}.pkl"
-            ckpt.unlink(missing_ok=True)
+            remove_checkpoint(out / "checkpoints" / f"{key.name}.pkl")
             shutil.rmtree(out / "work" / key.name, ignore_errors=True)
         todo.append(key)
     if len(records):
@@ -702,7 +702,7 @@ def run_experiment(
         if main:  # under accelerate launch every process trains; one writes
             atomic_write(out / "runs" / f"{key.name}.json", json.dumps(record, indent=1))
             _write_results(results_path, _collect(exp, keys, records, extras))
-            (out / "checkpoints" / f"{key.name}.pkl").unlink(missing_ok=True)
+            remove_checkpoint(out / "checkpoints" / f"{key.name}.pkl")
         wait_for_everyone()
 
     # ---- 3. run ---------------------------------------------------------------------------
