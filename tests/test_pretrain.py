@@ -361,10 +361,14 @@ def test_half_written_or_corrupt_cache_is_moved_aside_and_rebuilt(fake_train):
 def test_out_folder_is_replaced_whole_and_bad_out_is_refused(fake_train, tmp_path, capsys):
     out = tmp_path / "dreamer"
     assert pretrain_mod.main(["--out", str(out), "--steps", "5", "--no-progress"]) == 0
-    stale = out / "unet" / "stale_weights.bin"
-    stale.write_bytes(b"old")
+    # a file the saved dreamer does not list would be lost: refused before any training
+    stale = out / "unet" / "notes.txt"
+    stale.write_text("mine")
+    assert pretrain_mod.main(["--out", str(out), "--steps", "6", "--no-progress"]) == 2
+    assert "unet/notes.txt" in capsys.readouterr().err and stale.read_text() == "mine"
+    assert len(fake_train) == 1
+    stale.unlink()
     assert pretrain_mod.main(["--out", str(out), "--steps", "6", "--no-progress"]) == 0
-    assert not stale.exists()
     assert json.loads((out / "manifest.json").read_text())["fingerprint"]["pretrain"]["steps"] == 6
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dreamer"]
     # a folder of other files, and a file, are refused before any training

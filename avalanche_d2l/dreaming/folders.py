@@ -129,11 +129,19 @@ def _make_temp_sibling(target: Path) -> Path:
     """A fresh temporary folder beside ``target`` (same file system: the rename is atomic)."""
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target} is a file; pass a folder path for the dreamer")
-    if target.is_dir() and any(target.iterdir()) and not (target / CONFIG_NAME).is_file():
-        raise ValueError(
-            f"{target} is a non-empty folder that does not hold a saved dreamer; pass a new or "
-            "empty folder (a dreamer folder is replaced as a whole)"
-        )
+    if target.is_dir() and any(target.iterdir()):
+        if not (target / CONFIG_NAME).is_file():
+            raise ValueError(
+                f"{target} is a non-empty folder that does not hold a saved dreamer; pass a new "
+                "or empty folder (a dreamer folder is replaced as a whole)"
+            )
+        others = _files_not_in_manifest(target)
+        if others:
+            raise ValueError(
+                f"{target} holds a saved dreamer and other files ({', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}), which replacing it would delete; move "
+                "them out or pass another folder"
+            )
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         _remove_dead_temps(target)
@@ -143,6 +151,17 @@ def _make_temp_sibling(target: Path) -> Path:
             f"cannot write beside {target} ({err.strerror or err}); pass a folder in a "
             "writable location"
         ) from err
+
+
+def _files_not_in_manifest(folder: Path) -> list[str]:
+    """Files under ``folder`` that its manifest does not list (none without a manifest: a folder
+    saved before manifests existed is taken as a whole)."""
+    try:
+        listed = set(json.loads((folder / MANIFEST_NAME).read_text())["files"]) | {MANIFEST_NAME}
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    found = (p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return sorted(rel for rel in found if rel not in listed)
 
 
 def _temp_prefix(target: Path, kind: str) -> str:
