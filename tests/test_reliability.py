@@ -141,3 +141,27 @@ def test_num_workers_inside_jobs_is_refused_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--num-workers 2 with --jobs 2" in err and "Traceback" not in err
     assert not (out / "runs").exists()
+
+
+class _Planted:
+    """Unpickling it would create a file: the sign that a data file executed code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_planted_notebook_cache_is_not_unpickled_but_recomputed(tmp_path):
+    from avalanche_d2l.experiments.notebook import cached
+
+    path, marker = tmp_path / "grid.pt", tmp_path / "executed"
+    torch.save({"key": {"a": 1}, "value": _Planted(marker)}, path)
+    value, reused = cached(path, {"a": 1}, lambda: {"images": torch.ones(2), "names": ["x"]})
+    assert not marker.exists() and not reused
+    again, reused = cached(path, {"a": 1}, lambda: pytest.fail("recomputed a valid cache"))
+    assert reused and torch.equal(again["images"], torch.ones(2)) and again["names"] == ["x"]
+    with pytest.raises(pickle.UnpicklingError):  # an unsafe value is refused when written
+        cached(tmp_path / "bad.pt", {"a": 1}, lambda: _Planted(marker))
+    assert not marker.exists()

@@ -61,12 +61,16 @@ def notebook_params(**defaults: Any) -> SimpleNamespace:
 
 def cached(path: Path, key: dict, compute: Callable[[], Any]) -> tuple[Any, bool]:
     """``compute()``'s value, stored at ``path`` with ``key``; read back while the key is the
-    same. Returns ``(value, reused)``. Written atomically."""
+    same. Returns ``(value, reused)``. Written atomically. The value must be what
+    ``torch.load(weights_only=True)`` reads (tensors, numbers, strings, lists, dicts): it is
+    checked when written, so a value that could not be read back is an error, not a cache that
+    silently never hits."""
     path = Path(path)
     key = json.loads(json.dumps(key, default=str))
     if path.is_file():
         try:
-            saved = torch.load(path, map_location="cpu", weights_only=False)
+            # tensors, numbers, strings and containers only: nothing executes from the file
+            saved = torch.load(path, map_location="cpu", weights_only=True)
             if saved.get("key") == key:
                 return saved["value"], True
         except Exception:  # noqa: BLE001 -- an unreadable cache is recomputed
@@ -74,6 +78,8 @@ def cached(path: Path, key: dict, compute: Callable[[], Any]) -> tuple[Any, bool
     value = compute()
     buffer = io.BytesIO()
     torch.save({"key": key, "value": value}, buffer)
+    buffer.seek(0)
+    torch.load(buffer, map_location="cpu", weights_only=True)  # raises for unsafe values
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, buffer.getvalue())
     return value, False
