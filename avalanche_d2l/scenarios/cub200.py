@@ -10,6 +10,7 @@ from avalanche.benchmarks import NCScenario
 from avalanche_d2l.scenarios.folders import ImagePathDataset, _readable, _Source
 from avalanche_d2l.scenarios.splits import (
     _check_class_count,
+    _experience_sizes,
     _folder_benchmark,
     _open_folder_source,
 )
@@ -52,6 +53,7 @@ def split_cub200(
     root: str | Path,
     *,
     n_experiences: int = 10,
+    first_experience_classes: int | None = None,
     image_size: int = 224,
     seed: int = 0,
     class_order: Sequence[int] | None = None,
@@ -75,10 +77,15 @@ def split_cub200(
                 └── ...
 
     Labels are the class ids in increasing order, from 0 (so ``class_id - 1`` for the full set).
+    Images are read whole; Avalanche's ``CUB200`` crops each to its ``bounding_boxes.txt`` box
+    and otherwise gives the same experiences (``tests/test_cub.py``).
 
     Args:
         root: folder holding ``CUB_200_2011/`` (or that folder).
-        n_experiences: number of experiences; must divide the number of classes.
+        n_experiences: number of experiences, the first included.
+        first_experience_classes: classes in the first experience; the other experiences share
+            the rest equally. ``None`` splits all classes equally (``n_experiences`` must divide
+            them).
         image_size: side of the square crops of the default transforms.
         seed: seeds the class order when ``class_order`` is ``None``.
         class_order: explicit permutation of the labels.
@@ -91,7 +98,7 @@ def split_cub200(
         FileNotFoundError: missing root, folder or files; the message names the root and draws
             the expected layout.
         ValueError: malformed contents, a class count other than expected, or an
-            ``n_experiences`` that does not divide the classes.
+            ``n_experiences`` / ``first_experience_classes`` that does not split the classes.
     """
     name = "split_cub200"
     n_classes = 200 if expected_classes is None else expected_classes
@@ -103,6 +110,7 @@ def split_cub200(
         n_experiences=n_experiences,
         image_size=image_size,
         class_order=class_order,
+        first_experience_classes=first_experience_classes,
     )
     base = root / "CUB_200_2011" if (root / "CUB_200_2011").is_dir() else root
     needed = ["images.txt", "image_class_labels.txt", "train_test_split.txt", "images/"]
@@ -166,4 +174,5 @@ def split_cub200(
         normalize=normalize,
         train_transform=train_transform,
         eval_transform=eval_transform,
+        per_exp_classes=_experience_sizes(n_classes, n_experiences, first_experience_classes, name),
     )

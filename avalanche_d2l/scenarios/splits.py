@@ -40,11 +40,12 @@ def _open_folder_source(
     image_size: int,
     class_order,
     named_orders=None,
+    first_experience_classes: int | None = None,
 ):
     """The checks every image-folder loader starts with, in order: image size, experience split,
     class order, root folder. Returns ``(root, order, source)``."""
     _check_image_size(image_size)
-    _experience_sizes(n_classes, n_experiences, None, name)
+    _experience_sizes(n_classes, n_experiences, first_experience_classes, name)
     if named_orders is None:
         order = _resolve_class_order(class_order, n_classes, name)
     else:
@@ -213,6 +214,7 @@ def _folder_benchmark(
     normalize: bool,
     train_transform,
     eval_transform,
+    per_exp_classes: dict[int, int] | None = None,
 ) -> NCScenario:
     default_train, default_eval = default_image_transforms(image_size, normalize=normalize)
     return _build_benchmark(
@@ -221,7 +223,7 @@ def _folder_benchmark(
         n_experiences=n_experiences,
         seed=seed,
         class_order=order,
-        per_exp_classes=None,
+        per_exp_classes=per_exp_classes,
         train_transform=train_transform if train_transform is not None else default_train,
         eval_transform=eval_transform if eval_transform is not None else default_eval,
     )
