@@ -628,6 +628,28 @@ def test_sleep_phase_learns_the_dreams_before_the_next_experience(bench, tmp_pat
     assert probs[10] > probs[0] + 0.1, probs  # the same dreams, now recognised as their heads
 
 
+@pytest.mark.parametrize("sleep_data", ["buffer", "experience"])
+def test_sleep_minibatches_hold_the_experience_only_when_asked(bench, tmp_path, sleep_data):
+    s = make_d2l(
+        LinearDreamer(),
+        tmp_path,
+        mem_size=10,
+        dream=cfg(steps=1, samples_per_class=16, sleep_data=sleep_data),
+    )
+    seen: list[torch.Tensor] = []
+    hook = s.model.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    s.train(bench.train_stream[0])
+    hook.remove()
+    plugin = s.d2l_plugin
+    sleep_inputs = torch.cat(seen[-plugin.history[-1]["sleep_steps"] :]).flatten(1)
+    buffer = torch.stack([x for x, *_ in s.replay_plugin.storage_policy.buffer]).flatten(1)
+    exp_x = torch.stack([x for x, *_ in bench.train_stream[0].dataset]).flatten(1)
+    # experience samples that the 10-image buffer does not hold
+    outside = exp_x[~(torch.cdist(exp_x, buffer).min(1).values < 1e-6)]
+    hits = int((torch.cdist(sleep_inputs, outside).min(1).values < 1e-6).sum())
+    assert (hits > 0) == (sleep_data == "experience"), hits
+
+
 def test_train_dream_weight_zero_keeps_dreams_out_of_the_experiences_training(bench, tmp_path):
     added = {}
     for w in (None, 0.0):

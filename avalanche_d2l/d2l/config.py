@@ -25,6 +25,7 @@ __all__ = [
     "LABELS",
     "PROMPTS",
     "RETIRED_DREAM_KEYS",
+    "SLEEP_DATA",
     "SOURCES",
     "STOPS",
     "quick_dream_config",
@@ -38,6 +39,8 @@ PROMPTS = ("optimised", "random")
 LABELS = ("new_head", "source_class")
 #: ``DreamConfig.stop``: what stops the prompt updates of a dream class.
 STOPS = ("oracle", "fixed", "rule")
+#: ``DreamConfig.sleep_data``: the real samples beside the dreams in a sleep minibatch.
+SLEEP_DATA = ("buffer", "experience")
 #: Keys of the previous design (one prompt per free head, a reference-network oracle), accepted
 #: and ignored with a warning.
 RETIRED_DREAM_KEYS = frozenset(
@@ -160,6 +163,9 @@ class DreamConfig:
         dream_batch_size: dream samples per minibatch (``None``: ``train_mb_size``).
         sleep_epochs: passes over the new dream set with buffer minibatches right after
             dreaming, so the next head assignment sees heads shaped by the dreams.
+        sleep_data: ``"buffer"`` (each sleep minibatch: dreams and buffer samples with the
+            host's replay loss) or ``"experience"`` (and as many samples of the experience just
+            trained on, cross-entropy: the classes the dreams grew from keep their real data).
         dream_after_last: dream also when every class has a head (extra heads only).
         seed: seeds prompts, anchors and noise (the experience index is added).
         progress: progress bars.
@@ -204,6 +210,7 @@ class DreamConfig:
     train_dream_weight: float | None = None
     dream_batch_size: int | None = None
     sleep_epochs: int = 1
+    sleep_data: str = "buffer"
     dream_after_last: bool = False
     seed: int = 0
     progress: bool = True
@@ -214,6 +221,7 @@ class DreamConfig:
             ("prompts", PROMPTS),
             ("labels", LABELS),
             ("stop", STOPS),
+            ("sleep_data", SLEEP_DATA),
         ):
             _check_choice("DreamConfig", name, getattr(self, name), choices)
         if not 0.0 < self.strength <= 1.0:

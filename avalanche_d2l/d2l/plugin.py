@@ -68,7 +68,7 @@ def greedy_assignment(counts: Tensor) -> list[tuple[int, int]]:
     return sorted(pairs)
 
 
-class D2LPlugin(SupervisedPlugin):
+class D2LPlugin(SupervisedPlugin, supports_distributed=True):
     """The D2L method; the strategy's model must be a :class:`~avalanche_d2l.d2l.heads.DreamHeads`.
 
     Hosts: ``Replay``/``ReplayPlugin`` (put it *before* this plugin), ``ER_ACE`` and ``DER``
@@ -389,7 +389,9 @@ class D2LPlugin(SupervisedPlugin):
 
     def sleep(self, strategy, owner, buf: dict[str, Tensor], k: int) -> dict[str, Any]:
         """``sleep_epochs`` passes over the dream set, each dream minibatch with as many buffer
-        samples: ``host replay loss + dream_weight * CE(dreams)``, the strategy's optimizer."""
+        samples (``sleep_data="experience"``: and as many of the experience just trained on):
+        ``host replay loss [+ CE(experience)] + dream_weight * CE(dreams)``, the strategy's
+        optimizer."""
         epochs, n_dreams = int(self.config.sleep_epochs), int(self.dream_labels.numel())
         if epochs <= 0 or n_dreams == 0:
             return {"sleep_steps": 0, "sleep_seconds": 0.0}
@@ -397,6 +399,9 @@ class D2LPlugin(SupervisedPlugin):
         g = torch.Generator().manual_seed(int(self.config.seed) + 104_729 + k)
         n, m = self.config.dream_batch_size or strategy.train_mb_size, strategy.train_mb_size
         dreams, t0, steps = self.dream_images, time.perf_counter(), 0
+        exp = None
+        if self.config.sleep_data == "experience":
+            exp = buffer_tensors(strategy.experience.dataset)
         with training_mode(model, True):
             for _ in range(epochs):
                 order = torch.randperm(n_dreams, generator=g)
@@ -405,11 +410,18 @@ class D2LPlugin(SupervisedPlugin):
                         order[s : s + n],
                         torch.randint(0, buf["y"].numel(), (m,), generator=g),
                     )
-                    out = model(torch.cat([buf["x"][bidx].to(dreams.dtype), dreams[idx]]).to(dev))
+                    real = [buf["x"][bidx].to(dreams.dtype)]
+                    if exp is not None:
+                        eidx = torch.randint(0, exp["y"].numel(), (m,), generator=g)
+                        real.append(exp["x"][eidx].to(dreams.dtype))
+                    r = sum(len(x) for x in real)
+                    out = model(torch.cat([*real, dreams[idx]]).to(dev))
                     stored = buf["logits"][bidx].to(dev) if kind == "der" else None
                     loss = replay_loss(kind, strategy, out[:m], buf["y"][bidx].to(dev), stored)
+                    if exp is not None:
+                        loss = loss + F.cross_entropy(out[m:r], exp["y"][eidx].to(dev))
                     target = self._targets(model, self.dream_labels[idx].to(dev))
-                    loss = loss + self.config.dream_weight * F.cross_entropy(out[m:], target)
+                    loss = loss + self.config.dream_weight * F.cross_entropy(out[r:], target)
                     strategy.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     strategy.optimizer.step()
