@@ -18,7 +18,7 @@ warnings.filterwarnings("ignore", message="no QP solver found")
 
 from avalanche_d2l.d2l import D2L, D2LConfig, D2LPlugin, DreamConfig, DreamHeads  # noqa: E402
 from avalanche_d2l.dreaming import Dreamer, DreamerConfig  # noqa: E402
-from avalanche_d2l.evaluation import make_evaluator  # noqa: E402
+from avalanche_d2l.evaluation import final_metrics, make_evaluator  # noqa: E402
 from avalanche_d2l.genifer import Genifer, GeniferConfig, GeniferPlugin  # noqa: E402
 from avalanche_d2l.models import resnet18_cifar, small_cnn  # noqa: E402
 from avalanche_d2l.registry import RunConfig, register_strategy, strategy_names  # noqa: E402
@@ -38,6 +38,7 @@ __all__ = [
     "GeniferConfig",
     "GeniferPlugin",
     "RunConfig",
+    "final_metrics",
     "make_evaluator",
     "register_strategy",
     "resnet18_cifar",
