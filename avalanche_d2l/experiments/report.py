@@ -163,22 +163,31 @@ METHOD_COLOURS = {
 }
 #: Hosts that D2L runs on (their dashed line pairs with ``<host>_d2l``'s solid one).
 HOSTS = {"replay", "er_ace", "der", "bic"}
-#: Colours of names outside :data:`METHOD_COLOURS` (variants, user strategies), picked by a
-#: stable hash of the name so a variant keeps its colour in every figure and every report.
+#: The package's own D2L variants (the ablation's controls), triangles in their own colours.
+VARIANT_COLOURS = {
+    "d2l_random": "#e377c2",
+    "d2l_optimised": "#393b79",
+    "d2l_optimised_away": "#8c6d31",
+    "d2l_noise": "#7b4173",
+    "der_d2l_sleep_only": "#843c39",
+}
+#: Colours and markers of any other name (a user's strategy), picked by stable hashes of the
+#: name, so it keeps its style in every figure and every report.
 EXTRA_COLOURS = [
-    "#e377c2",
-    "#393b79",
     "#637939",
-    "#8c6d31",
-    "#843c39",
-    "#7b4173",
     "#3182bd",
     "#e6550d",
     "#31a354",
     "#756bb1",
     "#636363",
     "#ad494a",
+    "#6b6ecf",
+    "#bd9e39",
+    "#d6616b",
+    "#17becf",
+    "#a55194",
 ]
+EXTRA_MARKERS = ["D", "v", "P", "X", "*", "h"]
 
 
 def method_style(strategy: str) -> dict:
@@ -187,6 +196,8 @@ def method_style(strategy: str) -> dict:
     ``der@user_cnn`` is styled as ``der``; ``<host>_d2l`` (and ``d2l``, whose host is ER) take the
     host's colour with a solid line and square markers while the host itself is dashed."""
     name = strategy.split("@", 1)[0]
+    if name in VARIANT_COLOURS:
+        return {"color": VARIANT_COLOURS[name], "linestyle": "-", "marker": "^"}
     host = "replay" if name == "d2l" else name[: -len("_d2l")] if name.endswith("_d2l") else None
     if host in METHOD_COLOURS:
         return {"color": METHOD_COLOURS[host], "linestyle": "-", "marker": "s"}
@@ -194,7 +205,8 @@ def method_style(strategy: str) -> dict:
         dashed = name in HOSTS
         return {"color": METHOD_COLOURS[name], "linestyle": "--" if dashed else "-", "marker": "o"}
     colour = EXTRA_COLOURS[zlib.crc32(name.encode()) % len(EXTRA_COLOURS)]
-    return {"color": colour, "linestyle": "-", "marker": "^" if "d2l" in name else "D"}
+    marker = EXTRA_MARKERS[zlib.adler32(name.encode()) % len(EXTRA_MARKERS)]
+    return {"color": colour, "linestyle": "-.", "marker": marker}
 
 
 def strategy_group(run: dict) -> str:
@@ -327,7 +339,7 @@ def _accuracy_figure(rows: list[tuple[str, list[dict]]], title: str):
     legend_rows = max(sum(strategy_group(m[0]) == g for _, m in rows) for g in groups)
     legend_h = 0.18 * legend_rows + 0.1
     fig = Figure(
-        figsize=(3.6 * len(groups) + 0.6, 2.5 * len(protocols) + 0.8 + legend_h),
+        figsize=(max(5.6, 3.6 * len(groups) + 0.6), 2.5 * len(protocols) + 0.8 + legend_h),
         layout="constrained",
     )
     grid = fig.add_gridspec(
