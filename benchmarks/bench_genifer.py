@@ -16,6 +16,11 @@
 Writes ``benchmarks/results/bench_genifer.json`` and ``.md`` (with the exact configs).
 
     python benchmarks/bench_genifer.py --compare-naive [--device cpu] [--steps 20] [--quick]
+    python benchmarks/bench_genifer.py --compare-naive --settings cpu16 --name genifer_cost \
+        --variants '{"default": {}, "check_every_100": {"fidelity_every": 100}}'
+
+With ``--variants`` every Genifer run follows a Naive run of its own and both wall time and
+process CPU time are recorded (CPU time is less disturbed by other users of a shared machine).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import sys
 import time
 from dataclasses import replace
@@ -126,9 +132,31 @@ def bench_setting(name: str, *, device: torch.device, steps: int, quick: bool) -
     }
 
 
-def compare_naive(quick: bool) -> dict:
-    """Naive and Genifer on split_digits seed 0, one after the other in this process."""
+def _genifer_row(strategy) -> dict:
+    """GAN phases of a finished Genifer run: steps, wall time, the checks' share of it."""
+    hist = strategy.genifer.history
+    row = {"gan_phases": len(hist), "gan_steps": sum(h["steps"] for h in hist)}
+    row["gan_wall_s"] = sum(h["wall_s"] for h in hist)
+    row["gan_steps_per_s"] = row["gan_steps"] / max(row["gan_wall_s"], 1e-9)
+    row["gan_steps_per_phase"] = [h["steps"] for h in hist]
+    checks = [c for h in hist for c in h.get("fidelity", {}).get("checks", [])]
+    # the checks during the phases are inside the GAN wall time; the final measurement is not
+    row["check_count"] = len(checks)
+    row["check_wall_s"] = sum(c.get("wall_s", 0.0) for c in checks)
+    row["fidelity_wall_s"] = sum(h.get("fidelity", {}).get("wall_s", 0) for h in hist)
+    row["probe_min_per_phase"] = [h.get("fidelity", {}).get("probe_min") for h in hist]
+    return row
+
+
+def compare_naive(quick: bool, variants: dict[str, dict] | None = None, repeats: int = 1) -> dict:
+    """Naive and Genifer on split_digits seed 0, one after the other in this process.
+
+    ``variants``: named changes to the ``genifer`` section (one run each, after a Naive run,
+    in the order given, ``repeats`` times over), so every Genifer run has a Naive run of the
+    same moment to be divided by (the machine may be shared).
+    """
     import tempfile
+    from dataclasses import replace as dc_replace
 
     from avalanche_d2l.experiments.runner import (
         RunKey,
@@ -137,37 +165,88 @@ def compare_naive(quick: bool) -> dict:
         train_with_checkpoints,
     )
 
-    exp = load_experiment("split_digits")
+    base = load_experiment("split_digits")
+    variants = variants or {"default": {}}
     opts = RunOptions(quick=quick, progress=False, threads=torch.get_num_threads())
-    out: dict = {"benchmark": "split_digits", "seed": 0, "quick": quick}
+    out: dict = {"benchmark": "split_digits", "seed": 0, "quick": quick, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("naive", "genifer"):
-            key = RunKey(name, 0, None)
-            benchmark, strategy = build_run(exp, key, opts, work_dir=Path(tmp) / name)
-            t0 = time.perf_counter()
-            summary = train_with_checkpoints(
-                strategy, benchmark, seed=0, ckpt=Path(tmp) / f"{name}.pkl"
-            )
-            row = {
-                "wall_s": time.perf_counter() - t0,
-                "train_eval_wall_s": summary["wall_s"],
-                "final_accuracy": summary["final_accuracy"],
-            }
-            if name == "genifer":
-                hist = strategy.genifer.history
-                row["gan_phases"] = len(hist)
-                row["gan_steps"] = sum(h["steps"] for h in hist)
-                row["gan_wall_s"] = sum(h["wall_s"] for h in hist)
-                row["gan_steps_per_s"] = row["gan_steps"] / max(row["gan_wall_s"], 1e-9)
-                row["gan_steps_per_phase"] = [h["steps"] for h in hist]
-                # the final fidelity measurement after each phase (checks during a phase are
-                # in its GAN wall time)
-                row["fidelity_wall_s"] = sum(h.get("fidelity", {}).get("wall_s", 0) for h in hist)
-            out[name] = row
-    out["ratio_genifer_to_naive"] = out["genifer"]["wall_s"] / out["naive"]["wall_s"]
+        for rep in range(repeats):
+            for vname, change in variants.items():
+                for name in ("naive", "genifer"):
+                    strategies = dict(base.strategies)
+                    strategies["genifer"] = {**strategies.get("genifer", {}), **change}
+                    exp = dc_replace(base, strategies=strategies)
+                    key = RunKey(name, 0, None)
+                    work = Path(tmp) / f"{vname}_{rep}_{name}"
+                    work.mkdir(parents=True)
+                    benchmark, strategy = build_run(exp, key, opts, work_dir=work)
+                    load0 = os.getloadavg()[0]
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    summary = train_with_checkpoints(
+                        strategy, benchmark, seed=0, ckpt=work / "run.pkl"
+                    )
+                    row = {
+                        "strategy": name,
+                        "variant": vname if name == "genifer" else None,
+                        "change": change if name == "genifer" else None,
+                        "repeat": rep,
+                        "wall_s": time.perf_counter() - t0,
+                        # CPU time of this process: less sensitive to other users of the machine
+                        "cpu_s": time.process_time() - c0,
+                        "train_eval_wall_s": summary["wall_s"],
+                        "final_accuracy": summary["final_accuracy"],
+                        "load_average_start_end": [load0, os.getloadavg()[0]],
+                    }
+                    if name == "genifer":
+                        row.update(_genifer_row(strategy))
+                        row["ratio_to_naive"] = row["wall_s"] / out["runs"][-1]["wall_s"]
+                        row["cpu_ratio_to_naive"] = row["cpu_s"] / out["runs"][-1]["cpu_s"]
+                    out["runs"].append(row)
+                    print(json.dumps(row), flush=True)
+    # the first pair under the names the earlier results used
+    out["naive"], out["genifer"] = out["runs"][0], out["runs"][1]
+    out["ratio_genifer_to_naive"] = out["genifer"]["ratio_to_naive"]
     g = out["genifer"]
     out["genifer_gan_share"] = g["gan_wall_s"] / g["wall_s"]
     return out
+
+
+def _compare_lines(cmp: dict, argv: list[str]) -> list[str]:
+    """The Naive / Genifer table of :func:`compare_naive`, one row per run in run order."""
+    lines = [
+        "## Genifer against Naive (split_digits, seed 0, same process, runs in this order)",
+        "",
+        "| run | variant | wall s | ratio to the Naive run before (wall, CPU) | final acc | GAN "
+        "steps per phase | GAN wall s | checks (n, s) | probe min per phase | load avg start-end |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(cmp["runs"]):
+        load = "-".join(f"{v:.1f}" for v in r["load_average_start_end"])
+        if r["strategy"] == "naive":
+            lines.append(
+                f"| {i} naive | - | {r['wall_s']:.1f} | - | {r['final_accuracy']:.3f} "
+                f"| - | - | - | - | {load} |"
+            )
+            continue
+        probes = ", ".join("-" if p is None else f"{p:.2f}" for p in r["probe_min_per_phase"])
+        lines.append(
+            f"| {i} genifer | {r['variant']} | {r['wall_s']:.1f} | {r['ratio_to_naive']:.1f}x, "
+            f"{r['cpu_ratio_to_naive']:.1f}x | "
+            f"{r['final_accuracy']:.3f} | {r['gan_steps_per_phase']} | {r['gan_wall_s']:.1f} | "
+            f"{r['check_count']}, {r['check_wall_s']:.1f} | {probes} | {load} |"
+        )
+    changes = {r["variant"]: r["change"] for r in cmp["runs"] if r["strategy"] == "genifer"}
+    lines += [
+        "",
+        "Variants (changes to the experiment's `genifer` section): "
+        + "; ".join(f"`{k}`: `{json.dumps(v)}`" for k, v in changes.items()),
+        "",
+        "GAN wall time includes the fidelity checks made during the phases; shared 2-core "
+        "machine: compare a Genifer run with the Naive run just before it.",
+        "",
+        f"Command: `python benchmarks/bench_genifer.py {shlex.join(argv)}`",
+    ]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -182,12 +261,20 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="also one Naive and one Genifer run on split_digits (wall-time ratio)",
     )
+    ap.add_argument(
+        "--variants",
+        default=None,
+        help="JSON {name: {genifer key: value}}: Genifer runs to compare (default: one, {})",
+    )
+    ap.add_argument("--repeats", type=int, default=1, help="times over the variant list")
+    ap.add_argument("--name", default="bench_genifer", help="file name of the results")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    naive_cmp = compare_naive(args.quick) if args.compare_naive else None
+    variants = json.loads(args.variants) if args.variants else None
+    naive_cmp = compare_naive(args.quick, variants, args.repeats) if args.compare_naive else None
     rows = [
         bench_setting(s, device=device, steps=args.steps, quick=args.quick) for s in args.settings
     ]
@@ -206,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "bench_genifer.json", json.dumps(result, indent=2) + "\n")
+    atomic_write(out / f"{args.name}.json", json.dumps(result, indent=2) + "\n")
     lines = [
         f"# Genifer speed ({device}, {torch.get_num_threads()} threads, torch {torch.__version__})",
         "",
@@ -231,26 +318,8 @@ def main(argv: list[str] | None = None) -> dict:
         ),
     ]
     if naive_cmp is not None:
-        n, g = naive_cmp["naive"], naive_cmp["genifer"]
-        lines += [
-            "",
-            "## Genifer against Naive (split_digits, seed 0, same process)",
-            "",
-            "| strategy | wall s | final acc | GAN phases | GAN steps | GAN wall s | GAN steps/s |",
-            "|---|---|---|---|---|---|---|",
-            f"| naive | {n['wall_s']:.1f} | {n['final_accuracy']:.3f} | - | - | - | - |",
-            f"| genifer | {g['wall_s']:.1f} | {g['final_accuracy']:.3f} | {g['gan_phases']} | "
-            f"{g['gan_steps']} | {g['gan_wall_s']:.1f} | {g['gan_steps_per_s']:.2f} |",
-            "",
-            f"GAN steps per phase (ended by the fidelity check): {g['gan_steps_per_phase']}; "
-            f"GAN wall time includes the checks; the final fidelity measurements took "
-            f"{g['fidelity_wall_s']:.1f} s in all.",
-            "",
-            f"Ratio Genifer / Naive: {naive_cmp['ratio_genifer_to_naive']:.1f}x; GAN phases "
-            f"are {100 * naive_cmp['genifer_gan_share']:.0f}% of Genifer's wall time. Load "
-            f"average at the end: {result['load_average_at_end'][0]:.1f} (shared machine).",
-        ]
-    atomic_write(out / "bench_genifer.md", "\n".join(lines) + "\n")
+        lines += ["", *_compare_lines(naive_cmp, sys.argv[1:] if argv is None else argv)]
+    atomic_write(out / f"{args.name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return result
 

@@ -27,6 +27,7 @@ from avalanche_d2l.models.gan import (
     EqualLinear,
     FeatureDiscriminator,
     GeneratorConfig,
+    ModulatedConv2d,
     StyleGenerator,
 )
 from avalanche_d2l.registry import RunConfig, get_strategy
@@ -947,6 +948,42 @@ def test_gan_optimizer_reset_per_phase():
             )
         step = next(iter(trainer.opt_g.state.values()))["step"]
         assert int(step) == (2 if reset else 4)
+
+
+def test_modulated_conv_equals_per_sample_weights():
+    """The demodulated convolution equals StyleGAN2's per-sample weight form (modulated and
+    demodulated weights, one grouped convolution), which it computes without that weight."""
+    torch.manual_seed(0)
+    conv = ModulatedConv2d(6, 5, 8, use_noise=False, activation=False)
+    x, w = torch.randn(3, 6, 7, 7), torch.randn(3, 8)
+    styles = conv.affine(w)
+    weight = conv.weight[None] * conv.weight_gain * styles[:, None, :, None, None]
+    weight = weight * (weight.square().sum(dim=[2, 3, 4], keepdim=True) + 1e-8).rsqrt()
+    ref = F.conv2d(x.reshape(1, -1, 7, 7), weight.reshape(-1, 6, 3, 3), padding=1, groups=3)
+    ref = ref.reshape(3, 5, 7, 7) + conv.bias[None, :, None, None]
+    torch.testing.assert_close(conv(x, w), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gan_checkpoint_loads_with_weights_only(tmp_path, monkeypatch):
+    """A mid-phase GAN checkpoint holds tensors and plain values only: it loads with
+    ``torch.load(weights_only=True)`` (no pickled code runs when a checkpoint is read)."""
+    data = _phase_data()
+    cfg = dataclasses.replace(SMALL_GAN, gan_checkpoint_every=2)
+    trainer, classifier = _trainer(cfg)
+    trainer.history.append({})
+    ckpt = tmp_path / "phase.pt"
+    monkeypatch.setattr(Path, "unlink", lambda self, *a, **k: None)  # keep the finished file
+    trainer.train_phase(
+        classifier=classifier,
+        feature_layer="block2",
+        dataset=data,
+        new_classes=[2, 3],
+        old_classes=[0, 1],
+        steps=4,
+        checkpoint_path=ckpt,
+    )
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert saved["next_step"] == 2 and set(saved["trainer"]) >= {"generator", "discriminator"}
 
 
 def test_killed_gan_phase_resumes_exactly(tmp_path):

@@ -159,11 +159,18 @@ class ReplayMonitor:
         """Check the replay after ``step`` GAN steps; True when the phase may end."""
         if step < self.rule.min_steps:
             return False
+        t0 = time.perf_counter()
         device = self.real_test[0].device
         rx, ry = replay_pool(self.sample, self.classes, self.settings.n_per_class, device)
         acc = probe_accuracy(rx, ry, *self.real_test, self.classes, self.settings, self.rng)
         mean = sum(acc.values()) / len(acc)
-        self.trace.append({"step": int(step), "probe": {str(c): a for c, a in acc.items()}})
+        self.trace.append(
+            {
+                "step": int(step),
+                "probe": {str(c): a for c, a in acc.items()},
+                "wall_s": time.perf_counter() - t0,
+            }
+        )
         passed = min(acc.values()) >= self.rule.threshold
         improving = mean > self.best + self.rule.min_delta
         self.best = max(self.best, mean)

@@ -454,7 +454,7 @@ class FeatureGANTrainer:
         }
         ckpt = Path(checkpoint_path) if checkpoint_path else None
         if ckpt is not None and ckpt.exists():
-            saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+            saved = torch.load(ckpt, map_location="cpu", weights_only=True)
             if saved["key"] == key:
                 start = self._restore_checkpoint(saved, g_prev, real_iter, device)
                 sums = saved["sums"]
