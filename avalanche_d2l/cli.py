@@ -355,13 +355,46 @@ def _main(args) -> int:
         out = Path(args.out or Path("results") / exp.name)
     else:
         out = Path(args.out or Path("results") / (exp.title or args.benchmark))
+    world = _start_processes(args.device or exp.device)
     results = ex.run_experiment(exp, out=out, **_run_kwargs(args))
+    if world > 1 and not _is_main():
+        return 0  # process 0 wrote and prints the results
     print((out / "results.md").read_text())
     print(
         f"wrote {out}/results.json, results.md, accuracy.png, summary.png "
-        f"({len(results['runs'])} runs)"
+        f"({len(results['runs'])} runs{f', {world} processes' if world > 1 else ''})"
     )
     return 0
+
+
+def _start_processes(device: str) -> int:
+    """Under ``torchrun`` / ``accelerate launch``: the process group on the run's device kind
+    (before the output lock, which asks which process is the main one); each process says who it
+    is on stderr. Returns the number of processes."""
+    from avalanche_d2l.distributed import check_processes
+    from avalanche_d2l.dreaming.accel import process_index
+    from avalanche_d2l.experiments.runner import check_device
+
+    world = check_processes(check_device(device))
+    if world > 1:
+        print(f"avalanche-d2l: process {process_index()} of {world}", file=sys.stderr)
+    return world
+
+
+def _is_main() -> bool:
+    from avalanche_d2l.dreaming.accel import is_main_process
+
+    return is_main_process()
+
+
+def _end_processes() -> None:
+    """Every process leaves the group together (a process that exits first can leave the others
+    waiting in gloo's teardown)."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _one_sentence(err: BaseException) -> str:
@@ -386,7 +419,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(line_buffering=True)
     try:
-        return _main(args)
+        code = _main(args)
+        _end_processes()
+        return code
     except (ValueError, OSError) as err:
         print(f"avalanche-d2l: error: {_one_sentence(err)}", file=sys.stderr)
         return 2

@@ -483,53 +483,5 @@ def test_registry_decorator_warns_on_overwrite_and_lists_metadata(restore_regist
     assert not registry.get_strategy("lwf").keeps_buffer
 
 
-def _accelerate(args: list[str]) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "2",
-        "--cpu",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "avalanche_d2l",
-        *args,
-    ]
-    return subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
-
-
-@pytest.mark.parametrize("strategies", ["naive", pytest.param("naive,d2l", marks=pytest.mark.slow)])
-def test_accelerate_launch_two_processes_equals_one(tmp_path, strategies):
-    """Under ``accelerate launch`` (2 CPU processes, gloo) every process trains the same runs
-    (D2L shards its dream classes and gathers them); one process writes, and the results equal
-    a single-process run's."""
-    args = [
-        "compare",
-        "--strategies",
-        strategies,
-        "--seeds",
-        "0",
-        "--quick",
-        "--epochs",
-        "1",
-        "--no-progress",
-    ]
-    done = _accelerate([*args, "--out", str(tmp_path / "two")])
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert main([*args, "--out", str(tmp_path / "one")]) == 0
-    one = json.loads((tmp_path / "one" / "results.json").read_text())
-    two = json.loads((tmp_path / "two" / "results.json").read_text())
-    assert _metrics(two) == _metrics(one)
-    assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.name.startswith(".")) == []
+# Several processes: tests/test_distributed.py (torchrun, 2 processes). `accelerate launch --cpu
+# --num_processes 2` starts one process on CPU (accelerate needs MPI for several CPU processes).

@@ -1,11 +1,14 @@
-"""Processes, devices and precision of a dreaming phase, through ``accelerate``.
+"""Processes, devices and precision of a dreaming phase.
 
-One :class:`accelerate.PartialState` (process-wide, shared with any ``Accelerator`` the user makes)
-says how many processes run and which one this is, and initialises the process group when the
-program is started by ``accelerate launch`` / ``torchrun`` (NCCL on GPUs, gloo with ``--cpu``).
-Dreaming uses it to shard the dream classes of a phase across processes and to gather prompts and
-dream sets, so every process ends with the same full result; only :func:`is_main_process` writes
-files.
+The process group of a run started by ``torchrun`` / ``accelerate launch`` is initialised once by
+:func:`init_process_group` through Avalanche's :class:`~avalanche.distributed.DistributedHelper`
+(NCCL when the run's device is a GPU, each process on the GPU of its ``LOCAL_RANK``; gloo on
+CPU), so Avalanche's own loaders shard the training data. :func:`num_processes` and
+:func:`process_index` initialise it on first use when the environment asks for several
+processes. Dreaming uses them to shard the dream classes of a phase across processes and to
+gather prompts and dream sets, so every process ends with the same full result; only
+:func:`is_main_process` writes files. The learner's side (gradients averaged, sharded batches) is
+:mod:`avalanche_d2l.distributed`.
 
 Mixed precision is resolved here (``"auto"``: bf16 on a GPU that supports it, fp16 on an older GPU,
 none on CPU) and applied by the dreamer as a ``torch.autocast`` region around its UNet/VAE calls,
@@ -32,6 +35,7 @@ __all__ = [
     "autocast",
     "distributed_state",
     "gather_object",
+    "init_process_group",
     "is_main_process",
     "launched_distributed",
     "num_processes",
@@ -154,12 +158,70 @@ def _dist_ready() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def _wants_cpu() -> bool:
+    flag = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
+    return flag or not torch.cuda.is_available()
+
+
+def init_process_group(device: str | torch.device | None = None) -> bool:
+    """Initialise the process group asked for by ``torchrun`` / ``accelerate launch``.
+
+    Avalanche's ``DistributedHelper.init_distributed`` does it on one machine. On several machines
+    the group is initialised here instead, since Avalanche 0.6 would put process ``RANK`` on GPU
+    ``cuda:RANK`` rather than on ``cuda:LOCAL_RANK``. A GPU ``device`` gives NCCL with this
+    process on ``cuda:LOCAL_RANK``; a CPU one gloo. A group that already exists is kept.
+
+    Args:
+        device: the run's device; ``None``: CPU under ``accelerate launch --cpu`` or when no GPU
+            is present, else GPU.
+
+    Returns:
+        True when several processes run (a group exists after the call).
+    """
+    if _dist_ready():
+        return torch.distributed.get_world_size() > 1
+    if not launched_distributed():
+        return False
+    from avalanche.distributed import DistributedHelper
+
+    cuda = not _wants_cpu() if device is None else torch.device(device).type == "cuda"
+    world = int(os.environ["WORLD_SIZE"])
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend = "nccl" if cuda else "gloo"
+    if int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world:
+        with _quiet_seeding():
+            DistributedHelper.init_distributed(random_seed=0, backend=backend, use_cuda=cuda)
+    else:
+        torch.distributed.init_process_group(backend=backend)
+        DistributedHelper.use_cuda = cuda
+    return _dist_ready()
+
+
+@contextlib.contextmanager
+def _quiet_seeding():
+    """``init_distributed`` reseeds every generator; keep the caller's random state."""
+    import random
+
+    import numpy as np
+
+    py, npy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
 def distributed_state(*, cpu: bool | None = None):
-    """The process-wide :class:`accelerate.PartialState`.
+    """The process-wide :class:`accelerate.PartialState` (for code that uses ``accelerate``).
 
     Under ``accelerate launch`` / ``torchrun`` its first construction initialises the process
-    group (NCCL on GPUs; gloo with ``cpu=True`` or when no GPU is present) and sets this process's
-    device. A process group the caller initialised itself is used as it is.
+    group unless :func:`init_process_group` already did (a group that exists is used as it is).
 
     Args:
         cpu: force CPU processes (gloo); ``None``: CPU when ``accelerate launch --cpu`` asked
@@ -167,27 +229,20 @@ def distributed_state(*, cpu: bool | None = None):
     """
     from accelerate import PartialState
 
-    if cpu is None:
-        flag = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
-        cpu = flag or not torch.cuda.is_available()
-    return PartialState(cpu=cpu)
+    return PartialState(cpu=_wants_cpu() if cpu is None else cpu)
 
 
 def num_processes() -> int:
     """Number of processes of this run (1 without a process group)."""
-    if _dist_ready():
+    if _dist_ready() or init_process_group():
         return torch.distributed.get_world_size()
-    if launched_distributed():
-        return distributed_state().num_processes
     return 1
 
 
 def process_index() -> int:
     """Index of this process (0 without a process group)."""
-    if _dist_ready():
+    if _dist_ready() or init_process_group():
         return torch.distributed.get_rank()
-    if launched_distributed():
-        return distributed_state().process_index
     return 0
 
 

@@ -12,14 +12,12 @@ class NonFiniteLoss(ValueError):
     """The training loss became NaN or infinite; the run is stopped and not recorded."""
 
 
-class FiniteLossGuard(SupervisedPlugin):
+class FiniteLossGuard(SupervisedPlugin, supports_distributed=True):
     """Stops training when the loss is NaN or infinite, naming the experience and the step.
 
     Without it a diverged run (``lr`` far too large, say) trains on to NaN weights and is reported
     with a chance-level accuracy as if it were a result. The check reads one scalar per step.
     """
-
-    supports_distributed = True
 
     def before_backward(self, strategy, **kwargs):
         loss = strategy.loss

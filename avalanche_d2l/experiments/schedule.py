@@ -27,7 +27,7 @@ class _MultiStepLR(MultiStepLR):
         return [base * self.gamma**passed for base in self.base_lrs]
 
 
-class OptimSchedule(SupervisedPlugin):
+class OptimSchedule(SupervisedPlugin, supports_distributed=True):
     """Experience 0 trains with ``first``, later experiences with ``later``.
 
     At the first experience of the ``later`` phase a new ``later`` optimiser over the strategy's

@@ -81,7 +81,7 @@ def _is_last_experience(experience) -> bool:
         return False
 
 
-class GeniferPlugin(SupervisedPlugin):
+class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
     """All of Genifer's state and logic (see the module docstring for the schedule).
 
     Args:
