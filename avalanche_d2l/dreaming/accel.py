@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -169,7 +170,8 @@ def init_process_group(device: str | torch.device | None = None) -> bool:
     Avalanche's ``DistributedHelper.init_distributed`` does it on one machine. On several machines
     the group is initialised here instead, since Avalanche 0.6 would put process ``RANK`` on GPU
     ``cuda:RANK`` rather than on ``cuda:LOCAL_RANK``. A GPU ``device`` gives NCCL with this
-    process on ``cuda:LOCAL_RANK``; a CPU one gloo. A group that already exists is kept.
+    process on ``cuda:LOCAL_RANK`` (more processes than GPUs: they share them, through gloo); a
+    CPU one gloo. A group that already exists is kept.
 
     Args:
         device: the run's device; ``None``: CPU under ``accelerate launch --cpu`` or when no GPU
@@ -186,10 +188,21 @@ def init_process_group(device: str | torch.device | None = None) -> bool:
 
     cuda = not _wants_cpu() if device is None else torch.device(device).type == "cuda"
     world = int(os.environ["WORLD_SIZE"])
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    backend, shared = "gloo", False
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    backend = "nccl" if cuda else "gloo"
-    if int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world:
+        gpus = torch.cuda.device_count()
+        shared = local_world > gpus
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % gpus)
+        if shared:  # NCCL refuses two processes on one GPU
+            warnings.warn(
+                f"{local_world} processes on {gpus} GPU(s): they share GPUs and communicate "
+                f"through gloo; start {gpus} per machine for speed",
+                stacklevel=2,
+            )
+        else:
+            backend = "nccl"
+    if local_world == world and not shared:
         with _quiet_seeding():
             DistributedHelper.init_distributed(random_seed=0, backend=backend, use_cuda=cuda)
     else:
