@@ -628,6 +628,15 @@ def test_sleep_phase_learns_the_dreams_before_the_next_experience(bench, tmp_pat
     assert probs[10] > probs[0] + 0.1, probs  # the same dreams, now recognised as their heads
 
 
+def test_a_config_saved_before_sleep_data_existed_keeps_its_fingerprint():
+    old = cfg().to_dict()
+    assert "sleep_data" not in old  # at its default it is left out, as in older records
+    assert DreamConfig.from_dict(old).fingerprint() == cfg().fingerprint()
+    changed = cfg(sleep_data="experience")
+    assert DreamConfig.from_dict(changed.to_dict()) == changed
+    assert changed.fingerprint() != cfg().fingerprint()
+
+
 @pytest.mark.parametrize("sleep_data", ["buffer", "experience"])
 def test_sleep_minibatches_hold_the_experience_only_when_asked(bench, tmp_path, sleep_data):
     s = make_d2l(

@@ -41,6 +41,10 @@ LABELS = ("new_head", "source_class")
 STOPS = ("oracle", "fixed", "rule")
 #: ``DreamConfig.sleep_data``: the real samples beside the dreams in a sleep minibatch.
 SLEEP_DATA = ("buffer", "experience")
+#: Fields added after run records, dream caches and checkpoints were made with this config:
+#: left out of ``to_dict`` (and so of ``fingerprint``) at their default value, the behaviour
+#: those were made with, so they stay valid.
+ADDED_AT_DEFAULT = {"sleep_data": "buffer"}
 #: Keys of the previous design (one prompt per free head, a reference-network oracle), accepted
 #: and ignored with a warning.
 RETIRED_DREAM_KEYS = frozenset(
@@ -261,7 +265,13 @@ class DreamConfig:
         return self.uses_dreamer and self.prompts == "optimised" and self.steps > 0
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field, except those of :data:`ADDED_AT_DEFAULT` while at their default value
+        (``from_dict`` restores them)."""
+        d = dataclasses.asdict(self)
+        for name, default in ADDED_AT_DEFAULT.items():
+            if d[name] == default:
+                del d[name]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DreamConfig:
