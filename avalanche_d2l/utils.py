@@ -10,7 +10,14 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["seed_everything", "get_module", "FeatureHook", "capture_features", "resolve_device"]
+__all__ = [
+    "seed_everything",
+    "get_module",
+    "FeatureHook",
+    "capture_features",
+    "resolve_device",
+    "quiet_replay_deprecation",
+]
 
 
 def seed_everything(seed: int) -> None:
@@ -99,3 +106,24 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+@contextmanager
+def quiet_replay_deprecation() -> Iterator[None]:
+    """Drop Avalanche 0.6's deprecation message of its replay buffer's ``update`` (one per
+    experience, with the installation's path). It is raised through Avalanche's ``deprecated``,
+    which puts its own ``simplefilter("once")`` in front of every filter on each call, so a filter
+    cannot silence it; the display function can."""
+    import warnings
+
+    show = warnings.showwarning
+
+    def quiet(message, *args, **kwargs):
+        if "Call to deprecated function update" not in str(message):
+            show(message, *args, **kwargs)
+
+    warnings.showwarning = quiet
+    try:
+        yield
+    finally:
+        warnings.showwarning = show

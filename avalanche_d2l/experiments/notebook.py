@@ -4,13 +4,11 @@ it (so a re-executed notebook reads instead of retraining)."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import io
 import json
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,6 +19,7 @@ import torch
 from avalanche_d2l.experiments.report import atomic_write
 from avalanche_d2l.experiments.runner import RunKey, RunOptions, build_run, run_settings
 from avalanche_d2l.experiments.schema import Experiment
+from avalanche_d2l.utils import quiet_replay_deprecation
 
 __all__ = [
     "DreamRecorder",
@@ -117,25 +116,6 @@ def trained_run(
             seed_everything(seed * 1000 + k)
             strat.train(experience, eval_streams=[])
     return benchmark, strat
-
-
-@contextlib.contextmanager
-def quiet_replay_deprecation():
-    """Drop Avalanche 0.6's deprecation message of its replay buffer's ``update`` (one per
-    experience, with the installation's path). It is raised through ``deprecated``, which forces
-    the warning on inside its own ``catch_warnings``, so a filter cannot silence it; the display
-    function can."""
-    show = warnings.showwarning
-
-    def quiet(message, *args, **kwargs):
-        if "Call to deprecated function update" not in str(message):
-            show(message, *args, **kwargs)
-
-    warnings.showwarning = quiet
-    try:
-        yield
-    finally:
-        warnings.showwarning = show
 
 
 def settings_key(exp: Experiment, strategy: str, seed: int, quick: bool, **extra) -> dict:

@@ -40,6 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from avalanche_d2l.checkpointing import remove_checkpoint
+from avalanche_d2l.distributed import add_data_parallel, check_processes
 from avalanche_d2l.dreaming.accel import is_main_process, num_processes, wait_for_everyone
 from avalanche_d2l.experiments.builders import (
     RunLogs,
@@ -59,7 +60,7 @@ from avalanche_d2l.registry import (
     ensure_registered,
     get_strategy,
 )
-from avalanche_d2l.utils import seed_everything
+from avalanche_d2l.utils import quiet_replay_deprecation, seed_everything
 
 __all__ = [
     "EpochBar",
@@ -104,6 +105,8 @@ class PeakRSS:
 
 class EpochBar:
     """Avalanche plugin: a tqdm bar over the training iterations of each experience."""
+
+    supports_distributed = True
 
     def __init__(self, desc: str, enabled: bool = True):
         self.desc = desc
@@ -273,7 +276,10 @@ def build_run(
     if opts.quick and exp.training.optimizer.epochs > QUICK_EPOCHS:
         training = training.with_epochs(QUICK_EPOCHS)
     optimizer = training.first.build(model.parameters())
-    logs = (opts.logs or RunLogs()).evaluator_kwargs(key.name, run_settings(exp, key, opts))
+    main = is_main_process()  # Avalanche refuses loggers in the other processes of a run
+    logs = ((opts.logs if main else None) or RunLogs()).evaluator_kwargs(
+        key.name, run_settings(exp, key, opts)
+    )
     evaluator = make_evaluator(
         benchmark, interactive=False, eval_mb_size=training.eval_mb_size, **logs
     )
@@ -298,7 +304,7 @@ def build_run(
             later=training.optimizer,
             fresh_each_experience=training.fresh_optimizer_each_experience,
         ),
-        EpochBar(f"{key.strategy} s{key.seed}", enabled=opts.progress),
+        EpochBar(f"{key.strategy} s{key.seed}", enabled=opts.progress and main),
         FiniteLossGuard(),
         *extra_plugins,
     ]
@@ -314,6 +320,7 @@ def build_run(
         device=torch.device(exp.device),
         plugins=plugins,
     )
+    add_data_parallel(strategy)  # several processes: one learner (first plugin)
     return benchmark, strategy
 
 
@@ -352,6 +359,7 @@ def train_with_checkpoints(
             stacklevel=2,
         )
         start = 0
+    add_data_parallel(strategy)  # a checkpoint of a one-process run has none
     book = getattr(strategy, "_compare_book", None) or {"acc": [], "seen": [], "wall_s": 0.0}
     n_train = len(benchmark.train_stream) if n_train is None else n_train
     n_test = len(benchmark.test_stream)
@@ -395,11 +403,10 @@ def _execute(exp: Experiment, key: RunKey, opts: RunOptions, out: Path) -> dict:
     """Train one run (resuming its checkpoint) and return its record."""
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
-    warnings.filterwarnings("ignore", message="Call to deprecated function update")
     cuda = torch.device(exp.device).type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    with PeakRSS() as rss:
+    with PeakRSS() as rss, quiet_replay_deprecation():
         benchmark, strategy = build_run(exp, key, opts, work_dir=out / "work" / key.name)
         n_train = len(benchmark.train_stream)
         if opts.max_experiences is not None:
@@ -614,6 +621,7 @@ def run_experiment(
     exp = dataclasses.replace(exp, device=check_device(exp.device))
     if exp.dreamer_device is not None:
         exp = dataclasses.replace(exp, dreamer_device=check_device(exp.dreamer_device))
+    check_processes(exp.device)
     if threads is not None and int(threads) < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     if int(jobs) < 1:
