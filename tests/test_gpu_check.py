@@ -3,7 +3,9 @@
 The check is run once on a lent GPU machine with no second try, so its every step is run here as
 it will run there (same script, same commands, tiny sizes). The SD build, D2L's dreaming phase,
 the dry run and Genifer's GAN timing must succeed and write their figures; the 2-process step
-may fail today (distributed training is not done) but must record what happened.
+(2 processes, then 1 for comparison, capped at 90 s here) must record what happened: when it ends
+"ok" both runs exited 0 and wrote results; tests/test_distributed.py tests the 2-process training
+itself.
 """
 
 from __future__ import annotations
