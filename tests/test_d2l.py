@@ -643,7 +643,7 @@ def test_sleep_minibatches_hold_the_experience_only_when_asked(bench, tmp_path, 
         LinearDreamer(),
         tmp_path,
         mem_size=10,
-        dream=cfg(steps=1, samples_per_class=16, sleep_data=sleep_data),
+        dream=cfg(steps=1, samples_per_class=16, sleep_epochs=1, sleep_data=sleep_data),
     )
     seen: list[torch.Tensor] = []
     hook = s.model.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
@@ -665,7 +665,7 @@ def test_train_dream_weight_zero_keeps_dreams_out_of_the_experiences_training(be
         s = make_d2l(
             LinearDreamer(),
             tmp_path / f"w{w}",
-            dream=cfg(steps=1, samples_per_class=8, train_dream_weight=w),
+            dream=cfg(steps=1, samples_per_class=8, sleep_epochs=1, train_dream_weight=w),
         )
         s.train(bench.train_stream[0])
         assert s.d2l_plugin.history[-1]["sleep_steps"] > 0  # sleep unchanged
@@ -687,7 +687,7 @@ def host_strategy(host: str, dreamer, *, mem_size=40):
 
     seed_everything(0)
     net = small_cnn(10, 1, width=8)
-    plugin = D2LPlugin(dreamer, cfg(steps=1, samples_per_class=8))
+    plugin = D2LPlugin(dreamer, cfg(steps=1, samples_per_class=8, sleep_epochs=1))
     strategy = (ER_ACE if host == "er_ace" else DER)(
         model=DreamHeads(net, n_classes=10, feature_layer="features"),
         optimizer=torch.optim.Adam(net.parameters(), 3e-3),
@@ -846,8 +846,10 @@ class PlainCNN(nn.Module):
 
 @pytest.mark.slow  # the offline glyph dreamer on a 2-experience stream: ~3 min on one core
 def test_new_classes_score_above_chance_at_start_after_the_sleep_phase(bench):
-    """``D2L(...)`` with its defaults (offline dreamer, anchored dreams, learned oracle) on a
-    user's plain CNN: after dreaming from experience 0's classes and sleeping on the dreams,
+    """``D2L(...)`` with its defaults (offline dreamer, anchored dreams, learned oracle) and one
+    sleep epoch (the default has none: its dreams train with the next experience, so its forward
+    transfer starts at experience 2) on a user's plain CNN: after dreaming from experience 0's
+    classes and sleeping on the dreams,
     experience 1's classes land on their dream heads and score above chance before any training
     on them (argmax over all heads); plain ER (same model, buffer, epochs) scores 0 there."""
     from avalanche.training import Replay
@@ -869,7 +871,10 @@ def test_new_classes_score_above_chance_at_start_after_the_sleep_phase(bench):
         )
         if name == "d2l":
             s = D2L(
-                dream=DreamConfig(progress=False, batch_per_class=4, backprop_steps=2), **common
+                dream=DreamConfig(
+                    progress=False, batch_per_class=4, backprop_steps=2, sleep_epochs=1
+                ),
+                **common,
             )
         else:
             s = Replay(criterion=nn.CrossEntropyLoss(), **common)

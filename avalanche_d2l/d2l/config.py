@@ -166,7 +166,10 @@ class DreamConfig:
         train_dream_weight: the weight while an experience trains (``None``: ``dream_weight``).
         dream_batch_size: dream samples per minibatch (``None``: ``train_mb_size``).
         sleep_epochs: passes over the new dream set with buffer minibatches right after
-            dreaming, so the next head assignment sees heads shaped by the dreams.
+            dreaming, so the next head assignment sees heads shaped by the dreams. Default 0:
+            the dreams train with the next experience only, as in the lab's code (each
+            experience trains on its real data plus the dreams); a sleep phase costs the
+            just-learned classes accuracy (README, D2L section).
         sleep_data: ``"buffer"`` (each sleep minibatch: dreams and buffer samples with the
             host's replay loss) or ``"experience"`` (and as many samples of the experience just
             trained on, cross-entropy: the classes the dreams grew from keep their real data).
@@ -213,7 +216,7 @@ class DreamConfig:
     dream_weight: float = 1.0
     train_dream_weight: float | None = None
     dream_batch_size: int | None = None
-    sleep_epochs: int = 1
+    sleep_epochs: int = 0
     sleep_data: str = "buffer"
     dream_after_last: bool = False
     seed: int = 0
