@@ -43,7 +43,7 @@ def test_preflight_measures_and_extrapolates():
     report = preflight(
         dreamer=dreamer,
         classifier=model,
-        dream_config=_config(),
+        dream_config=_config(sleep_epochs=1),
         image_shape=(1, 8, 8),
         n_dream_classes=5,
         n_dreaming_phases=4,
