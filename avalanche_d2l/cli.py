@@ -215,6 +215,11 @@ def _parser() -> argparse.ArgumentParser:
         add_help=False,
         help="pretrain the offline glyph dreamer used by D2L on CPU",
     )
+    sub.add_parser(
+        "report",
+        add_help=False,
+        help="redraw results.md and the figures of output folders from their results.json",
+    )
     return parser
 
 
@@ -414,6 +419,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from avalanche_d2l.dreaming.pretrain import main as pretrain_main
 
         return pretrain_main(argv[1:])
+    if argv[:1] == ["report"]:
+        from avalanche_d2l.experiments.report import main as report_main
+
+        return report_main(argv[1:], prog="avalanche-d2l report")
     args = _parser().parse_args(argv)
     for stream in (sys.stdout, sys.stderr):  # a redirected log fills line by line, as it goes
         if hasattr(stream, "reconfigure"):

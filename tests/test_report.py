@@ -155,3 +155,23 @@ def test_variants_and_user_strategies_keep_their_colour_whatever_the_report():
     )
     assert a["d2l_noise (mem 5)"] == b["d2l_noise (mem 5)"] and a["my_method"] == b["my_method"]
     assert method_style("der@user_cnn") == method_style("der")  # a model variant of a method
+
+
+def test_report_subcommand_of_the_installed_command_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "results.json").write_text(json.dumps(_results(MAIN, [0, 1])))
+    exe = Path(sys.executable).with_name("avalanche-d2l")
+    done = subprocess.run([str(exe), "report", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "| naive |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "accuracy.svg").is_file() and (tmp_path / "summary.png").is_file()
+    bad = subprocess.run(
+        [str(exe), "report", str(tmp_path / "nope")], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "give a folder `compare` wrote" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    helped = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
+    assert "report" in helped.stdout

@@ -447,11 +447,13 @@ def _save_figure(fig, path: Path, fmt: str) -> None:
     atomic_write(path, buffer.getvalue())
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m avalanche_d2l.experiments.report OUT...``: redraw the report of each output
-    folder from its ``results.json`` (no training)."""
+def main(
+    argv: Sequence[str] | None = None, *, prog: str = "python -m avalanche_d2l.experiments.report"
+) -> int:
+    """``avalanche-d2l report OUT...`` (or ``python -m avalanche_d2l.experiments.report``): redraw
+    the report of each output folder from its ``results.json`` (no training)."""
     parser = argparse.ArgumentParser(
-        prog="python -m avalanche_d2l.experiments.report",
+        prog=prog,
         description="Redraw results.md and the figures of an output folder from its results.json.",
     )
     parser.add_argument("out", nargs="+", type=Path, help="folders holding a results.json")
