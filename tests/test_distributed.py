@@ -85,3 +85,22 @@ def test_torchrun_two_processes_train_one_learner_on_shards_and_match_one_proces
     for a, b in zip(one, two):
         assert abs(a["final_accuracy"] - b["final_accuracy"]) <= TOLERANCE, (a, b)
         assert len(a["accuracy_matrix"]) == len(b["accuracy_matrix"]) == 3
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused_before_any_run(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    args = ["compare", "--strategies", "naive", "--seeds", "0", "--batch-size", "33"]
+    done = subprocess.run(
+        [*cmd, "-m", "avalanche_d2l", *args, "--no-progress", "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode != 0
+    # each process says it in one line (torchrun then adds its own report of the failed workers)
+    said = (done.stdout + done.stderr).splitlines()
+    line = "avalanche-d2l: error: the training batch size 33 does not split over 2 processes"
+    assert sum(x.startswith(line) for x in said) == 2, done.stdout + done.stderr[-2000:]
+    assert not (tmp_path / "o" / "runs").exists()  # nothing trained

@@ -621,7 +621,12 @@ def run_experiment(
     exp = dataclasses.replace(exp, device=check_device(exp.device))
     if exp.dreamer_device is not None:
         exp = dataclasses.replace(exp, dreamer_device=check_device(exp.dreamer_device))
-    check_processes(exp.device)
+    world = check_processes(exp.device)
+    if exp.training.train_mb_size % world:  # before any run, not at the first experience
+        raise ValueError(
+            f"the training batch size {exp.training.train_mb_size} does not split over {world} "
+            f"processes: use a multiple of {world} (each process trains on its share)"
+        )
     if threads is not None and int(threads) < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     if int(jobs) < 1:
