@@ -168,13 +168,14 @@ def make_d2l(dreamer, tmp_path, model=None, **kw):
     return D2L(**args)
 
 
-def plugin_door(plugins) -> Naive:
-    """D2L through the plugin door: Naive on a DreamHeads-wrapped narrow small CNN (seeded as
-    :func:`make_d2l`'s) with ``plugins``."""
+def plugin_door(plugins, *, wrapped: bool = True) -> Naive:
+    """D2L through the plugin door: Naive on a narrow small CNN (seeded as :func:`make_d2l`'s),
+    wrapped in DreamHeads by hand or (``wrapped=False``) left to the plugin, with ``plugins``."""
     seed_everything(0)
     net = small_cnn(10, 1, width=8)
+    model = DreamHeads(net, n_classes=10, feature_layer="features", input_shape=(1, 16, 16))
     return Naive(
-        model=DreamHeads(net, n_classes=10, feature_layer="features", input_shape=(1, 16, 16)),
+        model=model if wrapped else net,
         optimizer=torch.optim.Adam(net.parameters(), 1e-3),
         train_mb_size=32,
         train_epochs=1,
@@ -519,24 +520,22 @@ def test_model_with_fixed_head_gets_extra_head_on_feature_layer(bench, dreamer, 
 def test_plugin_door_equals_strategy_door(bench, dreamer, tmp_path):
     a = make_d2l(dreamer, tmp_path, cache_dir=None)
     b = plugin_door([ReplayPlugin(mem_size=40), D2LPlugin(dreamer, cfg())])
-    for s in (a, b):
+    # the model left to the plugin to wrap; the replay plugin after D2LPlugin (as Avalanche's
+    # Replay puts it): D2LPlugin moves itself after it, so the sleep phase sees the updated buffer
+    c = plugin_door([ReplayPlugin(mem_size=40), D2LPlugin(dreamer, cfg())], wrapped=False)
+    d = plugin_door([D2LPlugin(dreamer, cfg()), ReplayPlugin(mem_size=40)], wrapped=False)
+    for s in (a, b, c, d):
         seed_everything(1)
         s.train(bench.train_stream[0])
-    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
-        assert torch.allclose(pa, pb)
-    # replay plugin after D2LPlugin: the sleep phase would miss the current experience
-    c = plugin_door([D2LPlugin(dreamer, cfg(steps=1)), ReplayPlugin(mem_size=40)])
-    with pytest.warns(UserWarning, match="put the replay plugin first"):
-        c.train(bench.train_stream[0])
-    with pytest.raises(TypeError, match="DreamHeads"):
-        net = small_cnn(10, 1, width=8)
-        bad = Naive(
-            model=net,
-            optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
-            evaluator=quiet_evaluator(),
-            plugins=[D2LPlugin(dreamer, cfg())],
-        )
-        bad.train(bench.train_stream[0])
+    assert isinstance(c.model, DreamHeads) and c.model.feature_layer == "features"
+    assert [type(p).__name__ for p in d.plugins[:2]] == ["ReplayPlugin", "D2LPlugin"]
+    dreams = a.d2l_plugin.dream_images
+    for other in (b, c, d):
+        for pa, pb in zip(a.model.parameters(), other.model.parameters(), strict=True):
+            assert torch.allclose(pa, pb)
+        assert torch.equal(other.model.class_to_head, a.model.class_to_head)
+        plugin = next(p for p in other.plugins if isinstance(p, D2LPlugin))
+        assert torch.allclose(plugin.dream_images, dreams)  # dreamed from the same buffer
 
 
 def test_configs_name_the_variants_and_reject_unknown_keys():

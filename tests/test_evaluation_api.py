@@ -151,12 +151,7 @@ def _genifer(**kw):
 @pytest.mark.parametrize(
     "make",
     [
-        pytest.param(
-            _d2l,
-            id="D2L",
-            # reported to the owner of d2l/strategy.py; strict: remove the mark once it passes
-            marks=pytest.mark.xfail(raises=TypeError, strict=True, reason="no peval_mode yet"),
-        ),
+        pytest.param(_d2l, id="D2L"),
         pytest.param(_genifer, id="Genifer"),
     ],
 )

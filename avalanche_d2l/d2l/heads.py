@@ -13,7 +13,14 @@ from torch import Tensor, nn
 
 from ..utils import capture_features, get_module, training_mode
 
-__all__ = ["DreamHeads", "MASK_VALUE", "pool_features"]
+__all__ = [
+    "DreamHeads",
+    "MASK_VALUE",
+    "add_missing_params",
+    "find_feature_layer",
+    "pool_features",
+    "wrap_model",
+]
 
 #: Logit given to classes without a head at evaluation: finite, so argmax stays defined, and
 #: representable in fp16 autocast.
@@ -253,3 +260,99 @@ class DreamHeads(nn.Module):
         if (cols < 0).any():
             raise ValueError("some dream labels are not current dream heads")
         return self.n_classes + cols
+
+
+# ---- wrapping a user's classifier ----------------------------------------------------------------
+
+
+def find_feature_layer(model: nn.Module, input_shape: Sequence[int] | None = None) -> str:
+    """The module whose output is the learner's features: ``"features"`` when the model has one;
+    else, with ``input_shape``, the module whose output feeds the last ``nn.Linear`` (one dry
+    forward: the outermost module returning that very tensor, else the last one called with as
+    many values per sample, e.g. a ResNet's ``avgpool``)."""
+    modules = dict(model.named_modules())
+    if "features" in modules:
+        return "features"
+    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    found = _feeding_module(model, linears[-1], input_shape) if linears and input_shape else None
+    if found is not None:
+        return found
+    names = sorted((n for n in modules if n), key=lambda n: n.count("."))[:12]
+    raise ValueError(
+        f"D2L cannot tell which layer of {type(model).__name__} gives its features (no module "
+        "'features', no module feeding a last nn.Linear): pass feature_layer=<module name>, "
+        f"e.g. one of {', '.join(names)}"
+    )
+
+
+@torch.no_grad()
+def _feeding_module(model: nn.Module, linear: str, input_shape: Sequence[int]) -> str | None:
+    """Name of the module whose output is the input of module ``linear`` (one dry forward)."""
+    outputs: list[tuple[str, Tensor]] = []
+    fed: list[tuple[int, Tensor]] = []  # (modules finished before the call, the input)
+
+    def keep(name):
+        def hook(_module, _inputs, out):
+            if isinstance(out, Tensor):
+                outputs.append((name, out))
+
+        return hook
+
+    modules = dict(model.named_modules())
+    handles = [m.register_forward_hook(keep(n)) for n, m in modules.items() if n and n != linear]
+    feed = modules[linear].register_forward_pre_hook(lambda _m, i: fed.append((len(outputs), i[0])))
+    handles.append(feed)
+    try:
+        with training_mode(model, False):
+            model(torch.zeros(2, *input_shape, device=_module_device(model)))
+    finally:
+        for h in handles:
+            h.remove()
+    if not fed:
+        return None
+    done, x = fed[-1]
+    same = [n for n, out in outputs[:done] if out is x]
+    if same:  # e.g. a Sequential body and its last Flatten: the outermost name
+        return min(same, key=lambda n: n.count("."))
+    width = x[0].numel()
+    before = [n for n, out in outputs[:done] if out.dim() > 1 and out[0].numel() == width]
+    return before[-1] if before else None
+
+
+def add_missing_params(optimizer: torch.optim.Optimizer, model: nn.Module) -> int:
+    """Add ``model``'s trainable parameters the optimizer lacks as a new param group (with the
+    optimizer's defaults); returns how many were added."""
+    have = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    new = [p for p in model.parameters() if p.requires_grad and id(p) not in have]
+    if new:
+        optimizer.add_param_group({"params": new})
+    return len(new)
+
+
+def wrap_model(
+    model: nn.Module,
+    *,
+    n_classes: int | None = None,
+    n_extra_heads: int = 0,
+    feature_layer: str | None = None,
+    image_shape: Sequence[int] | None = None,
+) -> DreamHeads:
+    """``model`` in :class:`DreamHeads` (unchanged when it already is one). ``n_classes``
+    defaults to the out features of its last ``nn.Linear``, ``feature_layer`` to
+    :func:`find_feature_layer`'s answer."""
+    if isinstance(model, DreamHeads):
+        return model
+    if n_classes is None:
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError(
+                "cannot infer the number of classes: pass n_classes=benchmark.n_classes"
+            )
+        n_classes = int(linears[-1].out_features)
+    return DreamHeads(
+        model,
+        n_classes=n_classes,
+        n_extra_heads=n_extra_heads,
+        feature_layer=feature_layer or find_feature_layer(model, image_shape),
+        input_shape=image_shape,
+    )

@@ -12,7 +12,14 @@ from torch.utils.data import DataLoader
 
 from .heads import MASK_VALUE
 
-__all__ = ["buffer_tensors", "der_targets", "host_kind", "replay_loss", "replay_source"]
+__all__ = [
+    "buffer_tensors",
+    "der_targets",
+    "host_kind",
+    "replay_loss",
+    "replay_source",
+    "run_after_replay",
+]
 
 
 def host_kind(strategy, owner) -> str:
@@ -23,6 +30,23 @@ def host_kind(strategy, owner) -> str:
         if hasattr(strategy, "ace_criterion"):
             return "er_ace"
     return "replay"
+
+
+def run_after_replay(plugin, strategy) -> None:
+    """Put ``plugin`` right after the replay plugin whose buffer it uses, when it came before it
+    (Avalanche's ``Replay`` appends its ``ReplayPlugin`` after the plugins it is given): its
+    sleep phase must see the buffer that holds the experience just trained on. The strategy's
+    plugin list is replaced, not changed in place, so a hook loop running over it is unaffected.
+    """
+    if plugin.buffer is not None or getattr(strategy, "storage_policy", None) is not None:
+        return
+    plugins = list(strategy.plugins)
+    holders = [p for p in plugins if hasattr(getattr(p, "storage_policy", None), "buffer")]
+    if plugin not in plugins or not holders or plugins.index(holders[0]) < plugins.index(plugin):
+        return
+    plugins.remove(plugin)
+    plugins.insert(plugins.index(holders[0]) + 1, plugin)
+    strategy.plugins = plugins
 
 
 def replay_source(plugin, strategy):

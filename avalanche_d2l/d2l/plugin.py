@@ -2,9 +2,10 @@
 
 The algorithm, hook by hook, in the order it runs for each experience:
 
-0. ``before_train_dataset_adaptation`` (first experience): size D2L to the data once -- the
-   learner's input space, the dreamer fitted to it, the learner's extra head
-   (:func:`~avalanche_d2l.d2l.space.size_to_data`).
+0. ``before_train_dataset_adaptation`` (first experience): wrap the strategy's model in
+   :class:`~avalanche_d2l.d2l.heads.DreamHeads` when it is not one yet (before Avalanche makes
+   the optimizer), then size D2L to the data once -- the learner's input space, the dreamer
+   fitted to it, the learner's extra head (:func:`~avalanche_d2l.d2l.space.size_to_data`).
 1. ``before_training_exp`` -- **head assignment**. The learner has one head per class of the
    stream (+ optional dream-only heads). Before any update it predicts on the new experience's
    samples; each new class takes the free head most of its samples land on (greedy, each head
@@ -43,12 +44,19 @@ from ..utils import training_mode
 from .cache import DreamCache, cache_key
 from .config import DreamConfig, _dream_from_dict, cpu_preset
 from .dreaming import DreamSet, dream
-from .heads import DreamHeads
-from .hosts import buffer_tensors, der_targets, host_kind, replay_loss, replay_source
+from .heads import DreamHeads, add_missing_params, wrap_model
+from .hosts import (
+    buffer_tensors,
+    der_targets,
+    host_kind,
+    replay_loss,
+    replay_source,
+    run_after_replay,
+)
 from .inventory import Inventory, plan_jobs
 from .oracle import LearnedOracle
 from .prompts import interpolation_images, noise_images
-from .space import InputSpace, load_dreamer, size_to_data
+from .space import InputSpace, load_dreamer, size_to_data, stream_n_classes
 
 __all__ = ["D2LPlugin", "greedy_assignment"]
 
@@ -69,10 +77,13 @@ def greedy_assignment(counts: Tensor) -> list[tuple[int, int]]:
 
 
 class D2LPlugin(SupervisedPlugin, supports_distributed=True):
-    """The D2L method; the strategy's model must be a :class:`~avalanche_d2l.d2l.heads.DreamHeads`.
+    """The D2L method, as a plugin of any rehearsal host.
 
-    Hosts: ``Replay``/``ReplayPlugin`` (put it *before* this plugin), ``ER_ACE`` and ``DER``
-    (their ``storage_policy``), or any buffer given as ``buffer=``.
+    Hosts: ``Replay``/``ReplayPlugin`` (this plugin moves itself after it), ``ER_ACE`` and
+    ``DER`` (their ``storage_policy``), or any buffer given as ``buffer=``. The strategy's model
+    may be any classifier: the plugin wraps it in :class:`~avalanche_d2l.d2l.heads.DreamHeads`
+    at the first experience it sees (training or evaluation), before Avalanche makes the
+    optimizer.
 
     Args:
         dreamer: a :class:`~avalanche_d2l.dreaming.Dreamer`, or ``"offline"`` /
@@ -83,10 +94,15 @@ class D2LPlugin(SupervisedPlugin, supports_distributed=True):
         buffer: the rehearsal buffer (default: found on the host).
         image_shape: ``(C, H, W)`` of the inputs (default: learned from the first experience).
         dreamer_overrides: ``DreamerConfig`` overrides when ``dreamer`` is a string.
-        dreamer_device: where the dreamer runs (default CPU).
+        dreamer_device: where a dreamer named by a string runs (default: the strategy's device).
         cache_dir: folder of the dream-set cache (``None``: no cache).
         class_names: names of the stream's classes (Stable Diffusion's prompts start from them).
         keep_cached: dream-set files kept per experience.
+        n_classes: classes of the stream, when the plugin wraps the model (default: from the
+            benchmark of the first experience).
+        feature_layer: module whose output is the learner's features, when the plugin wraps
+            the model (default: as :func:`~avalanche_d2l.d2l.heads.find_feature_layer` finds it).
+        n_extra_heads: dream-only heads beyond one per class, when the plugin wraps the model.
     """
 
     def __init__(
@@ -101,13 +117,16 @@ class D2LPlugin(SupervisedPlugin, supports_distributed=True):
         cache_dir: str | os.PathLike | None = None,
         class_names: Sequence[str] | None = None,
         keep_cached: int = 1,
+        n_classes: int | None = None,
+        feature_layer: str | None = None,
+        n_extra_heads: int = 0,
     ):
         super().__init__()
         if isinstance(config, Mapping):
             config = _dream_from_dict(config)
         self.config = config if config is not None else cpu_preset()
         self.dreamer_overrides = dict(dreamer_overrides or {})
-        self.dreamer_device = str(dreamer_device) if dreamer_device is not None else "cpu"
+        self.dreamer_device = str(dreamer_device) if dreamer_device is not None else None
         dreamer = "offline" if dreamer is None else dreamer
         self.dreamer_source = str(dreamer) if isinstance(dreamer, (str, os.PathLike)) else None
         if self.dreamer_source is None and not hasattr(dreamer, "sample"):
@@ -116,8 +135,10 @@ class D2LPlugin(SupervisedPlugin, supports_distributed=True):
                 f"{type(dreamer).__name__}"
             )
         self._base_dreamer = None if self.dreamer_source is not None else dreamer
-        if self.dreamer_source is not None and self.config.uses_dreamer:
+        if self.dreamer_source is not None and self.config.uses_dreamer and dreamer_device:
             _ = self.base_dreamer  # load now: a missing dreamer fails before training
+        self.wrap = {"n_classes": n_classes, "feature_layer": feature_layer}
+        self.wrap["n_extra_heads"] = int(n_extra_heads)
         self._dreamer = None
         self.buffer = buffer
         self.space = InputSpace(tuple(int(s) for s in image_shape)) if image_shape else None
@@ -151,7 +172,7 @@ class D2LPlugin(SupervisedPlugin, supports_distributed=True):
             self._base_dreamer = load_dreamer(
                 self.dreamer_source,
                 self.dreamer_overrides,
-                device=self.dreamer_device,
+                device=self.dreamer_device or "cpu",
                 progress=False,
             )
         return self._base_dreamer
@@ -175,8 +196,38 @@ class D2LPlugin(SupervisedPlugin, supports_distributed=True):
         self._space_learned = True
         return grew
 
+    def attach(self, strategy) -> DreamHeads:
+        """The strategy's model as :class:`DreamHeads`, wrapped now when it is not one (sized
+        for the experience's images, the new parameters added to the optimizer); the dreamer
+        follows the strategy's device unless ``dreamer_device`` was given."""
+        if self.dreamer_device is None:
+            self.dreamer_device = str(strategy.device)
+            if self.dreamer_source is not None:
+                self._base_dreamer = self._dreamer = None  # (re)loaded on that device
+        if not isinstance(strategy.model, DreamHeads):
+            exp = strategy.experience
+            n_classes = self.wrap["n_classes"] or stream_n_classes(exp)
+            if n_classes is None:
+                raise ValueError(
+                    "D2LPlugin cannot tell how many classes the stream has (its experiences "
+                    "name no benchmark with n_classes): pass D2LPlugin(n_classes=...)"
+                )
+            shape = self.space.shape if self.space is not None else None
+            shape = shape or tuple(exp.dataset.eval()[0][0].shape)
+            kw = {k: v for k, v in self.wrap.items() if k != "n_classes"}
+            model = wrap_model(strategy.model, n_classes=n_classes, image_shape=shape, **kw)
+            strategy.model = model.to(strategy.device)
+            add_missing_params(strategy.optimizer, strategy.model)
+        return strategy.model
+
+    def before_training(self, strategy, **kwargs):
+        run_after_replay(self, strategy)  # the sleep phase needs the buffer updated first
+
+    def before_eval_dataset_adaptation(self, strategy, **kwargs):
+        self.attach(strategy)  # evaluated before any training: same wrapping
+
     def before_train_dataset_adaptation(self, strategy, **kwargs):
-        model = _heads(strategy)
+        model = self.attach(strategy)
         labels = [int(t) for t in getattr(strategy.experience, "task_labels", None) or [0]]
         if any(labels):
             raise ValueError(
@@ -192,8 +243,6 @@ class D2LPlugin(SupervisedPlugin, supports_distributed=True):
                 )
             self.fit(space)
         if model.build(self.space.shape):
-            from .strategy import add_missing_params
-
             add_missing_params(strategy.optimizer, model)
 
     # ---- 1. head assignment ---------------------------------------------------------------------
@@ -504,9 +553,9 @@ class D2LPlugin(SupervisedPlugin, supports_distributed=True):
 def _heads(strategy) -> DreamHeads:
     if not isinstance(strategy.model, DreamHeads):
         raise TypeError(
-            f"D2LPlugin needs the strategy's model to be a DreamHeads wrapper, got "
-            f"{type(strategy.model).__name__}. Use D2L(...), or wrap it: "
-            "DreamHeads(model, n_classes=benchmark.n_classes, feature_layer='...')"
+            f"the strategy's model is a {type(strategy.model).__name__}, not yet wrapped in "
+            "DreamHeads: D2LPlugin wraps it when the strategy trains or evaluates, so call "
+            "strategy.train(...) or strategy.eval(...) first"
         )
     return strategy.model
 

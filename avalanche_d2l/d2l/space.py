@@ -17,7 +17,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-__all__ = ["InputSpace", "fit_dreamer", "infer_input_space", "load_dreamer", "size_to_data"]
+__all__ = [
+    "InputSpace",
+    "fit_dreamer",
+    "infer_input_space",
+    "load_dreamer",
+    "size_to_data",
+    "stream_n_classes",
+]
 
 #: ``D2LConfig.dreamer`` strings naming the offline glyph dreamer (grey, or coloured glyphs).
 OFFLINE_DREAMERS = {"offline": 1, "offline-rgb": 3}
@@ -118,6 +125,22 @@ def infer_input_space(dataset, *, max_samples: int = 256) -> InputSpace:
         return InputSpace(shape, dtype)
     span = (hi - lo).clamp_min(1e-6)
     return InputSpace(shape, dtype, tuple((-lo / span).tolist()), tuple((1.0 / span).tolist()))
+
+
+def stream_n_classes(experience) -> int | None:
+    """Classes of the benchmark ``experience`` belongs to: its ``n_classes`` (Avalanche's classic
+    benchmarks), else one more than the largest class seen so far or still to come (Avalanche
+    0.6 generators keep the dataset's labels); ``None`` when the experience says neither."""
+    stream = getattr(experience, "origin_stream", None)
+    bench = getattr(experience, "benchmark", None) or getattr(stream, "benchmark", None)
+    if getattr(bench, "n_classes", None):
+        return int(bench.n_classes)
+    seen = getattr(experience, "classes_seen_so_far", None)
+    future = getattr(experience, "future_classes", None)
+    if seen is None or future is None:
+        return None
+    classes = [int(c) for c in (*seen, *future)]
+    return 1 + max(classes) if classes else None
 
 
 _DREAMERS: dict[tuple, Any] = {}

@@ -2,10 +2,9 @@
 registry's ``d2l``, ``er_ace_d2l`` and ``der_d2l`` (Avalanche's ``Replay``, ``ER_ACE`` and ``DER``
 with the plugin), each with its dry-run preflight.
 
-``D2LPlugin`` composes with any rehearsal host::
+``D2LPlugin`` composes with any rehearsal host and wraps the host's model itself::
 
-    ER_ACE(model=DreamHeads(net, n_classes=10, feature_layer="features"), optimizer=opt,
-           mem_size=100, plugins=[D2LPlugin()])
+    ER_ACE(model=net, optimizer=opt, mem_size=100, plugins=[D2LPlugin()])
 """
 
 from __future__ import annotations
@@ -23,9 +22,8 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
 from ..registry import RunConfig, benchmark_image_shape, register_strategy
-from ..utils import get_module
 from .config import D2LConfig, DreamConfig, quick_dream_config
-from .heads import DreamHeads
+from .heads import add_missing_params, wrap_model
 from .plugin import D2LPlugin
 from .space import infer_input_space
 
@@ -40,53 +38,12 @@ __all__ = [
 ]
 
 
-def add_missing_params(optimizer: torch.optim.Optimizer, model: nn.Module) -> int:
-    """Add ``model``'s trainable parameters the optimizer lacks as a new param group (with the
-    optimizer's defaults); returns how many were added."""
-    have = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    new = [p for p in model.parameters() if p.requires_grad and id(p) not in have]
-    if new:
-        optimizer.add_param_group({"params": new})
-    return len(new)
-
-
-def wrap_model(
-    model: nn.Module,
-    *,
-    n_classes: int | None = None,
-    n_extra_heads: int = 0,
-    feature_layer: str | None = None,
-    image_shape=None,
-) -> DreamHeads:
-    """``model`` in :class:`DreamHeads` (unchanged when it already is one). ``n_classes``
-    defaults to the out features of its last ``nn.Linear``, ``feature_layer`` to ``"features"``."""
-    if isinstance(model, DreamHeads):
-        return model
-    if n_classes is None:
-        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        if not linears:
-            raise ValueError(
-                "cannot infer the number of classes: pass n_classes=benchmark.n_classes"
-            )
-        n_classes = int(linears[-1].out_features)
-    if feature_layer is None:
-        if "features" not in dict(model.named_modules()):
-            get_module(model, "<feature_layer>")  # raises, listing the module names
-        feature_layer = "features"
-    return DreamHeads(
-        model,
-        n_classes=n_classes,
-        n_extra_heads=n_extra_heads,
-        feature_layer=feature_layer,
-        input_shape=image_shape,
-    )
-
-
 class D2L(SupervisedTemplate):
     """Dream2Learn on Experience Replay: ``ReplayPlugin`` + :class:`D2LPlugin`.
 
-    The model is wrapped in :class:`DreamHeads`; the input space is learned from the first
-    experience (or ``image_shape``) and the dreamer fitted to it before any training.
+    The model is wrapped in :class:`~avalanche_d2l.d2l.heads.DreamHeads`; the input space is
+    learned from the first experience (or ``image_shape``) and the dreamer fitted to it before
+    any training.
 
     Args:
         model: any classifier returning ``(B, n_out)`` logits.
@@ -97,15 +54,16 @@ class D2L(SupervisedTemplate):
             its fields when given.
         dreamer: a ``Dreamer``, ``"offline"``/``"offline-rgb"``, or a hub id / local path.
         dream: the :class:`DreamConfig` (``dream_config`` is the same argument's former name).
-        feature_layer: module whose output is the learner's features (default ``"features"``).
+        feature_layer: module whose output is the learner's features (default: ``"features"``,
+            or with ``image_shape`` the module feeding the last ``nn.Linear``).
         n_classes: classes of the stream (default: out features of the model's last Linear).
         n_extra_heads: dream-only heads beyond one per class.
         image_shape: ``(C, H, W)`` of the inputs (default: from the first experience).
         class_names: the stream's class names (Stable Diffusion prompts start from them).
         cache_dir: folder for the dream-set cache.
         dreamer_device: where the dreamer runs (default: ``device``).
-        train_mb_size, train_epochs, eval_mb_size, device, plugins, evaluator, eval_every: as in
-            Avalanche's ``SupervisedTemplate``.
+        train_mb_size, train_epochs, eval_mb_size, device, plugins, evaluator, eval_every,
+            peval_mode: as in Avalanche's ``SupervisedTemplate``.
     """
 
     def __init__(
@@ -131,6 +89,7 @@ class D2L(SupervisedTemplate):
         plugins: Sequence[Any] | None = None,
         evaluator: EvaluationPlugin | Callable[[], EvaluationPlugin] | None = default_evaluator,
         eval_every: int = -1,
+        peval_mode: str = "epoch",
         cache_dir: str | os.PathLike | None = None,
         dreamer_device: str | torch.device | None = None,
     ):
@@ -166,6 +125,7 @@ class D2L(SupervisedTemplate):
             plugins=[self.replay_plugin, self.d2l_plugin, *(plugins or [])],
             evaluator=evaluator,
             eval_every=eval_every,
+            peval_mode=peval_mode,
         )
 
 
