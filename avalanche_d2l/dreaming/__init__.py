@@ -1,11 +1,14 @@
 """The diffusion dreamer of D2L: frozen diffusers models, differentiable sampling, glyph world
 (the method that uses it is :mod:`avalanche_d2l.d2l`).
 
-* :class:`Dreamer` / :class:`DreamerConfig` -- frozen denoiser + our differentiable DDIM loop.
+* :class:`Dreamer` / :class:`DreamerConfig` -- frozen denoiser + our differentiable DDIM loop
+  (:mod:`.dreamer`); its settings (:mod:`.config`), saving and loading (:mod:`.loading`), prompt
+  space (:mod:`.concepts`) and reference network (:mod:`.reference`) in modules of their own.
 * :mod:`.glyphs` -- the offline glyph world (fonts shipped with matplotlib, no digits).
 * :mod:`.pretrain` -- pretrain / cache the offline glyph dreamer.
 * :mod:`.accel` -- processes (accelerate ``PartialState``), precision, loss scaling.
-* :mod:`.preflight` -- measure one pass of each kind of work and extrapolate to a run.
+* :mod:`.preflight` -- measure one pass of each kind of work and extrapolate to a run (the
+  measuring in :mod:`.measure`, paper-scale cost from FLOP counts in :mod:`.paper_cost`).
 """
 
 # ---- dreamer, glyph world, pretraining (dreamer.py, glyphs.py, pretrain.py) ---------------------

@@ -29,8 +29,6 @@ learner).
 
 from __future__ import annotations
 
-import os
-import warnings
 from typing import Any
 
 import torch
@@ -38,6 +36,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .accel import autocast, resolve_precision
+from .concepts import DreamerPrompts
 from .config import (
     CONCEPTS_NAME,
     CONFIG_NAME,
@@ -53,8 +52,8 @@ from .config import (
 )
 from .loading import DreamerIO, _vae_scale, default_unet_config
 from .reference import (
+    DreamerReference,
     ReferenceNetwork,
-    _load_imagenet_reference,
     load_reference_network,
     make_reference,
 )
@@ -102,7 +101,7 @@ def _ddim_for(scheduler: Any, kind: str):
 # the dreamer
 
 
-class Dreamer(DreamerIO, nn.Module):
+class Dreamer(DreamerIO, DreamerPrompts, DreamerReference, nn.Module):
     """Frozen conditional diffusion model with a differentiable few-step DDIM sampler.
 
     Build it with :meth:`from_pretrained` (our saved directory, a diffusers Stable-Diffusion
@@ -486,125 +485,6 @@ class Dreamer(DreamerIO, nn.Module):
         if not out:
             return torch.empty((0, *self.output_shape), device=self.device)
         return torch.cat(out)
-
-    # ---- the prompt space ------------------------------------------------------------------------
-
-    def encode_text(self, prompts: list[str]) -> Tensor:
-        """CLIP-encode captions to ``(len(prompts), L, D)`` prompt embeddings (latent kind only)."""
-        if self.text_encoder is None or self.tokenizer is None:
-            raise RuntimeError(
-                f"encode_text needs a text encoder and tokenizer; this {self.config.kind!r} "
-                "dreamer has none. The pixel (glyph) dreamer's prompt space is its concept table: "
-                "use concept_embeddings() or random_prompt()."
-            )
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        tok = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=self.config.prompt_len,
-            truncation=True,
-            return_tensors="pt",
-        )
-        dev = next(self.text_encoder.parameters()).device
-        with torch.no_grad():
-            out = self.text_encoder(tok.input_ids.to(dev), return_dict=False)[0]
-        return out.float().to(self.device)
-
-    def concept_embeddings(self) -> Tensor:
-        """``(K, L, D)`` embeddings of the concepts the dreamer knows.
-
-        Pixel kind: its learned concept table (one row per glyph). Latent kind: CLIP embeddings of
-        ``config.concept_captions`` (default :data:`DEFAULT_SD_CAPTIONS`), computed once.
-        """
-        if self.concept_table is not None:
-            return self.concept_table
-        if self._text_concepts is None:
-            if self.text_encoder is None:
-                raise RuntimeError(
-                    "this dreamer has neither a concept table nor a text encoder, so it knows no "
-                    "concepts; load a checkpoint with a text_encoder/tokenizer or pass "
-                    "concept_table=..."
-                )
-            captions = self.config.concept_captions or list(DEFAULT_SD_CAPTIONS)
-            self._text_concepts = self.encode_text(captions)
-        return self._text_concepts
-
-    def random_prompt(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
-        """``(n, L, D)`` random prompts near the concept-embedding distribution.
-
-        Each prompt is a random convex mix of 2..``config.prompt_mix`` distinct concepts
-        (Dirichlet(1) weights) plus Gaussian noise of ``config.prompt_noise`` times the
-        per-dimension std of the concepts. Drawn on the CPU when the generator is a CPU one.
-        """
-        table = self.concept_embeddings().float()
-        K = table.shape[0]
-        gdev = generator.device if generator is not None else table.device
-        m_max = max(1, min(int(self.config.prompt_mix), K))
-        m_min = min(2, m_max)
-        n_mix = torch.randint(m_min, m_max + 1, (n,), generator=generator, device=gdev)
-        scores = torch.rand(n, K, generator=generator, device=gdev)
-        # m distinct concepts per row: the m largest of K uniform scores
-        rank = scores.argsort(dim=1, descending=True).argsort(dim=1)
-        chosen = rank < n_mix[:, None]
-        w = -torch.log(torch.rand(n, K, generator=generator, device=gdev).clamp_min(1e-12))
-        w = (w * chosen).float()
-        w = w / w.sum(1, keepdim=True)
-        noise = torch.randn(n, *table.shape[1:], generator=generator, device=gdev)
-        w, noise = w.to(table.device), noise.to(table.device)
-        mix = torch.einsum("nk,kld->nld", w, table)
-        std = table.std(0, keepdim=True) if K > 1 else table.abs().mean().expand_as(table[:1])
-        return (mix + self.config.prompt_noise * std * noise).detach()
-
-    def reference_network(self) -> ReferenceNetwork | None:
-        """Frozen classifier independent of the continual learner, for D2L's oracle.
-
-        The one given to :meth:`set_reference`; else, pixel (glyph) dreamer: the glyph classifier
-        trained and saved with it; latent kind: torchvision's ImageNet ResNet-50 when its weights
-        are in the local torch hub cache, else ``None`` with one warning (nothing is downloaded;
-        :meth:`reference_info` says why). It takes images as :meth:`sample` returns them.
-        """
-        if self._reference is None and self.config.kind == "latent" and not self._reference_missing:
-            ref, why = _load_imagenet_reference(self.config, self.device)
-            if ref is None:
-                self._reference_missing = why
-                warnings.warn(why, stacklevel=2)
-            else:
-                self._reference = ref
-                self._reference_source = "torchvision resnet50 ImageNet (torch hub cache)"
-        return self._reference
-
-    def set_reference(
-        self, source: str | os.PathLike | nn.Module, *, local_files_only: bool | None = None
-    ) -> ReferenceNetwork:
-        """Use another reference network for the oracle (see :func:`load_reference_network`).
-
-        Args:
-            source: a torchvision ResNet-50 state-dict file, a transformers image-classification
-                directory or hub id, or a module already wrapped as :class:`ReferenceNetwork`.
-            local_files_only: forwarded to transformers for hub ids.
-        """
-        if isinstance(source, ReferenceNetwork):
-            ref, name = source, type(source.net).__name__
-        else:
-            ref = load_reference_network(
-                source, config=self.config, device=self.device, local_files_only=local_files_only
-            )
-            name = str(source)
-        self._reference = ref.to(self.device)
-        self._reference_source = name
-        self._reference_missing = None
-        return self._reference
-
-    def reference_info(self) -> dict[str, Any]:
-        """JSON-able state of the reference network: present or not, where from, why absent."""
-        ref = self._reference
-        return {
-            "present": ref is not None,
-            "source": self._reference_source if ref is not None else None,
-            "num_classes": len(ref.class_names) if ref is not None and ref.class_names else None,
-            "missing_reason": self._reference_missing if ref is None else None,
-        }
 
     # ---- persistence ---------------------------------------------------------------------------
 

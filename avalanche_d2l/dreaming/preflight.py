@@ -15,21 +15,16 @@ full step cap, the upper bound: the oracle may stop classes earlier) and to a ru
 raises :class:`PreflightError`, naming the settings to change, when a pass does not fit in the
 device's memory.
 
-:func:`estimate_paper_cost` turns FLOP counts (:func:`count_flops`, e.g. on the meta device at
-the paper's sizes) and activation sizes (:func:`saved_activation_bytes`) into GPU memory and
-GPU-hours per run for a given GPU; ``benchmarks/bench_sd15.py`` uses it for the paper
-experiments.
+The measuring lives in :mod:`.measure`; :func:`estimate_paper_cost` (:mod:`.paper_cost`) turns
+FLOP counts and activation sizes into GPU memory and GPU-hours per run for a given GPU (both
+re-exported here).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
-import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,12 +32,16 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from . import accel
+from .measure import GiB, Measure, count_flops, peak_memory, saved_activation_bytes
+from .paper_cost import GpuSpec, estimate_paper_cost
 
 if TYPE_CHECKING:  # the settings of the method layer above; read by attribute only
     from ..d2l.config import DreamConfig
 
 __all__ = [
+    "GiB",
     "GpuSpec",
+    "Measure",
     "PreflightError",
     "PreflightReport",
     "count_flops",
@@ -53,126 +52,9 @@ __all__ = [
     "saved_activation_bytes",
 ]
 
-GiB = 2**30
-
 
 class PreflightError(RuntimeError):
     """A pass of the run does not fit in the device's memory (the message says what to change)."""
-
-
-# ------------------------------------------------------------------------------------------------
-# measuring
-
-
-def _rss_bytes(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter of this process (Linux ``clear_refs`` 5)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-@dataclass
-class Measure:
-    """Seconds and peak memory of one measured call.
-
-    Attributes:
-        seconds: wall time (devices synchronised).
-        peak_bytes: ``{device: bytes}``: CUDA ``max_memory_allocated`` per CUDA device used, and
-            ``"cpu_rss"``: the process's peak resident memory during the call (Linux), including
-            everything already resident before it.
-        rss_before: resident memory before the call (``"cpu_rss"`` minus this is what it added).
-    """
-
-    seconds: float = 0.0
-    peak_bytes: dict[str, int] = field(default_factory=dict)
-    rss_before: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "seconds": self.seconds,
-            "peak_gib": {k: v / GiB for k, v in self.peak_bytes.items()},
-            "rss_before_gib": None if self.rss_before is None else self.rss_before / GiB,
-        }
-
-
-@contextmanager
-def peak_memory(devices: list[torch.device]) -> Iterator[Measure]:
-    """Context measuring wall time and peak memory of its body on ``devices`` (and CPU RSS)."""
-    m = Measure()
-    cuda = sorted({d for d in devices if d.type == "cuda"}, key=str)
-    for d in cuda:
-        torch.cuda.synchronize(d)
-        torch.cuda.reset_peak_memory_stats(d)
-    reset = _reset_peak_rss()
-    m.rss_before = _rss_bytes("VmRSS")
-    t0 = time.perf_counter()
-    try:
-        yield m
-    finally:
-        for d in cuda:
-            torch.cuda.synchronize(d)
-        m.seconds = time.perf_counter() - t0
-        for d in cuda:
-            m.peak_bytes[str(d)] = int(torch.cuda.max_memory_allocated(d))
-        hwm = _rss_bytes("VmHWM") if reset else None
-        if hwm is not None:
-            # the kernel updates the high-water mark lazily (it can trail VmRSS by a few pages)
-            now = _rss_bytes("VmRSS") or 0
-            m.peak_bytes["cpu_rss"] = max(hwm, now, m.rss_before or 0)
-
-
-def count_flops(fn: Callable[[], Any]) -> float:
-    """FLOPs of ``fn()`` (forward and backward), by ``torch.utils.flop_counter.FlopCounterMode``.
-
-    Works on the meta device, so the FLOPs of a full-size model at full size are counted without
-    memory or time (matmuls, convolutions and attention; elementwise work is not counted).
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return float(counter.get_total_flops())
-
-
-def saved_activation_bytes(fn: Callable[[], Any], *, exclude: Iterable[Tensor] = ()) -> int:
-    """Bytes of the tensors autograd saves for backward while ``fn()`` runs its forward.
-
-    The memory a graph holds at the end of the forward, each storage counted once, leaving out
-    the storages of ``exclude`` (pass the models' parameters: weights saved for the input
-    gradient are not activations). Run ``fn`` on the meta device to size a full model at full
-    size for free. Backward transients (recomputed checkpoint segments, gradients) come on top.
-    """
-    skip = {t.untyped_storage()._cdata for t in exclude}
-    seen: set[int] = set()
-    total = 0
-
-    def pack(t: Tensor):
-        nonlocal total
-        st = t.untyped_storage()
-        key = st._cdata
-        if key not in skip and key not in seen:
-            seen.add(key)
-            total += st.nbytes() if t.device.type != "meta" else t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
 
 
 # ------------------------------------------------------------------------------------------------
@@ -504,117 +386,3 @@ def preflight(
             + report.to_text()
         )
     return report
-
-
-# ------------------------------------------------------------------------------------------------
-# paper-scale cost from FLOP counts
-
-
-@dataclass
-class GpuSpec:
-    """A GPU for :func:`estimate_paper_cost`.
-
-    Attributes:
-        name: label.
-        memory_gib: device memory.
-        peak_tflops: dense bf16/fp16 tensor-core peak.
-        utilisation: share of the peak the dreamer's passes reach (model FLOPs utilisation);
-            diffusion UNets at small latents with micro-batches of 16 reach about a third of it.
-        learner_utilisation: the same for the learner's training steps (a ResNet-18 on
-            84-256 px minibatches of ~100 images is bound by kernel launches and data loading
-            far below the peak).
-    """
-
-    name: str = "A100-80GB"
-    memory_gib: float = 80.0
-    peak_tflops: float = 312.0
-    utilisation: float = 0.35
-    learner_utilisation: float = 0.1
-
-
-def estimate_paper_cost(
-    *,
-    dream_config: DreamConfig,
-    n_dream_classes: int,
-    n_dreaming_phases: int,
-    prompt_pass_flops: float,
-    prompt_pass_images: int,
-    generate_flops_per_image: float,
-    train_step_flops: float,
-    train_steps_per_run: int,
-    weight_bytes: float,
-    prompt_pass_activation_bytes: float,
-    generate_activation_bytes: float,
-    train_step_bytes: float = 0.0,
-    dream_batch: int | None = None,
-    gpu: GpuSpec | None = None,
-    overhead: float = 1.25,
-) -> dict[str, Any]:
-    """GPU memory and GPU-hours of a run from FLOP counts and activation sizes.
-
-    Time is ``FLOPs / (peak_tflops x utilisation)`` per part (the learner's steps with
-    ``learner_utilisation``); a dreaming phase is counted at its
-    upper bound (every class runs the whole step cap; the oracle may stop classes earlier).
-    Memory of the largest pass is ``weights + overhead x activations`` (``overhead`` for the
-    backward transients, allocator fragmentation and the CUDA context), plus the learner's step.
-
-    Args:
-        dream_config: the run's :class:`DreamConfig`.
-        n_dream_classes: dream classes per phase.
-        n_dreaming_phases: dreaming phases per run.
-        prompt_pass_flops: FLOPs (forward + backward) of one differentiable pass of
-            ``prompt_pass_images`` images (:func:`count_flops`).
-        prompt_pass_images: images of that pass (the micro-batch).
-        generate_flops_per_image: FLOPs to generate one dream-set image.
-        train_step_flops: FLOPs of one learner training step.
-        train_steps_per_run: learner training steps of a run (without sleep steps).
-        weight_bytes: bytes of the dreamer's (and the learner's) weights on the GPU.
-        prompt_pass_activation_bytes: bytes a pass holds for backward
-            (:func:`saved_activation_bytes`).
-        generate_activation_bytes: peak bytes of one generation batch beyond the weights.
-        train_step_bytes: peak bytes of the learner's step beyond its weights.
-        dream_batch: dream images per sleep step (``None``: ``dream_config.dream_batch_size``
-            or 32).
-        gpu: the :class:`GpuSpec` (default A100-80GB).
-        overhead: multiplier on activation bytes.
-
-    Returns:
-        dict with ``gpu``, ``memory_gib`` (peak), ``fits``, ``phase_gpu_hours``,
-        ``run_gpu_hours`` and their parts.
-    """
-    gpu = gpu or GpuSpec()
-    cfg = dream_config
-    rate = gpu.peak_tflops * 1e12 * gpu.utilisation
-    b = cfg.batch_per_class
-    per_pass_images = max(b, prompt_pass_images)
-    images_per_step = n_dream_classes * b
-    prompt_flops = (cfg.steps + 1) * images_per_step * prompt_pass_flops / per_pass_images
-    n_images = n_dream_classes * cfg.samples_per_class
-    gen_flops = n_images * generate_flops_per_image
-    dream_batch = int(dream_batch or cfg.dream_batch_size or 32)
-    sleep_steps = cfg.sleep_epochs * math.ceil(n_images / dream_batch)
-    sleep_flops = sleep_steps * train_step_flops
-    learner_rate = gpu.peak_tflops * 1e12 * gpu.learner_utilisation
-    phase_s = (prompt_flops + gen_flops) / rate + sleep_flops / learner_rate
-    train_s = train_steps_per_run * train_step_flops / learner_rate
-    act = max(prompt_pass_activation_bytes, generate_activation_bytes)
-    mem = weight_bytes + overhead * act + train_step_bytes
-    return {
-        "gpu": dataclasses.asdict(gpu),
-        "memory_gib": mem / GiB,
-        "fits": mem <= gpu.memory_gib * GiB * 0.92,
-        "prompt_pass_activation_gib": prompt_pass_activation_bytes / GiB,
-        "generate_activation_gib": generate_activation_bytes / GiB,
-        "weights_gib": weight_bytes / GiB,
-        "phase_flops": {"prompts": prompt_flops, "generate": gen_flops, "sleep": sleep_flops},
-        "phase_gpu_hours": phase_s / 3600,
-        "dreaming_gpu_hours": n_dreaming_phases * phase_s / 3600,
-        "training_gpu_hours": train_s / 3600,
-        "run_gpu_hours": (n_dreaming_phases * phase_s + train_s) / 3600,
-        "assumptions": (
-            f"{gpu.name}: {gpu.peak_tflops:g} TFLOP/s peak at {gpu.utilisation:.0%} utilisation "
-            f"for the dreamer, {gpu.learner_utilisation:.0%} for the learner; "
-            "every dream class runs the full step cap; matmul/conv/attention FLOPs only; "
-            f"memory = weights + {overhead:g} x activations + learner step"
-        ),
-    }

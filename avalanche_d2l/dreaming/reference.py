@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .config import DreamerConfig, from_classifier_space, to_classifier_space
 
-__all__ = ["ReferenceNetwork", "load_reference_network", "make_reference"]
+__all__ = ["DreamerReference", "ReferenceNetwork", "load_reference_network", "make_reference"]
 
 
 class ReferenceNetwork(nn.Module):
@@ -243,3 +245,59 @@ def _load_imagenet_reference(
             "reference checks of D2L's oracle."
         )
     return _torchvision_resnet50(cached, config).to(device), ""
+
+
+class DreamerReference:
+    """The reference network of :class:`~avalanche_d2l.dreaming.dreamer.Dreamer` (mixed into
+    it): the one saved with the dreamer, ImageNet's from the local torch hub cache, or one set
+    by the user."""
+
+    def reference_network(self) -> ReferenceNetwork | None:
+        """Frozen classifier independent of the continual learner, for D2L's oracle.
+
+        The one given to :meth:`set_reference`; else, pixel (glyph) dreamer: the glyph classifier
+        trained and saved with it; latent kind: torchvision's ImageNet ResNet-50 when its weights
+        are in the local torch hub cache, else ``None`` with one warning (nothing is downloaded;
+        :meth:`reference_info` says why). It takes images as :meth:`sample` returns them.
+        """
+        if self._reference is None and self.config.kind == "latent" and not self._reference_missing:
+            ref, why = _load_imagenet_reference(self.config, self.device)
+            if ref is None:
+                self._reference_missing = why
+                warnings.warn(why, stacklevel=2)
+            else:
+                self._reference = ref
+                self._reference_source = "torchvision resnet50 ImageNet (torch hub cache)"
+        return self._reference
+
+    def set_reference(
+        self, source: str | os.PathLike | nn.Module, *, local_files_only: bool | None = None
+    ) -> ReferenceNetwork:
+        """Use another reference network for the oracle (see :func:`load_reference_network`).
+
+        Args:
+            source: a torchvision ResNet-50 state-dict file, a transformers image-classification
+                directory or hub id, or a module already wrapped as :class:`ReferenceNetwork`.
+            local_files_only: forwarded to transformers for hub ids.
+        """
+        if isinstance(source, ReferenceNetwork):
+            ref, name = source, type(source.net).__name__
+        else:
+            ref = load_reference_network(
+                source, config=self.config, device=self.device, local_files_only=local_files_only
+            )
+            name = str(source)
+        self._reference = ref.to(self.device)
+        self._reference_source = name
+        self._reference_missing = None
+        return self._reference
+
+    def reference_info(self) -> dict[str, Any]:
+        """JSON-able state of the reference network: present or not, where from, why absent."""
+        ref = self._reference
+        return {
+            "present": ref is not None,
+            "source": self._reference_source if ref is not None else None,
+            "num_classes": len(ref.class_names) if ref is not None and ref.class_names else None,
+            "missing_reason": self._reference_missing if ref is None else None,
+        }
