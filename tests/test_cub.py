@@ -77,10 +77,10 @@ def test_genifer_cub200_builds_the_papers_protocol_from_a_local_root(cub_root):
     assert (exp.model.name, exp.model.feature_layer) == ("resnet18", "layer3")
 
     cfg = GeniferConfig.from_dict(exp.to_dict()["strategies"]["genifer"])
-    gen = build_generator(cfg, (3, 224, 224), 200, out_range=(-2.2, 2.7))
+    gen = build_generator(cfg.generator, (3, 224, 224), 200, out_range=(-2.2, 2.7), seed=cfg.seed)
     assert gen.config.resolution == 128
     with torch.no_grad():
-        out = gen(torch.randn(2, cfg.z_dim), torch.tensor([0, 199]))
+        out = gen(torch.randn(2, cfg.generator.z_dim), torch.tensor([0, 199]))
     assert out.shape == (2, 3, 224, 224)
 
 

@@ -41,17 +41,29 @@ EPOCHS = 4
 
 # Few GAN steps, tiny widths: enough for 8 px digits on CPU.
 TINY = GeniferConfig(
-    gan_steps_first=120,
-    gan_steps=120,
-    gan_batch_size=32,
+    generator={"output_range": (0.0, 1.0)},
+    # fixed lengths and no fidelity probes: fast, and what these tests need
+    gan={
+        "steps_first": 120,
+        "steps": 120,
+        "batch_size": 32,
+        "stop": "fixed",
+        "measure_fidelity": False,
+    },
+    replay={"ce_weight": 1.0, "kd_weight": 1.0, "fd_weight": 1.0},
     progress=False,
-    ce_weight=1.0,
-    kd_weight=1.0,
-    fd_weight=1.0,
-    output_range=(0.0, 1.0),
-    gan_stop="fixed",  # fixed lengths and no fidelity probes: fast, and what these tests need
-    measure_fidelity=False,
 )
+
+
+def _gan_trainer(cfg: GeniferConfig, rng: torch.Generator) -> FeatureGANTrainer:
+    """The GAN trainer with its own parts of ``cfg``."""
+    return FeatureGANTrainer(
+        gan=cfg.gan,
+        discriminator=cfg.discriminator,
+        augment=cfg.augment,
+        rng=rng,
+        progress=cfg.progress,
+    )
 
 
 def _digits(image_size: int = 8, classes: int = 6):
@@ -174,7 +186,7 @@ def test_equalised_lr_scales_at_runtime():
 def test_discriminator_reads_features_not_pixels(tiny_bench):
     model = small_cnn(num_classes=6, in_channels=1, width=8)
     plugin = GeniferPlugin(
-        feature_layer="block2", config=dataclasses.replace(TINY, gan_steps_first=3, num_classes=6)
+        feature_layer="block2", config=TINY.merged({"gan": {"steps_first": 3}, "num_classes": 6})
     )
     plugin.teacher = frozen_copy(model)
     exp = tiny_bench.train_stream[0]
@@ -263,7 +275,7 @@ def test_gan_steps_move_features_toward_real(tiny_bench):
         F.cross_entropy(model(x), y).backward()
         opt.step()
     plugin = GeniferPlugin(
-        feature_layer="block3", config=dataclasses.replace(TINY, num_classes=6, ema_kimg=0.5)
+        feature_layer="block3", config=TINY.merged({"gan": {"ema_kimg": 0.5}, "num_classes": 6})
     )
     plugin.teacher = frozen_copy(model)
 
@@ -394,7 +406,7 @@ def test_state_dict_and_checkpoint_round_trip(tiny_bench, genifer_run, tmp_path)
 
 def test_naive_with_plugin_is_the_same_algorithm(tiny_bench):
     bench2 = tensor_benchmark(*_digits(classes=4), n_experiences=2, class_order=list(range(4)))
-    cfg = dataclasses.replace(TINY, gan_steps_first=10, gan_steps=10)
+    cfg = TINY.merged({"gan": {"steps_first": 10, "steps": 10}})
     a, _ = _run(bench2, genifer=True, config=cfg)
     b, _ = _run(bench2, genifer=True, use_naive_door=True, config=cfg)
     for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
@@ -410,7 +422,7 @@ def test_incremental_classifier_head(tiny_bench):
     seed_everything(0)
     model = small_cnn(num_classes=2, in_channels=1, width=16)
     model.classifier = IncrementalClassifier(model.classifier.in_features, initial_out_features=2)
-    cfg = dataclasses.replace(TINY, gan_steps_first=20, gan_steps=20)
+    cfg = TINY.merged({"gan": {"steps_first": 20, "steps": 20}})
     strategy = Genifer(
         model=model,
         optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
@@ -454,24 +466,39 @@ def test_registered_with_cpu_preset_defaults():
     assert info.config_type is GeniferConfig and info.keeps_buffer is False
     assert info.make_config({}) == GeniferConfig()
     cfg = GeniferConfig()  # the tuned CPU preset of the 16 px offline streams
-    assert (cfg.ce_weight, cfg.kd_weight, cfg.fd_weight, cfg.fd_distance) == (1.0, 3.0, 1.0, "rms")
-    assert (cfg.gan_steps_first, cfg.gan_steps, cfg.gan_batch_size) == (800, 800, 64)
-    assert (cfg.gan_stop, cfg.gan_min_steps, cfg.fidelity_threshold) == ("fidelity", 100, 0.85)
-    assert (cfg.z_dim, cfg.g_channel_base, cfg.g_channel_max, cfg.d_channels) == (64, 256, 32, 64)
-    assert (cfg.ema_kimg, cfg.ema_rampup, cfg.ada_kimg, cfg.replay_crop_pad) == (5.0, 0.05, 20.0, 2)
-    assert (cfg.head, cfg.teacher_bn, cfg.r1_lazy_scaling) == (
+    assert (
+        cfg.replay.ce_weight,
+        cfg.replay.kd_weight,
+        cfg.replay.fd_weight,
+        cfg.replay.fd_distance,
+    ) == (1.0, 3.0, 1.0, "rms")
+    assert (cfg.gan.steps_first, cfg.gan.steps, cfg.gan.batch_size) == (800, 800, 64)
+    assert (cfg.gan.stop, cfg.gan.min_steps, cfg.gan.threshold) == ("fidelity", 100, 0.85)
+    assert (
+        cfg.generator.z_dim,
+        cfg.generator.channel_base,
+        cfg.generator.channel_max,
+        cfg.discriminator.channels,
+    ) == (64, 256, 32, 64)
+    assert (cfg.gan.ema_kimg, cfg.gan.ema_rampup, cfg.augment.kimg, cfg.replay.crop_pad) == (
+        5.0,
+        0.05,
+        20.0,
+        2,
+    )
+    assert (cfg.head, cfg.replay.teacher_bn, cfg.gan.r1_lazy_scaling) == (
         "fresh_per_task",
         "train",
         "interval",
     )
-    assert cfg.output_range is None  # measured from the data
-    with pytest.raises(ValueError, match="unknown GeniferConfig keys"):
-        GeniferConfig.from_dict({"gan_stepz": 3})
+    assert cfg.generator.output_range is None  # measured from the data
+    with pytest.raises(ValueError, match="unknown key 'gan.stepz'"):
+        GeniferConfig.from_dict({"gan": {"stepz": 3}})
     with pytest.raises(ValueError, match="head must be one of"):
         GeniferConfig(head="grown")
     assert GeniferConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert cfg.fingerprint() == dataclasses.replace(cfg, progress=False).fingerprint()
-    assert cfg.fingerprint() != dataclasses.replace(cfg, kd_weight=1.0).fingerprint()
+    assert cfg.fingerprint() != cfg.merged({"replay": {"kd_weight": 1.0}}).fingerprint()
 
 
 def test_build_genifer_factory(tiny_bench, tmp_path):
@@ -490,15 +517,19 @@ def test_build_genifer_factory(tiny_bench, tmp_path):
         criterion=nn.CrossEntropyLoss(),
         benchmark=tiny_bench,
         run=run,
-        config=GeniferConfig(kd_weight=2.0),
+        config=GeniferConfig(replay={"kd_weight": 2.0}),
         evaluator=_evaluator(),
         device="cpu",
     )
     plugin = strategy.genifer
     assert isinstance(strategy, Genifer)
-    assert (plugin.config.seed, plugin.config.num_classes, plugin.config.kd_weight) == (3, 6, 2.0)
+    assert (plugin.config.seed, plugin.config.num_classes, plugin.config.replay.kd_weight) == (
+        3,
+        6,
+        2.0,
+    )
     assert plugin.image_shape == (1, 8, 8) and plugin.checkpoint_dir == str(tmp_path)
-    assert plugin.config.gan_steps <= 40 and strategy.train_epochs == 1
+    assert plugin.config.gan.steps <= 40 and strategy.train_epochs == 1
 
 
 # ---------------------------------------------------------------- the reference preset
@@ -513,10 +544,26 @@ def reference():
 def test_reference_preset_architecture(reference):
     """Generator and discriminator of the authors' CIFAR-100 code (deviation 9)."""
     _, cfg = reference
-    assert (cfg.z_dim, cfg.embed_dim, cfg.w_dim, cfg.mapping_layers) == (512, 256, 512, 2)
-    assert (cfg.g_family, cfg.output_activation) == ("reference", "none")  # linear output
-    assert (cfg.g_channel_base, cfg.g_channel_max) == (2048, 512)  # 512, 256, 128, 64
-    assert (cfg.d_family, cfg.d_channels, cfg.mbstd_group, cfg.d_cmap_dim) == (
+    assert (
+        cfg.generator.z_dim,
+        cfg.generator.embed_dim,
+        cfg.generator.w_dim,
+        cfg.generator.mapping_layers,
+    ) == (512, 256, 512, 2)
+    assert (cfg.generator.family, cfg.generator.output_activation) == (
+        "reference",
+        "none",
+    )  # linear output
+    assert (cfg.generator.channel_base, cfg.generator.channel_max) == (
+        2048,
+        512,
+    )  # 512, 256, 128, 64
+    assert (
+        cfg.discriminator.family,
+        cfg.discriminator.channels,
+        cfg.discriminator.mbstd_group,
+        cfg.discriminator.cmap_dim,
+    ) == (
         "reference",
         512,
         32,
@@ -530,8 +577,8 @@ def test_reference_preset_architecture(reference):
             z_dim=8,
             embed_dim=4,
             w_dim=8,
-            channel_base=cfg.g_channel_base,
-            channel_max=cfg.g_channel_max,
+            channel_base=cfg.generator.channel_base,
+            channel_max=cfg.generator.channel_max,
             family="reference",
             output_activation="none",
         )
@@ -553,9 +600,9 @@ def test_reference_preset_architecture(reference):
         config=DiscriminatorConfig(
             feature_shape=(256, 8, 8),
             num_classes=100,
-            channels=cfg.d_channels,
-            mbstd_group=cfg.mbstd_group,
-            cmap_dim=cfg.d_cmap_dim,
+            channels=cfg.discriminator.channels,
+            mbstd_group=cfg.discriminator.mbstd_group,
+            cmap_dim=cfg.discriminator.cmap_dim,
             family="reference",
         )
     )
@@ -572,15 +619,23 @@ def test_reference_preset_architecture(reference):
 def test_reference_preset_gan_training(reference):
     """Lazy R1, EMA, optimisers, self-distillation, augmentation, checkpoints (4, 5, 7, 10, 11)."""
     _, cfg = reference
-    assert (cfg.r1_gamma, cfg.r1_interval, cfg.r1_lazy_scaling) == (0.5, 16, "reference")
-    lr, betas, factor = FeatureGANTrainer(config=cfg, rng=torch.Generator()).d_adam_settings()
+    assert (cfg.gan.r1_gamma, cfg.gan.r1_interval, cfg.gan.r1_lazy_scaling) == (
+        0.5,
+        16,
+        "reference",
+    )
+    lr, betas, factor = _gan_trainer(cfg, torch.Generator()).d_adam_settings()
     assert factor == pytest.approx(16 / 17) and lr == pytest.approx(0.0025 * 16 / 17)
     assert betas == (0.0, pytest.approx(0.99 ** (16 / 17)))
-    assert (cfg.gan_steps_first, cfg.gan_steps, cfg.gan_batch_size) == (250_000, 80_000, 64)
-    assert cfg.gan_stop == "fixed"  # the authors' fixed lengths
-    assert (cfg.g_lr, cfg.adam_betas, cfg.gan_optimizer_reset) == (0.0025, (0.0, 0.99), True)
-    assert (cfg.ema_kimg, cfg.ema_rampup, cfg.ema_ramp_phase) == (500.0, None, 0.5)
-    trainer = FeatureGANTrainer(config=cfg, rng=torch.Generator())
+    assert (cfg.gan.steps_first, cfg.gan.steps, cfg.gan.batch_size) == (250_000, 80_000, 64)
+    assert cfg.gan.stop == "fixed"  # the authors' fixed lengths
+    assert (cfg.gan.g_lr, cfg.gan.adam_betas, cfg.gan.optimizer_reset) == (
+        0.0025,
+        (0.0, 0.99),
+        True,
+    )
+    assert (cfg.gan.ema_kimg, cfg.gan.ema_rampup, cfg.gan.ema_ramp_phase) == (500.0, None, 0.5)
+    trainer = _gan_trainer(cfg, torch.Generator())
     assert trainer.ema_beta(0, 1000, 64) == 0.0  # the ramp restarts every phase
     assert trainer.ema_beta(500, 1000, 64) == pytest.approx(0.5 ** (64 / 500_000))
     assert trainer.ema_beta(250, 1000, 64) == pytest.approx(0.5 ** (64 / 250_000))
@@ -588,14 +643,14 @@ def test_reference_preset_gan_training(reference):
     from avalanche_d2l.scenarios import CIFAR100_MEAN, CIFAR100_STD
 
     exp, _ = reference
-    a = cfg.augment
+    a = cfg.augment.ops
     if exp.benchmark.get("normalize"):  # the data is normalised already: no extra scale
-        assert cfg.g_distill_std is None and (a.brightness_std, a.color_center) == (0.2, 0.0)
+        assert cfg.gan.distill_std is None and (a.brightness_std, a.color_center) == (0.2, 0.0)
     else:  # [0, 1] pixels: divide by the dataset's std; brightness 0.2 normalised units
-        assert cfg.g_distill_std == CIFAR100_STD
+        assert cfg.gan.distill_std == CIFAR100_STD
         assert a.brightness_std == pytest.approx(0.2 * sum(CIFAR100_STD) / 3, abs=1e-4)
         assert a.color_center == pytest.approx(sum(CIFAR100_MEAN) / 3, abs=1e-3)
-    assert cfg.g_distill_weight == 10.0
+    assert cfg.gan.distill_weight == 10.0
     assert (a.aniso_std, a.xfrac_std, a.lumaflip, a.hue_max) == (0.2, 0.125, True, 1.0)
     assert (a.translate, a.scale_std, a.rotate_max_deg, a.contrast_std, a.saturation_std) == (
         0.125,
@@ -604,23 +659,33 @@ def test_reference_preset_gan_training(reference):
         0.5,
         1.0,
     )
-    assert (cfg.ada_target, cfg.ada_p_max, cfg.ada_interval, cfg.ada_kimg) == (0.5, 0.5, 4, 256.0)
-    assert cfg.gan_checkpoint_every == 10_000
+    assert (cfg.augment.target, cfg.augment.p_max, cfg.augment.interval, cfg.augment.kimg) == (
+        0.5,
+        0.5,
+        4,
+        256.0,
+    )
+    assert cfg.gan.checkpoint_every == 10_000
 
 
 def test_reference_preset_classifier_update(reference):
     """Loss weights, head, teacher BN, batch split, replay augmentation, optimisers (1-3, 6, 8)."""
     exp, cfg = reference
-    assert (cfg.ce_weight, cfg.kd_weight, cfg.fd_weight, cfg.kd_temperature) == (
+    assert (
+        cfg.replay.ce_weight,
+        cfg.replay.kd_weight,
+        cfg.replay.fd_weight,
+        cfg.replay.kd_temperature,
+    ) == (
         0.02,
         0.98,
         1.0,
         1.0,
     )
-    assert cfg.fd_distance == "norm"  # the reference's unnormalised norm at its own layer
-    assert (cfg.head, cfg.teacher_bn) == ("fresh_per_task", "train")
-    assert (cfg.replay_split, exp.training.train_mb_size) == (0.5, 32)  # 16 real + 16 replayed
-    assert (cfg.replay_crop_pad, cfg.replay_flip, cfg.replay_padding) == (4, True, "edge")
+    assert cfg.replay.fd_distance == "norm"  # the reference's unnormalised norm at its own layer
+    assert (cfg.head, cfg.replay.teacher_bn) == ("fresh_per_task", "train")
+    assert (cfg.replay.split, exp.training.train_mb_size) == (0.5, 32)  # 16 real + 16 replayed
+    assert (cfg.replay.crop_pad, cfg.replay.flip, cfg.replay.padding) == (4, True, "edge")
     first, later = exp.training.first_experience, exp.training.optimizer
     assert (first.name, first.lr, first.weight_decay, first.nesterov) == ("sgd", 0.1, 5e-4, True)
     assert (later.name, later.lr, later.weight_decay, later.decoupled_weight_decay) == (
@@ -680,7 +745,7 @@ def test_replay_matches_real_images(channels, size):
     plugin = GeniferPlugin(
         feature_layer="features.2",
         config=GeniferConfig(
-            gan_steps_first=2, gan_batch_size=8, progress=False, measure_fidelity=False
+            gan={"steps_first": 2, "batch_size": 8, "measure_fidelity": False}, progress=False
         ),
     )
     capture = _CaptureReplay(plugin)
@@ -747,11 +812,9 @@ def test_fresh_per_task_head_with_fixed_size_model():
     bench = _shape_bench(1, 8, 0.0, 1.0)
     model = UserCNN(1, n_classes=4)
     cfg = GeniferConfig(
-        gan_steps_first=2,
-        gan_batch_size=8,
+        gan={"steps_first": 2, "batch_size": 8, "measure_fidelity": False},
         progress=False,
         head="fresh_per_task",
-        measure_fidelity=False,
     )
     plugin = GeniferPlugin(feature_layer="features.2", config=cfg)
     spy = _Spy(plugin)
@@ -794,8 +857,9 @@ def test_fresh_per_task_head_with_incremental_classifier(tiny_bench):
     seed_everything(0)
     model = small_cnn(num_classes=2, in_channels=1, width=8)
     model.classifier = IncrementalClassifier(model.classifier.in_features, initial_out_features=2)
-    cfg = dataclasses.replace(
-        TINY, gan_steps_first=3, gan_steps=3, head="fresh_per_task", teacher_bn="train"
+    cfg = TINY.merged(
+        {"gan": {"steps_first": 3, "steps": 3}, "head": "fresh_per_task"}
+        | {"replay": {"teacher_bn": "train"}}
     )
     strategy = Genifer(
         model=model,
@@ -825,8 +889,8 @@ def test_fresh_per_task_head_with_incremental_classifier(tiny_bench):
 
 # ---------------------------------------------------------------- classifier update (3, 6)
 def test_teacher_bn_train_and_batch_split(tiny_bench):
-    cfg = dataclasses.replace(
-        TINY, gan_steps_first=2, gan_steps=2, teacher_bn="train", replay_split=0.5
+    cfg = TINY.merged(
+        {"gan": {"steps_first": 2, "steps": 2}, "replay": {"teacher_bn": "train", "split": 0.5}}
     )
     model = small_cnn(num_classes=6, in_channels=1, width=8)
     strategy = Genifer(
@@ -864,14 +928,14 @@ def test_teacher_bn_train_and_batch_split(tiny_bench):
 # ---------------------------------------------------------------- GAN details (4, 7, 11)
 def _trainer(cfg, n_classes=4):
     torch.manual_seed(0)
-    trainer = FeatureGANTrainer(config=cfg, rng=torch.Generator().manual_seed(0))
+    trainer = _gan_trainer(cfg, torch.Generator().manual_seed(0))
     trainer.set_generator(
         StyleGenerator(
             config=GeneratorConfig(
                 num_classes=n_classes,
                 resolution=8,
                 img_channels=1,
-                z_dim=cfg.z_dim,
+                z_dim=cfg.generator.z_dim,
                 embed_dim=4,
                 w_dim=8,
                 channel_base=32,
@@ -891,16 +955,17 @@ def _phase_data():
 
 
 SMALL_GAN = GeniferConfig(
-    z_dim=8, d_channels=8, gan_batch_size=8, progress=False, output_range=(0.0, 1.0), r1_interval=2
+    generator={"z_dim": 8, "output_range": (0.0, 1.0)},
+    discriminator={"channels": 8},
+    gan={"batch_size": 8, "r1_interval": 2},
+    progress=False,
 )
 
 
 def test_r1_lazy_scaling_interval_vs_reference():
-    cpu = FeatureGANTrainer(config=GeniferConfig(), rng=torch.Generator())
+    cpu = _gan_trainer(GeniferConfig(), torch.Generator())
     assert cpu.d_adam_settings() == (0.0025, (0.0, 0.99), 16.0)  # StyleGAN2's lazy weight
-    ref = FeatureGANTrainer(
-        config=GeniferConfig(r1_lazy_scaling="reference"), rng=torch.Generator()
-    )
+    ref = _gan_trainer(GeniferConfig(gan={"r1_lazy_scaling": "reference"}), torch.Generator())
     lr, _, c = ref.d_adam_settings()
     assert c * 17 == pytest.approx(16) and lr == pytest.approx(0.0025 * 16 / 17)
     ref.set_generator(
@@ -919,7 +984,7 @@ def test_self_distillation_in_normalised_space():
     data = _phase_data()
     out = {}
     for std in (None, (0.25,)):
-        cfg = dataclasses.replace(SMALL_GAN, g_distill_std=std)
+        cfg = SMALL_GAN.merged({"gan": {"distill_std": std}})
         trainer, classifier = _trainer(cfg)
         trainer.history.append({})  # a previous phase exists: G starts from the EMA copy
         out[std] = trainer.train_phase(
@@ -936,7 +1001,7 @@ def test_self_distillation_in_normalised_space():
 def test_gan_optimizer_reset_per_phase():
     data = _phase_data()
     for reset in (False, True):
-        trainer, classifier = _trainer(dataclasses.replace(SMALL_GAN, gan_optimizer_reset=reset))
+        trainer, classifier = _trainer(SMALL_GAN.merged({"gan": {"optimizer_reset": reset}}))
         for _ in range(2):
             trainer.train_phase(
                 classifier=classifier,
@@ -968,7 +1033,7 @@ def test_gan_checkpoint_loads_with_weights_only(tmp_path, monkeypatch):
     """A mid-phase GAN checkpoint holds tensors and plain values only: it loads with
     ``torch.load(weights_only=True)`` (no pickled code runs when a checkpoint is read)."""
     data = _phase_data()
-    cfg = dataclasses.replace(SMALL_GAN, gan_checkpoint_every=2)
+    cfg = SMALL_GAN.merged({"gan": {"checkpoint_every": 2}})
     trainer, classifier = _trainer(cfg)
     trainer.history.append({})
     ckpt = tmp_path / "phase.pt"
@@ -988,7 +1053,7 @@ def test_gan_checkpoint_loads_with_weights_only(tmp_path, monkeypatch):
 
 def test_killed_gan_phase_resumes_exactly(tmp_path):
     data = _phase_data()
-    cfg = dataclasses.replace(SMALL_GAN, gan_checkpoint_every=2)
+    cfg = SMALL_GAN.merged({"gan": {"checkpoint_every": 2}})
     kw = dict(feature_layer="block2", dataset=data, new_classes=[2, 3], old_classes=[0, 1], steps=6)
     ref, classifier = _trainer(cfg)
     ref.history.append({})

@@ -90,14 +90,11 @@ def _classifier_update(layer: str, epochs: int = 10, **overrides) -> tuple[float
     seed_everything(0)
     model = UserCNN()
     cfg = GeniferConfig(
-        gan_steps_first=0,  # no GAN: the replay is real images (below)
-        gan_stop="fixed",
-        measure_fidelity=False,
-        replay_crop_pad=0,
-        output_range=(0.0, 1.0),
+        generator={"output_range": (0.0, 1.0)},
+        # no GAN: the replay is real images (below)
+        gan={"steps_first": 0, "stop": "fixed", "measure_fidelity": False},
         progress=False,
-        **overrides,
-    )
+    ).merged({"replay": {"crop_pad": 0, **overrides}})
     plugin = GeniferPlugin(feature_layer=layer, config=cfg)
     strategy = Naive(
         model=model,
@@ -127,7 +124,7 @@ def test_rms_distance_is_independent_of_the_layer_size():
     fvec = plugin.feature_distance((t + delta).flatten(1), t.flatten(1))
     assert math.isclose(float(fmap), float(fvec), rel_tol=1e-5)
     ref = GeniferPlugin(
-        feature_layer="block3", config=GeniferConfig(fd_distance="norm", progress=False)
+        feature_layer="block3", config=GeniferConfig(replay={"fd_distance": "norm"}, progress=False)
     )
     big = ref.feature_distance((t + delta).expand(4, 32, 8, 8), t.expand(4, 32, 8, 8))
     small = ref.feature_distance((t + delta).flatten(1), t.flatten(1))

@@ -3,8 +3,6 @@ on them, and they reach the plugin's state, the evaluator's metrics and a warnin
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from avalanche.evaluation.metrics import accuracy_metrics
@@ -129,18 +127,20 @@ def _run(cfg: GeniferConfig):
 
 
 CHEAP = GeniferConfig(
-    gan_steps_first=40,
-    gan_min_steps=20,
-    fidelity_every=20,
-    fidelity_probe_steps=20,
-    gan_batch_size=16,
-    output_range=(0.0, 1.0),
+    generator={"output_range": (0.0, 1.0)},
+    gan={
+        "steps_first": 40,
+        "min_steps": 20,
+        "check_every": 20,
+        "probe_steps": 20,
+        "batch_size": 16,
+    },
     progress=False,
 )
 
 
 def test_unreachable_threshold_runs_to_the_cap_and_warns_naming_classes():
-    cfg = dataclasses.replace(CHEAP, fidelity_threshold=1.01)  # no replay can pass
+    cfg = CHEAP.merged({"gan": {"threshold": 1.01}})  # no replay can pass
     with pytest.warns(UserWarning, match=r"replay of classes \[0, 1\]"):
         plugin, evaluator = _run(cfg)
     (phase,) = plugin.history
@@ -158,7 +158,7 @@ def test_unreachable_threshold_runs_to_the_cap_and_warns_naming_classes():
 
 
 def test_fixed_length_phase_ignores_the_monitor_but_still_measures():
-    cfg = dataclasses.replace(CHEAP, gan_stop="fixed", gan_steps_first=30, fidelity_threshold=0)
+    cfg = CHEAP.merged({"gan": {"stop": "fixed", "steps_first": 30, "threshold": 0}})
     plugin, _ = _run(cfg)
     (phase,) = plugin.history
     assert phase["steps"] == 30 and phase["fidelity"]["checks"] == []

@@ -12,8 +12,6 @@ two epochs.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from avalanche.evaluation.metrics import accuracy_metrics
@@ -110,7 +108,7 @@ def build(name: str, bench, tmp_path):
             model=model,
             optimizer=opt,
             feature_layer="features",
-            config=dataclasses.replace(GeniferConfig().quick(), gan_steps_first=10, gan_steps=10),
+            config=GeniferConfig().quick().merged({"gan": {"steps_first": 10, "steps": 10}}),
             **common,
         )
     run = RunConfig(

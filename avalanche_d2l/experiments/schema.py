@@ -471,10 +471,24 @@ def apply_overrides(data: Any, assignments: Sequence[tuple[str, Any]]) -> Any:
 def _check_step(data: dict[str, Any], path: str, parents: list[str], key: str) -> None:
     valid = _valid_keys(data, parents)
     if valid is not None and key not in valid:
+        moved = _moved_key(parents, key)
+        if moved:
+            raise ValueError(f"--set {path}: {key!r} is now {moved}; set that path instead")
         raise ValueError(
             f"--set {path}: unknown key {key!r} in {'.'.join(parents) or 'the top level'}; "
             f"valid keys: {', '.join(sorted(valid))}"
         )
+
+
+def _moved_key(parents: list[str], key: str) -> str | None:
+    """The path a strategy's config now gives a key of its earlier flat layout (its class's
+    ``RENAMED_KEYS``), or ``None``."""
+    if len(parents) != 2 or parents[0] != "strategies":
+        return None
+    strategy = resolve_name(parents[1])
+    cls = get_strategy(strategy).config_type if strategy in strategy_names() else None
+    new = getattr(cls, "RENAMED_KEYS", {}).get(key)
+    return f"{'.'.join(parents)}.{new}" if new else None
 
 
 def _section(node: dict[str, Any], key: str, path: str, where: list[str]) -> dict[str, Any]:

@@ -1,198 +1,434 @@
-"""Genifer's settings: one typed dataclass, its checks, its dict round trip and fingerprint."""
+"""Genifer's settings: a :class:`GeniferConfig` of five typed parts, its checks, its dict round
+trip and fingerprint.
+
+=================  ===========================================================================
+part               what it sets
+=================  ===========================================================================
+``generator``      :class:`GeneratorSettings`: the class-conditional style-based generator
+``discriminator``  :class:`DiscriminatorSettings`: the discriminator on the classifier's features
+``gan``            :class:`GanSettings`: one GAN phase: its length and fidelity stop, optimisers,
+                   R1, EMA, self-distillation, checkpoints
+``augment``        :class:`AugmentSettings`: the adaptive augmentation of the GAN phase
+``replay``         :class:`ReplaySettings`: the classifier's training on t >= 1: replayed images,
+                   loss weights, the teacher
+=================  ===========================================================================
+
+Experiment files hold the same nesting (``{"gan": {"steps": 400}, "replay": {"kd_weight": 2}}``).
+Flat keys of earlier files (``gan_steps``, ``kd_weight``, ...) are read into their new place with
+a ``DeprecationWarning`` naming it (:data:`RENAMED_KEYS`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+import typing
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
 from avalanche_d2l.augment import AugmentConfig
+from avalanche_d2l.fields import check_value
 
-__all__ = ["GeniferConfig"]
+__all__ = [
+    "AugmentSettings",
+    "DiscriminatorSettings",
+    "GanSettings",
+    "GeneratorSettings",
+    "GeniferConfig",
+    "RENAMED_KEYS",
+    "ReplaySettings",
+    "merge_sections",
+]
 
-_CHOICES = {
-    "mixed_precision": ("no", "fp16", "bf16"),
-    "head": ("fixed", "fresh_per_task"),
-    "teacher_bn": ("eval", "train"),
-    "r1_lazy_scaling": ("interval", "reference"),
-    "g_family": ("stylegan2", "reference"),
-    "d_family": ("compact", "reference"),
-    "replay_padding": ("constant", "edge"),
-    "fd_distance": ("rms", "norm"),
-    "gan_stop": ("fidelity", "fixed"),
-}
+
+def _check_choices(owner: str, obj: Any, choices: dict[str, tuple]) -> None:
+    for name, valid in choices.items():
+        if getattr(obj, name) not in valid:
+            raise ValueError(f"{owner}.{name} must be one of {valid}, got {getattr(obj, name)!r}")
 
 
 @dataclass
-class GeniferConfig:
-    """All settings of Genifer. The defaults are the CPU preset of the 16 px offline streams.
+class GeneratorSettings:
+    """The generator (``None``: taken from the data at the first experience).
 
-    Generator (``None`` = taken from the data at the first experience):
+    Attributes:
         resolution: synthesis size, a power of two (``None``: the next power of two of the data's
             side; the output is resized to the data's size when they differ).
-        num_classes: size of the label space (``None``: the benchmark's ``n_classes``).
-        z_dim, embed_dim, w_dim, mapping_layers, g_channel_base, g_channel_max,
-        output_activation: see :class:`GeneratorConfig`.
+        z_dim, embed_dim, w_dim, mapping_layers, channel_base, channel_max, output_activation:
+            see :class:`avalanche_d2l.models.gan.GeneratorConfig`.
         output_range: value range of the classifier's input, ``(low, high)`` or per-channel lists
             (``None``: min/max per channel of up to 1024 real images of the first experience).
-        g_family: ``"stylegan2"`` (demodulated, 1x1 output) or ``"reference"`` (the authors'
+        family: ``"stylegan2"`` (demodulated, 1x1 output) or ``"reference"`` (the authors'
             layers: modulation without demodulation, 3x3 output conv; use with
             ``output_activation="none"`` for their linear output).
-    Discriminator:
-        d_channels: width of D; mbstd_group: minibatch-stddev group size; d_cmap_dim: size of
-            the projection space (``None``: ``d_channels``); d_family: ``"compact"`` or
-            ``"reference"``.
-    GAN training (after every experience):
-        gan_steps_first: G/D steps after the first experience; gan_steps: after later ones
-            (with ``gan_stop="fidelity"``: the caps).
-        gan_stop: ``"fidelity"``: the phase ends when every class's replay passes
-            ``fidelity_threshold`` (train-on-replay-test-on-real accuracy, checked every
-            ``fidelity_every`` steps) and the mean gains less than ``fidelity_min_delta`` over
-            the best earlier check, not before ``gan_min_steps`` (the floor); a class still
-            below the threshold at the cap is named in a warning and in the phase's summary.
-            ``"fixed"`` (the reference): exactly ``gan_steps_first`` / ``gan_steps`` steps.
-        measure_fidelity: measure the replay's fidelity after every phase (see
-            :mod:`avalanche_d2l.genifer.fidelity`): ``fidelity_holdout`` of the experience's
-            images are held out of the GAN phase for it; ``fidelity_probe_steps`` trains each
-            probe.
-        gan_batch_size, g_lr, d_lr, adam_betas: Adam settings for G and D.
-        gan_optimizer_reset: new Adam optimisers at every GAN phase (reference) instead of
-            keeping their state.
-        r1_gamma, r1_interval: lazy R1 penalty on the real *features* every N steps.
-        r1_lazy_scaling: ``"interval"``: penalty x gamma/2 x N (StyleGAN2's lazy weighting);
-            ``"reference"``: x gamma/2 x N/(N+1), with D's lr x N/(N+1) and betas ** (N/(N+1)).
-        ema_kimg: half-life of the EMA generator in thousands of images.
-        ema_rampup: StyleGAN2 ramp: the half-life is at most this fraction of all images shown
-            so far (``None``: no ramp).
-        ema_ramp_phase: when set, the half-life instead grows linearly from 0 over this fraction
-            of *every* phase (the reference ramps over about the first half).
-        g_distill_weight: self-distillation weight, multiplied by n_old / n_new classes.
-        g_distill_std: per-channel std the self-distillation difference is divided by (the
-            reference compares in mean/std-normalised space; ``None``: the classifier's input
-            space, which is that space when the data is already normalised).
-        gan_checkpoint_every: write a resumable checkpoint of a GAN phase every N steps (needs a
-            ``checkpoint_dir`` on the plugin); 0 = never.
-    Adaptive augmentation (applied in image space to real and fake before the classifier):
-        augment, ada_target, ada_p_max, ada_interval, ada_kimg (thousands of images for a full
-        0 -> 1 swing of p).
-    Classifier update on experiences t >= 1:
-        ce_weight, kd_weight, fd_weight, kd_temperature: loss weights (paper: 0.02 / 0.98 / 1.0
-            with 100 RAdam epochs and ``fd_distance="norm"``). CPU default: 1 / 3 / 1.0 (rms).
-        fd_distance: ``"rms"``: the feature distance per element (L2 norm over the square root
-            of the number of feature values), so the same weight holds for a large conv map and
-            a pooled vector; ``"norm"``: the reference's unnormalised L2 norm, whose strength
-            grows with the layer's size (x128 the "rms" value at its 256x8x8 layer).
-        head: ``"fixed"``: losses and prediction over every output unit; ``"fresh_per_task"``
-            (reference): the rows of classes new to the model are re-initialised at the start of
-            their experience and the logits of classes not seen yet are masked in CE, KD and the
-            evaluation argmax (a fixed-size head behaves like a head grown per task; Avalanche's
-            ``IncrementalClassifier`` works too).
-        head_module: name of the output ``nn.Linear`` (``None``: the model's last ``nn.Linear``).
-        teacher_bn: ``"eval"``: the teacher runs in eval mode on the replayed images;
-            ``"train"`` (reference): in train mode on the whole mixed mini-batch.
-        replay_ratio: replayed images appended per real image (1.0 = half/half) ...
-        replay_split: ... unless this is set: the fraction of the mini-batch that is replayed,
-            the real part being cut to the rest (reference 0.5: batch 32 = 16 real + 16 replayed).
-        replay_crop_pad, replay_flip, replay_padding: random crop (pixels of padding; padding
-            with the range minimum, ``"constant"``, or the border pixels, ``"edge"``) and flip of
-            replayed images.
-    Misc:
-        train_gan_after_last: also train the GAN after the last experience of the stream.
-        real_cache_mb: the current experience's images are loaded once as a tensor for the GAN
-            phase when they fit in this many MB (freed afterwards), else streamed.
-        mixed_precision: ``"no"``, ``"fp16"`` (CUDA) or ``"bf16"``, through ``accelerate``.
-        seed: seeds the torch generator used for z, labels, noise and augmentation.
-        progress: show tqdm bars for the GAN steps.
     """
 
     resolution: int | None = None
-    num_classes: int | None = None
     z_dim: int = 64
     embed_dim: int = 32
     w_dim: int = 64
     mapping_layers: int = 2
-    g_channel_base: int = 256
-    g_channel_max: int = 32
+    channel_base: int = 256
+    channel_max: int = 32
     output_activation: str = "sigmoid"
-    output_range: tuple | None = None
-    g_family: str = "stylegan2"
-    d_channels: int = 64
+    output_range: tuple[Any, ...] | None = None
+    family: str = "stylegan2"
+
+    def __post_init__(self) -> None:
+        if self.output_range is not None:
+            self.output_range = tuple(  # type: ignore[assignment]
+                tuple(v) if isinstance(v, (list, tuple)) else float(v) for v in self.output_range
+            )
+        _check_choices("GeniferConfig.generator", self, {"family": ("stylegan2", "reference")})
+
+
+@dataclass
+class DiscriminatorSettings:
+    """The discriminator on the classifier's features.
+
+    Attributes:
+        channels: width of D; mbstd_group: minibatch-stddev group size; cmap_dim: size of the
+            projection space (``None``: ``channels``); family: ``"compact"`` or ``"reference"``.
+    """
+
+    channels: int = 64
     mbstd_group: int = 4
-    d_cmap_dim: int | None = None
-    d_family: str = "compact"
-    gan_steps_first: int = 800
-    gan_steps: int = 800
-    gan_stop: str = "fidelity"
-    gan_min_steps: int = 100
-    fidelity_every: int = 50
-    fidelity_threshold: float = 0.85
-    fidelity_min_delta: float = 0.01
-    fidelity_holdout: float = 0.2
-    fidelity_probe_steps: int = 120
+    cmap_dim: int | None = None
+    family: str = "compact"
+
+    def __post_init__(self) -> None:
+        _check_choices("GeniferConfig.discriminator", self, {"family": ("compact", "reference")})
+
+
+@dataclass
+class GanSettings:
+    """One GAN phase (after every experience).
+
+    Length:
+        steps_first: G/D steps after the first experience; steps: after later ones (with
+            ``stop="fidelity"``: the caps).
+        stop: ``"fidelity"``: the phase ends when every class's replay passes ``threshold``
+            (train-on-replay-test-on-real accuracy, checked every ``check_every`` steps) and the
+            mean gains less than ``min_delta`` over the best earlier check, not before
+            ``min_steps`` (the floor); a class still below the threshold at the cap is named in a
+            warning and in the phase's summary. ``"fixed"`` (the reference): exactly
+            ``steps_first`` / ``steps`` steps.
+        measure_fidelity: measure the replay's fidelity after every phase (see
+            :mod:`avalanche_d2l.genifer.fidelity`): ``holdout`` of the experience's images are
+            held out of the GAN phase for it; ``probe_steps`` trains each probe.
+        after_last: also train the GAN after the last experience of the stream.
+    Training:
+        batch_size, g_lr, d_lr, adam_betas: Adam settings for G and D.
+        optimizer_reset: new Adam optimisers at every GAN phase (reference) instead of keeping
+            their state.
+        r1_gamma, r1_interval: lazy R1 penalty on the real *features* every N steps.
+        r1_lazy_scaling: ``"interval"``: penalty x gamma/2 x N (StyleGAN2's lazy weighting);
+            ``"reference"``: x gamma/2 x N/(N+1), with D's lr x N/(N+1) and betas ** (N/(N+1)).
+        ema_kimg: half-life of the EMA generator in thousands of images.
+        ema_rampup: StyleGAN2 ramp: the half-life is at most this fraction of all images shown so
+            far (``None``: no ramp).
+        ema_ramp_phase: when set, the half-life instead grows linearly from 0 over this fraction
+            of *every* phase (the reference ramps over about the first half).
+        distill_weight: self-distillation weight, multiplied by n_old / n_new classes.
+        distill_std: per-channel std the self-distillation difference is divided by (the
+            reference compares in mean/std-normalised space; ``None``: the classifier's input
+            space, which is that space when the data is already normalised).
+        checkpoint_every: write a resumable checkpoint of a GAN phase every N steps (needs a
+            ``checkpoint_dir`` on the plugin); 0 = never.
+        real_cache_mb: the experience's images are loaded once as a tensor for the phase when
+            they fit in this many MB (freed afterwards), else streamed.
+        mixed_precision: ``"no"``, ``"fp16"`` (CUDA) or ``"bf16"``, through ``accelerate``.
+    """
+
+    steps_first: int = 800
+    steps: int = 800
+    stop: str = "fidelity"
+    min_steps: int = 100
+    check_every: int = 50
+    threshold: float = 0.85
+    min_delta: float = 0.01
     measure_fidelity: bool = True
-    gan_batch_size: int = 64
+    holdout: float = 0.2
+    probe_steps: int = 120
+    after_last: bool = False
+    batch_size: int = 64
     g_lr: float = 0.0025
     d_lr: float = 0.0025
     adam_betas: tuple[float, float] = (0.0, 0.99)
-    gan_optimizer_reset: bool = False
+    optimizer_reset: bool = False
     r1_gamma: float = 0.5
     r1_interval: int = 16
     r1_lazy_scaling: str = "interval"
     ema_kimg: float = 5.0
     ema_rampup: float | None = 0.05
     ema_ramp_phase: float | None = None
-    g_distill_weight: float = 10.0
-    g_distill_std: tuple[float, ...] | None = None
-    gan_checkpoint_every: int = 0
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    ada_target: float = 0.5
-    ada_p_max: float = 0.5
-    ada_interval: int = 4
-    ada_kimg: float = 20.0
+    distill_weight: float = 10.0
+    distill_std: tuple[float, ...] | None = None
+    checkpoint_every: int = 0
+    real_cache_mb: float = 512.0
+    mixed_precision: str = "no"
+
+    def __post_init__(self) -> None:
+        self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
+        if self.distill_std is not None:
+            self.distill_std = tuple(float(v) for v in self.distill_std)
+        _check_choices(
+            "GeniferConfig.gan",
+            self,
+            {
+                "stop": ("fidelity", "fixed"),
+                "r1_lazy_scaling": ("interval", "reference"),
+                "mixed_precision": ("no", "fp16", "bf16"),
+            },
+        )
+        if self.batch_size < 2:
+            raise ValueError(
+                "GeniferConfig.gan.batch_size must be >= 2 (half real, half replayed for t > 0)"
+            )
+
+
+@dataclass
+class AugmentSettings:
+    """The adaptive augmentation (in image space, on real and fake before the classifier).
+
+    Attributes:
+        ops: which operations and how strong (:class:`avalanche_d2l.augment.AugmentConfig`).
+        target, p_max, interval: the probability ``p`` moves towards
+            ``E[sign(D(real))] = target`` every ``interval`` steps and stays below ``p_max``.
+        kimg: thousands of images for a full 0 -> 1 swing of ``p``.
+    """
+
+    ops: AugmentConfig = field(default_factory=AugmentConfig)
+    target: float = 0.5
+    p_max: float = 0.5
+    interval: int = 4
+    kimg: float = 20.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ops, Mapping):
+            self.ops = AugmentConfig(**_checked(AugmentConfig, self.ops, "augment.ops"))
+
+
+@dataclass
+class ReplaySettings:
+    """The classifier's update on experiences t >= 1.
+
+    Attributes:
+        ce_weight, kd_weight, fd_weight, kd_temperature: loss weights (paper: 0.02 / 0.98 / 1.0
+            with 100 RAdam epochs and ``fd_distance="norm"``). CPU default: 1 / 3 / 1.0 (rms).
+        fd_distance: ``"rms"``: the feature distance per element (L2 norm over the square root of
+            the number of feature values), so the same weight holds for a large conv map and a
+            pooled vector; ``"norm"``: the reference's unnormalised L2 norm, whose strength grows
+            with the layer's size (x128 the "rms" value at its 256x8x8 layer).
+        teacher_bn: ``"eval"``: the teacher runs in eval mode on the replayed images; ``"train"``
+            (reference): in train mode on the whole mixed mini-batch.
+        ratio: replayed images appended per real image (1.0 = half/half) ...
+        split: ... unless this is set: the fraction of the mini-batch that is replayed, the real
+            part being cut to the rest (reference 0.5: batch 32 = 16 real + 16 replayed).
+        crop_pad, flip, padding: random crop (pixels of padding; padding with the range minimum,
+            ``"constant"``, or the border pixels, ``"edge"``) and flip of replayed images.
+    """
+
     ce_weight: float = 1.0
     kd_weight: float = 3.0
     fd_weight: float = 1.0
     fd_distance: str = "rms"
     kd_temperature: float = 1.0
+    teacher_bn: str = "train"
+    ratio: float = 1.0
+    split: float | None = None
+    crop_pad: int = 2
+    flip: bool = False
+    padding: str = "constant"
+
+    def __post_init__(self) -> None:
+        _check_choices(
+            "GeniferConfig.replay",
+            self,
+            {
+                "fd_distance": ("rms", "norm"),
+                "teacher_bn": ("eval", "train"),
+                "padding": ("constant", "edge"),
+            },
+        )
+        if self.ratio < 0:
+            raise ValueError("GeniferConfig.replay.ratio must be >= 0")
+        if self.split is not None and not 0 < self.split < 1:
+            raise ValueError(
+                "GeniferConfig.replay.split must be in (0, 1) (e.g. 0.5 = half of the mini-batch)"
+            )
+
+
+#: The parts of :class:`GeniferConfig`, by key.
+PARTS: dict[str, type] = {
+    "generator": GeneratorSettings,
+    "discriminator": DiscriminatorSettings,
+    "gan": GanSettings,
+    "augment": AugmentSettings,
+    "replay": ReplaySettings,
+}
+
+
+def _flat(part: str, *names: str) -> dict[str, str]:
+    return {name: f"{part}.{name}" for name in names}
+
+
+#: Flat keys of the earlier one-level config -> their path now (read with a DeprecationWarning).
+RENAMED_KEYS: dict[str, str] = {
+    **_flat("generator", "resolution", "z_dim", "embed_dim", "w_dim", "mapping_layers"),
+    **_flat("generator", "output_activation", "output_range"),
+    "g_channel_base": "generator.channel_base",
+    "g_channel_max": "generator.channel_max",
+    "g_family": "generator.family",
+    "d_channels": "discriminator.channels",
+    "mbstd_group": "discriminator.mbstd_group",
+    "d_cmap_dim": "discriminator.cmap_dim",
+    "d_family": "discriminator.family",
+    "gan_steps_first": "gan.steps_first",
+    "gan_steps": "gan.steps",
+    "gan_stop": "gan.stop",
+    "gan_min_steps": "gan.min_steps",
+    "fidelity_every": "gan.check_every",
+    "fidelity_threshold": "gan.threshold",
+    "fidelity_min_delta": "gan.min_delta",
+    "fidelity_holdout": "gan.holdout",
+    "fidelity_probe_steps": "gan.probe_steps",
+    "train_gan_after_last": "gan.after_last",
+    "gan_batch_size": "gan.batch_size",
+    "gan_optimizer_reset": "gan.optimizer_reset",
+    "g_distill_weight": "gan.distill_weight",
+    "g_distill_std": "gan.distill_std",
+    "gan_checkpoint_every": "gan.checkpoint_every",
+    **_flat("gan", "measure_fidelity", "g_lr", "d_lr", "adam_betas", "r1_gamma", "r1_interval"),
+    **_flat("gan", "r1_lazy_scaling", "ema_kimg", "ema_rampup", "ema_ramp_phase"),
+    **_flat("gan", "real_cache_mb", "mixed_precision"),
+    "ada_target": "augment.target",
+    "ada_p_max": "augment.p_max",
+    "ada_interval": "augment.interval",
+    "ada_kimg": "augment.kimg",
+    **_flat("replay", "ce_weight", "kd_weight", "fd_weight", "fd_distance", "kd_temperature"),
+    "teacher_bn": "replay.teacher_bn",
+    "replay_ratio": "replay.ratio",
+    "replay_split": "replay.split",
+    "replay_crop_pad": "replay.crop_pad",
+    "replay_flip": "replay.flip",
+    "replay_padding": "replay.padding",
+}
+
+
+def _checked(cls: type, data: Any, where: str) -> dict[str, Any]:
+    """``data`` as keyword arguments of dataclass ``cls``, every key known and every value of its
+    annotated type, or one sentence naming the key's path."""
+    if not isinstance(data, Mapping):
+        raise ValueError(
+            f"GeniferConfig: {where} must be an object of settings, got {type(data).__name__}"
+        )
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    out = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ValueError(
+                f"GeniferConfig: unknown key {path!r}; valid keys{' of ' + where if where else ''}"
+                f": {', '.join(names)}"
+            )
+        out[key] = check_value(value, hints[key], f"GeniferConfig: {path}")
+    return out
+
+
+def merge_sections(base: Mapping[str, Any], change: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``change`` written over it part by part (``{"gan": {"steps": 3}}`` changes
+    one setting of ``gan`` and keeps the others)."""
+    out = dict(base)
+    for key, value in change.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_sections(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _nest_flat_keys(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat keys of earlier files moved to their part, each with a DeprecationWarning."""
+    data = dict(data)
+    old_augment = data.get("augment")
+    ops = {f.name for f in dataclasses.fields(AugmentConfig)}
+    if isinstance(old_augment, Mapping) and old_augment and set(old_augment) <= ops:
+        warnings.warn(
+            "GeniferConfig: the augmentation operations are now under 'augment.ops'; "
+            "move them there",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        data["augment"] = {"ops": dict(old_augment)}
+    moved = [k for k in data if k in RENAMED_KEYS]
+    if moved:
+        warnings.warn(
+            "GeniferConfig: flat keys are read into their part ("
+            + ", ".join(f"{k!r} -> {RENAMED_KEYS[k]!r}" for k in moved)
+            + "); write them there",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+    for key in moved:
+        part, name = RENAMED_KEYS[key].split(".")
+        section = data.setdefault(part, {})
+        if not isinstance(section, Mapping):
+            raise ValueError(f"GeniferConfig: {part} must be an object of settings")
+        data[part] = {**section, name: data.pop(key)}
+    return data
+
+
+@dataclass
+class GeniferConfig:
+    """All settings of Genifer. The defaults are the CPU preset of the 16 px offline streams.
+
+    Attributes:
+        generator, discriminator, gan, augment, replay: the parts (see the module docstring).
+        num_classes: size of the label space (``None``: the benchmark's ``n_classes``).
+        head: ``"fixed"``: losses and prediction over every output unit; ``"fresh_per_task"``
+            (reference): the rows of classes new to the model are re-initialised at the start of
+            their experience and the logits of classes not seen yet are masked in CE, KD and the
+            evaluation argmax (a fixed-size head behaves like a head grown per task; Avalanche's
+            ``IncrementalClassifier`` works too).
+        head_module: name of the output ``nn.Linear`` (``None``: the model's last ``nn.Linear``).
+        seed: seeds the torch generator used for z, labels, noise and augmentation.
+        progress: show tqdm bars for the GAN steps.
+    """
+
+    #: flat keys of the earlier layout -> their path (see :data:`RENAMED_KEYS`)
+    RENAMED_KEYS: ClassVar[dict[str, str]] = RENAMED_KEYS
+
+    generator: GeneratorSettings = field(default_factory=GeneratorSettings)
+    discriminator: DiscriminatorSettings = field(default_factory=DiscriminatorSettings)
+    gan: GanSettings = field(default_factory=GanSettings)
+    augment: AugmentSettings = field(default_factory=AugmentSettings)
+    replay: ReplaySettings = field(default_factory=ReplaySettings)
+    num_classes: int | None = None
     head: str = "fresh_per_task"
     head_module: str | None = None
-    teacher_bn: str = "train"
-    replay_ratio: float = 1.0
-    replay_split: float | None = None
-    replay_crop_pad: int = 2
-    replay_flip: bool = False
-    replay_padding: str = "constant"
-    train_gan_after_last: bool = False
-    real_cache_mb: float = 512.0
-    mixed_precision: str = "no"
     seed: int = 0
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.augment, dict):
-            self.augment = AugmentConfig(**self.augment)
-        if self.output_range is not None:
-            self.output_range = tuple(  # type: ignore[assignment]
-                tuple(v) if isinstance(v, (list, tuple)) else float(v) for v in self.output_range
-            )
-        if self.g_distill_std is not None:
-            self.g_distill_std = tuple(float(v) for v in self.g_distill_std)
-        self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
-        for name, valid in _CHOICES.items():
-            if getattr(self, name) not in valid:
+        for name, cls in PARTS.items():
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                setattr(self, name, cls(**_checked(cls, value, name)))
+            elif not isinstance(value, cls):
                 raise ValueError(
-                    f"GeniferConfig.{name} must be one of {valid}, got {getattr(self, name)!r}"
+                    f"GeniferConfig.{name} must be a {cls.__name__} or a dict of its settings, "
+                    f"got {type(value).__name__}"
                 )
-        if self.gan_batch_size < 2:
-            raise ValueError("gan_batch_size must be >= 2 (half real, half replayed for t > 0)")
-        if self.replay_ratio < 0:
-            raise ValueError("replay_ratio must be >= 0")
-        if self.replay_split is not None and not 0 < self.replay_split < 1:
-            raise ValueError("replay_split must be in (0, 1) (e.g. 0.5 = half of the mini-batch)")
+        _check_choices("GeniferConfig", self, {"head": ("fixed", "fresh_per_task")})
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every setting, nested by part (what experiment files and run records hold)."""
+        return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
         """Hash of the settings that change results (everything but ``progress``)."""
@@ -201,29 +437,35 @@ class GeniferConfig:
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GeniferConfig:
-        """Build from a dict; unknown keys are an error (no silently ignored typos)."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown GeniferConfig keys {unknown}; valid keys: {sorted(names)}")
-        data = dict(data)
-        if isinstance(data.get("augment"), dict):
-            aug_names = {f.name for f in fields(AugmentConfig)}
-            bad = sorted(set(data["augment"]) - aug_names)
-            if bad:
-                raise ValueError(f"unknown AugmentConfig keys {bad}; valid: {sorted(aug_names)}")
-            data["augment"] = AugmentConfig(**data["augment"])
-        return cls(**data)
+    def from_dict(cls, data: Mapping[str, Any]) -> GeniferConfig:
+        """Build from a nested dict (an experiment file's section).
+
+        Raises:
+            ValueError: a key path that is not a setting or a value of the wrong type (one
+                sentence naming its path and, for an unknown key, the valid ones).
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"GeniferConfig: expected an object of settings, got {data!r}")
+        top = _checked(cls, _nest_flat_keys(data), "")
+        parts = {}
+        for name, part in PARTS.items():
+            if name in top:
+                parts[name] = part(**_checked(part, top.pop(name), name))
+        return cls(**parts, **top)
+
+    def merged(self, change: Mapping[str, Any]) -> GeniferConfig:
+        """A copy with ``change`` (a nested dict, e.g. ``{"gan": {"steps": 10}}``) applied."""
+        return type(self).from_dict(merge_sections(self.to_dict(), change))
 
     def quick(self) -> GeniferConfig:
         """A much shorter copy for tests and CI (same architecture, few GAN steps)."""
-        return replace(
-            self,
-            gan_steps_first=min(self.gan_steps_first, 40),
-            gan_steps=min(self.gan_steps, 40),
-            gan_min_steps=min(self.gan_min_steps, 20),
-            fidelity_every=min(self.fidelity_every, 20),
-            fidelity_probe_steps=min(self.fidelity_probe_steps, 20),
-            progress=False,
+        g = self.gan
+        gan = replace(
+            g,
+            steps_first=min(g.steps_first, 40),
+            steps=min(g.steps, 40),
+            min_steps=min(g.min_steps, 20),
+            check_every=min(g.check_every, 20),
+            probe_steps=min(g.probe_steps, 20),
         )
+        return replace(self, gan=gan, progress=False)

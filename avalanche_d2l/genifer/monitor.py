@@ -20,13 +20,14 @@ import torch
 from avalanche.evaluation.metric_results import MetricValue
 from torch import nn
 
+from avalanche_d2l.genifer.config import GanSettings
 from avalanche_d2l.genifer.fidelity import (
     ProbeSettings,
     measure_fidelity,
     probe_accuracy,
     replay_pool,
 )
-from avalanche_d2l.models.feature_gan import FeatureTap
+from avalanche_d2l.models.feature_gan_parts import FeatureTap
 
 __all__ = ["ReplayMonitor", "StopRule", "publish_fidelity", "split_holdout"]
 
@@ -120,7 +121,7 @@ class ReplayMonitor:
     @classmethod
     def for_phase(
         cls,
-        cfg,
+        settings: GanSettings,
         experience,
         *,
         generator,
@@ -128,14 +129,13 @@ class ReplayMonitor:
         classes: Sequence[int],
         active: Sequence[int],
         device: torch.device,
+        seed: int,
     ):
         """The GAN's dataset (the held-out images removed) and the monitor of the phase after
-        ``experience``, with the ``fidelity_*`` settings of the Genifer config ``cfg``."""
+        ``experience``, with the stop rule and probe settings of the GAN ``settings``."""
         exp_id = int(experience.current_experience)
-        rng = torch.Generator().manual_seed(cfg.seed * 7919 + exp_id)
-        dataset, real_train, real_test = split_holdout(
-            experience.dataset, cfg.fidelity_holdout, rng
-        )
+        rng = torch.Generator().manual_seed(seed * 7919 + exp_id)
+        dataset, real_train, real_test = split_holdout(experience.dataset, settings.holdout, rng)
         monitor = cls(
             generator=generator,
             classifier=classifier,
@@ -145,9 +145,9 @@ class ReplayMonitor:
             active=active,
             real_train=(real_train[0].to(device), real_train[1].to(device)),
             real_test=(real_test[0].to(device), real_test[1].to(device)),
-            rule=StopRule(cfg.fidelity_threshold, cfg.fidelity_min_delta, cfg.gan_min_steps),
-            settings=ProbeSettings(steps=cfg.fidelity_probe_steps),
-            seed=cfg.seed * 7919 + exp_id + 1,
+            rule=StopRule(settings.threshold, settings.min_delta, settings.min_steps),
+            settings=ProbeSettings(steps=settings.probe_steps),
+            seed=seed * 7919 + exp_id + 1,
         )
         return dataset, monitor
 
@@ -217,8 +217,8 @@ class ReplayMonitor:
                 f"Genifer: after {summary['steps']} GAN steps (cap {summary['max_steps']}), the "
                 f"replay of classes {low} is recognised by a probe trained on it at "
                 f"{[round(fid['probe'][str(c)], 3) for c in low]} on held-out real images "
-                f"(threshold {thr}): those classes may be forgotten. Raise gan_steps / "
-                "gan_steps_first, or see the README's Genifer section.",
+                f"(threshold {thr}): those classes may be forgotten. Raise gan.steps / "
+                "gan.steps_first, or see the README's Genifer section.",
                 stacklevel=4,
             )
         return fid

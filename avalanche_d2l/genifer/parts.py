@@ -1,5 +1,5 @@
-"""Genifer's plumbing around the paper's loop: the generator fitted to the data, the output head
-of the reference's semantics, the random crop and flip of replayed images."""
+"""Genifer's plumbing around the paper's loop: the generator and discriminator fitted to the data,
+the output head of the reference's semantics."""
 
 from __future__ import annotations
 
@@ -8,15 +8,17 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
+from avalanche_d2l.genifer.config import GeneratorSettings, GeniferConfig
+from avalanche_d2l.models.feature_gan import FeatureGANTrainer
+from avalanche_d2l.models.feature_gan_parts import feature_shape
 from avalanche_d2l.models.gan import GeneratorConfig, StyleGenerator, next_power_of_two
 from avalanche_d2l.utils import get_module
 
 __all__ = [
     "build_generator",
     "check_image_shape",
-    "crop_flip",
+    "fit_gan",
     "mask_inactive",
     "num_classes_of",
     "output_linear",
@@ -65,35 +67,79 @@ def check_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
 
 
 def build_generator(
-    cfg, shape: tuple[int, int, int], num_classes: int, out_range
+    settings: GeneratorSettings,
+    shape: tuple[int, int, int],
+    num_classes: int,
+    out_range,
+    *,
+    seed: int,
 ) -> StyleGenerator:
-    """A generator of ``cfg``'s architecture for images of ``shape`` in ``out_range``, its
-    weights drawn from ``cfg.seed`` (the global RNG, i.e. the data order, is left untouched)."""
+    """A generator of ``settings``' architecture for images of ``shape`` in ``out_range``, its
+    weights drawn from ``seed`` (the global RNG, i.e. the data order, is left untouched)."""
     c, h, w = shape
-    res = cfg.resolution or next_power_of_two(max(h, w))
+    res = settings.resolution or next_power_of_two(max(h, w))
     if out_range is None:
         raise ValueError(
-            "no output_range: set GeniferConfig.output_range to the value "
+            "no output_range: set GeniferConfig.generator.output_range to the value "
             "range of the classifier's input, e.g. (0.0, 1.0)"
         )
     gen_cfg = GeneratorConfig(
         num_classes=num_classes,
         resolution=res,
         img_channels=c,
-        z_dim=cfg.z_dim,
-        embed_dim=cfg.embed_dim,
-        w_dim=cfg.w_dim,
-        mapping_layers=cfg.mapping_layers,
-        channel_base=cfg.g_channel_base,
-        channel_max=cfg.g_channel_max,
-        output_activation=cfg.output_activation,
+        z_dim=settings.z_dim,
+        embed_dim=settings.embed_dim,
+        w_dim=settings.w_dim,
+        mapping_layers=settings.mapping_layers,
+        channel_base=settings.channel_base,
+        channel_max=settings.channel_max,
+        output_activation=settings.output_activation,
         output_range=tuple(out_range),
-        family=cfg.g_family,
+        family=settings.family,
         output_size=None if (h, w) == (res, res) else (h, w),
     )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(seed)
         return StyleGenerator(config=gen_cfg)
+
+
+def fit_gan(
+    trainer: FeatureGANTrainer,
+    cfg: GeniferConfig,
+    *,
+    feature_layer: str,
+    image_shape: Sequence[int],
+    num_classes: int,
+    classifier: nn.Module,
+    value_range: tuple | None = None,
+) -> tuple[int, int, int]:
+    """Build the trainer's G (unless it has one; value range ``cfg.generator.output_range``, else
+    ``value_range``) for images of ``image_shape`` and D for the classifier's features at
+    ``feature_layer``; check that a given generator fits. Returns ``(C, H, W)``.
+
+    Raises:
+        ValueError: the shape cannot be served (with what to pass instead).
+    """
+    c, h, w = check_image_shape(image_shape)
+    if trainer.generator is None:
+        out_range = cfg.generator.output_range
+        out_range = out_range if out_range is not None else value_range
+        generator = build_generator(cfg.generator, (c, h, w), num_classes, out_range, seed=cfg.seed)
+        trainer.set_generator(generator)
+    gc = trainer.generator.config  # type: ignore[union-attr]
+    made = (gc.img_channels, *(gc.output_size or (gc.resolution, gc.resolution)))
+    if tuple(made) != (c, h, w):
+        raise ValueError(
+            f"the generator makes {made[0]}x{made[1]}x{made[2]} images but the data is "
+            f"{c}x{h}x{w}: pass a generator with GeneratorConfig(img_channels={c}, "
+            f"output_size=({h}, {w})) or none (it is then built from the data)"
+        )
+    if trainer.discriminator is None:
+        shape = feature_shape(classifier, feature_layer, (c, h, w))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 1)
+            trainer.build_discriminator(shape, gc.num_classes)
+    return c, h, w
 
 
 def output_linear(model: nn.Module, name: str | None) -> nn.Linear:
@@ -135,34 +181,3 @@ def mask_inactive(logits: torch.Tensor, active: Sequence[int]) -> torch.Tensor:
     )
     mask[idx] = False
     return logits.masked_fill(mask, MASK_VALUE)
-
-
-def crop_flip(
-    x: torch.Tensor,
-    *,
-    pad: int,
-    padding: str,
-    flip: bool,
-    low: torch.Tensor,
-    rng: torch.Generator,
-) -> torch.Tensor:
-    """Random crop (padded by ``pad`` px with ``low``, ``padding="constant"``, or the border
-    pixels, ``"edge"``) and horizontal flip, drawn per image."""
-    n, c, h, w = x.shape
-    if pad > 0:
-        if padding == "edge":
-            xp = F.pad(x, (pad, pad, pad, pad), mode="replicate")
-        else:
-            low = low.to(x).view(1, -1, 1, 1) if low.dim() == 1 else low.to(x)
-            xp = F.pad(x - low, (pad, pad, pad, pad)) + low
-        oy = torch.randint(0, 2 * pad + 1, (n,), generator=rng).to(x.device)
-        ox = torch.randint(0, 2 * pad + 1, (n,), generator=rng).to(x.device)
-        rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-        cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-        idx_n = torch.arange(n, device=x.device)[:, None, None, None]
-        idx_c = torch.arange(c, device=x.device)[None, :, None, None]
-        x = xp[idx_n, idx_c, rows, cols]
-    if flip:
-        hit = (torch.rand(n, generator=rng) < 0.5).to(x.device)[:, None, None, None]
-        x = torch.where(hit, x.flip(3), x)
-    return x

@@ -112,7 +112,7 @@ def build_genifer(
         progress=cfg.progress and run.progress,
     )
     if getattr(run, "precision", "no") != "no":
-        cfg = replace(cfg, mixed_precision=run.precision)
+        cfg = replace(cfg, gan=replace(cfg.gan, mixed_precision=run.precision))
     if run.quick:
         cfg = cfg.quick()
     return Genifer(

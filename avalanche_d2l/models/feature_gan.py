@@ -8,35 +8,30 @@ optimisers and the adaptive augmentation, and runs one *GAN phase* after an expe
 2. fake batch from G with the same labels; real and fake are augmented in image space and passed
    through the frozen classifier up to the feature layer (the forward pass stops there);
 3. D step: ``softplus(D(fake)) + softplus(-D(real))`` plus a lazy R1 penalty on the real
-   *features* every ``r1_interval`` steps;
+   *features* every ``gan.r1_interval`` steps;
 4. G step: ``softplus(-D(fake))`` plus the self-distillation
-   ``g_distill_weight * n_old / n_new * L1(G(z, y_old) - G_prev(z, y_old))`` (same z and noise);
+   ``gan.distill_weight * n_old / n_new * L1(G(z, y_old) - G_prev(z, y_old))`` (same z, noise);
 5. EMA of G; 6. adaptation of the augmentation probability.
 
-A phase can write a checkpoint every ``gan_checkpoint_every`` steps (atomically) and resumes from
+A phase can write a checkpoint every ``gan.checkpoint_every`` steps (atomically) and resumes from
 it exactly when it is started again with the same checkpoint path (the file is removed when the
 phase ends).
 
-The trainer reads its settings from a config object with the GAN fields of
-:class:`avalanche_d2l.strategies.genifer.GeniferConfig` (``z_dim``, ``gan_batch_size``, ``g_lr``,
-``d_lr``, ``adam_betas``, ``r1_*``, ``ema_*``, ``g_distill_*``, ``augment``, ``ada_*``,
-``real_cache_mb``, ``mixed_precision``, ``progress``, ``gan_optimizer_reset``,
-``gan_checkpoint_every``).
+The trainer takes only its own settings: the ``gan``, ``discriminator`` and ``augment`` parts of
+:class:`avalanche_d2l.genifer.GeniferConfig` (the generator is built, or given, outside it).
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -44,13 +39,23 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from avalanche_d2l.augment import AdaptiveAugment
+from avalanche_d2l.models.feature_gan_parts import (
+    FeatureTap,
+    RealBatches,
+    atomic_torch_save,
+    feature_shape,
+    frozen_copy,
+    module_fingerprint,
+)
 from avalanche_d2l.models.gan import (
     DiscriminatorConfig,
     FeatureDiscriminator,
     GeneratorConfig,
     StyleGenerator,
 )
-from avalanche_d2l.utils import FeatureHook
+
+if TYPE_CHECKING:  # the settings' types only: the trainer reads them, it does not build them
+    from avalanche_d2l.genifer.config import AugmentSettings, DiscriminatorSettings, GanSettings
 
 __all__ = [
     "FeatureGANTrainer",
@@ -63,182 +68,38 @@ __all__ = [
 ]
 
 
-def frozen_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` in eval mode with every parameter frozen."""
-    copy = deepcopy(module).eval()
-    copy.requires_grad_(False)
-    return copy
-
-
-def module_fingerprint(module: nn.Module) -> str:
-    """A short hash of a module's state (to check that a checkpoint belongs to it)."""
-    h = hashlib.sha1()
-    for k, v in module.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace`` it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-class _StopForward(Exception):
-    """Raised by :class:`FeatureTap` to skip the classifier layers after the feature layer."""
-
-
-class FeatureTap(FeatureHook):
-    """Feature hook that stops the forward pass right after the hooked layer (saves the rest)."""
-
-    def _hook(self, module: nn.Module, inputs, output) -> None:
-        super()._hook(module, inputs, output)
-        raise _StopForward
-
-    def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        try:
-            model(x)
-        except _StopForward:
-            pass
-        return self.pop()
-
-
-def feature_shape(classifier: nn.Module, layer: str, image_shape: Sequence[int]) -> tuple:
-    """Shape of one sample's output of ``layer`` for images of ``image_shape`` (C, H, W)."""
-    device = next(classifier.parameters()).device
-    tap = FeatureTap(classifier, layer)
-    was_training = classifier.training
-    try:
-        classifier.eval()
-        with torch.no_grad():
-            feat = tap(classifier, torch.zeros(2, *image_shape, device=device))
-    finally:
-        tap.remove()
-        classifier.train(was_training)
-    return tuple(int(s) for s in feat.shape[1:])
-
-
-class RealBatches:
-    """Endless batches ``(images, labels)`` of a dataset (eval transforms), with a state.
-
-    Small datasets are loaded once as tensors (freed with this object) and drawn without
-    replacement in random order; large ones are streamed by a seeded DataLoader. The position
-    can be saved and restored (:meth:`state_dict`), which mid-phase checkpoints need.
-    """
-
-    def __init__(
-        self, dataset, batch_size: int, device: torch.device, rng: torch.Generator, cache_mb: float
-    ):
-        self.ds = dataset.eval() if hasattr(dataset, "eval") else dataset
-        self.n = batch_size
-        self.device = device
-        self.rng = rng
-        x0 = self.ds[0][0]
-        self.cached = len(self.ds) * x0.numel() * 4 <= cache_mb * 2**20
-        self.perm: torch.Tensor | None = None
-        self.pos = 0
-        if self.cached:
-            xs, ys = [], []
-            for batch in torch.utils.data.DataLoader(self.ds, batch_size=512, shuffle=False):
-                xs.append(batch[0])
-                ys.append(batch[1])
-            self.xs = torch.cat(xs).to(device)
-            self.ys = torch.cat(ys).long().to(device)
-        else:
-            seed = int(torch.randint(2**31, (1,), generator=rng))
-            self.loader_rng = torch.Generator().manual_seed(seed)
-            self.loader = torch.utils.data.DataLoader(
-                self.ds,
-                batch_size=batch_size,
-                shuffle=True,
-                drop_last=len(self.ds) >= batch_size,
-                generator=self.loader_rng,
-            )
-            self._epoch_state = self.loader_rng.get_state()
-            self._it = iter(self.loader)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cached:
-            total, n = len(self.ys), self.n
-            if total < n:
-                idx = torch.randint(total, (n,), generator=self.rng).to(self.device)
-                return self.xs[idx], self.ys[idx]
-            if self.perm is None or self.pos + n > total:
-                self.perm = torch.randperm(total, generator=self.rng).to(self.device)
-                self.pos = 0
-            idx = self.perm[self.pos : self.pos + n]
-            self.pos += n
-            return self.xs[idx], self.ys[idx]
-        try:
-            batch = next(self._it)
-        except StopIteration:
-            self._epoch_state = self.loader_rng.get_state()
-            self.pos = 0
-            self._it = iter(self.loader)
-            batch = next(self._it)
-        self.pos += 1
-        return batch[0].to(self.device), batch[1].long().to(self.device)
-
-    def state_dict(self) -> dict[str, Any]:
-        if self.cached:
-            return {
-                "cached": True,
-                "pos": self.pos,
-                "perm": None if self.perm is None else self.perm.cpu(),
-            }
-        return {"cached": False, "pos": self.pos, "epoch_state": self._epoch_state}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["cached"] != self.cached:
-            raise ValueError(
-                "the checkpoint's real-batch state is for another caching mode: keep "
-                "real_cache_mb unchanged when resuming a GAN phase"
-            )
-        self.pos = int(state["pos"])
-        if self.cached:
-            self.perm = None if state["perm"] is None else state["perm"].to(self.device)
-            return
-        self._epoch_state = state["epoch_state"]
-        self.loader_rng.set_state(self._epoch_state)
-        self._it = iter(self.loader)
-        for _ in range(self.pos):  # skip the batches already used in this epoch
-            next(self._it)
-
-    def close(self) -> None:
-        self.xs = self.ys = None  # type: ignore[assignment]
-
-
 class FeatureGANTrainer:
     """G, EMA G, D, their optimisers and the adaptive augmentation; trains one phase at a time.
 
     Args:
-        config: the GAN settings (see the module docstring).
+        gan: the phase's settings (length, optimisers, R1, EMA, self-distillation, checkpoints).
+        discriminator: the architecture of D (built by :meth:`build_discriminator`).
+        augment: the adaptive augmentation.
         rng: torch CPU generator for z, labels, noise, augmentation and batch order.
+        progress: show a tqdm bar for the steps.
     """
 
-    def __init__(self, *, config, rng: torch.Generator):
-        self.config = config
+    def __init__(
+        self,
+        *,
+        gan: GanSettings,
+        discriminator: DiscriminatorSettings,
+        augment: AugmentSettings,
+        rng: torch.Generator,
+        progress: bool = True,
+    ):
+        self.settings = gan
+        self.discriminator_settings = discriminator
+        self.progress = progress
         self.rng = rng
         self.generator: StyleGenerator | None = None
         self.generator_ema: StyleGenerator | None = None
         self.discriminator: FeatureDiscriminator | None = None
         self.opt_g: torch.optim.Optimizer | None = None
         self.opt_d: torch.optim.Optimizer | None = None
-        cfg = config
+        self.ada_interval = augment.interval
         self.ada = AdaptiveAugment(
-            config=cfg.augment, target=cfg.ada_target, p_max=cfg.ada_p_max, kimg=cfg.ada_kimg
+            config=augment.ops, target=augment.target, p_max=augment.p_max, kimg=augment.kimg
         )
         self.gan_nimg = 0  # images shown to D so far (drives the cumulative EMA ramp-up)
         self.history: list[dict[str, Any]] = []  # one summary per GAN phase
@@ -249,15 +110,15 @@ class FeatureGANTrainer:
         self.generator_ema = frozen_copy(generator)  # type: ignore[assignment]
 
     def build_discriminator(self, feature_shape: Sequence[int], num_classes: int) -> None:
-        cfg = self.config
+        d = self.discriminator_settings
         self.discriminator = FeatureDiscriminator(
             config=DiscriminatorConfig(
                 feature_shape=tuple(feature_shape),
                 num_classes=num_classes,
-                channels=cfg.d_channels,
-                mbstd_group=cfg.mbstd_group,
-                cmap_dim=cfg.d_cmap_dim,
-                family=cfg.d_family,
+                channels=d.channels,
+                mbstd_group=d.mbstd_group,
+                cmap_dim=d.cmap_dim,
+                family=d.family,
             )
         )
 
@@ -266,7 +127,7 @@ class FeatureGANTrainer:
         ``k`` steps is weighted ``k / (k + 1)`` and D's lr and betas are adjusted by the same
         factor (lr * c, beta ** c); with ``"interval"`` the penalty is weighted ``k`` and Adam
         is as configured."""
-        cfg = self.config
+        cfg = self.settings
         k = max(1, int(cfg.r1_interval))
         b1, b2 = cfg.adam_betas
         if cfg.r1_lazy_scaling == "reference":
@@ -275,7 +136,7 @@ class FeatureGANTrainer:
         return cfg.d_lr, (b1, b2), float(k)
 
     def make_optimizers(self) -> None:
-        cfg = self.config
+        cfg = self.settings
         self.opt_g = torch.optim.Adam(
             self.generator.parameters(),
             lr=cfg.g_lr,  # type: ignore
@@ -294,15 +155,13 @@ class FeatureGANTrainer:
         """A fresh ``accelerate.Accelerator`` for autocast/backward (never kept: dill-safe)."""
         from accelerate import Accelerator
 
+        precision = self.settings.mixed_precision
         try:
-            return Accelerator(
-                cpu=device.type == "cpu", mixed_precision=self.config.mixed_precision
-            )
+            return Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
         except ValueError as err:
             raise RuntimeError(
-                f"could not set up accelerate with mixed_precision="
-                f"{self.config.mixed_precision!r} (another Accelerator in this process uses other "
-                f"settings): {err}"
+                f"could not set up accelerate with mixed_precision={precision!r} (another "
+                f"Accelerator in this process uses other settings): {err}"
             ) from err
 
     # ------------------------------------------------------------------ state
@@ -376,7 +235,7 @@ class FeatureGANTrainer:
         grows linearly from 0 over that fraction of every phase; else, with ``ema_rampup``, it
         is at most ``ema_rampup`` times the images shown since the first phase (StyleGAN2).
         """
-        cfg = self.config
+        cfg = self.settings
         ema_nimg = cfg.ema_kimg * 1000
         if cfg.ema_ramp_phase:
             ema_nimg = ema_nimg * min(1.0, step / max(1e-8, cfg.ema_ramp_phase * steps))
@@ -407,7 +266,7 @@ class FeatureGANTrainer:
         returns True (``steps`` is then the cap). Returns (and appends to ``self.history``) a
         summary of the phase.
         """
-        cfg = self.config
+        cfg = self.settings
         device = torch.device(device)
         G, G_ema, D = self.generator, self.generator_ema, self.discriminator
         if G is None or G_ema is None or D is None:
@@ -417,7 +276,7 @@ class FeatureGANTrainer:
         G.to(device).train()
         G_ema.to(device)
         D.to(device).train()
-        if cfg.gan_optimizer_reset or self.opt_g is None or self.opt_d is None:
+        if cfg.optimizer_reset or self.opt_g is None or self.opt_d is None:
             self.make_optimizers()  # reference: new Adams every phase
         for opt in (self.opt_g, self.opt_d):  # optimiser state follows the models' device
             for st in opt.state.values():  # type: ignore[union-attr]
@@ -428,15 +287,15 @@ class FeatureGANTrainer:
             # every phase starts from the EMA generator of the previous one (never re-initialised)
             G.load_state_dict(G_ema.state_dict())
         g_prev = frozen_copy(G_ema) if old else None
-        batch = cfg.gan_batch_size
+        batch = cfg.batch_size
         n_old = batch // 2 if old else 0
         n_new = batch - n_old
-        distill_w = cfg.g_distill_weight * len(old) / max(1, len(new))
+        distill_w = cfg.distill_weight * len(old) / max(1, len(new))
         distill_std = None
-        if cfg.g_distill_std is not None:
-            distill_std = torch.as_tensor(
-                cfg.g_distill_std, dtype=torch.float32, device=device
-            ).view(1, -1, 1, 1)
+        if cfg.distill_std is not None:
+            distill_std = torch.as_tensor(cfg.distill_std, dtype=torch.float32, device=device).view(
+                1, -1, 1, 1
+            )
         _, _, r1_factor = self.d_adam_settings()
         self.ada.reset()
         self.ada.to(device)
@@ -477,7 +336,7 @@ class FeatureGANTrainer:
         bar = tqdm(
             range(start, steps),
             desc=f"Genifer GAN (classes {new})",
-            disable=not cfg.progress,
+            disable=not self.progress,
             leave=False,
             initial=start,
             total=steps,
@@ -493,7 +352,7 @@ class FeatureGANTrainer:
                     y_real = torch.cat([y_real, y_old])
                 # 2. fake batch (same labels), kept with its graph: the classifier is frozen, so
                 #    one pass through it serves both the D step (detached) and the G step
-                z = torch.randn(batch, cfg.z_dim, generator=self.rng).to(device)
+                z = torch.randn(batch, G.config.z_dim, generator=self.rng).to(device)
                 noise = G.make_noise(batch, generator=self.rng, device=device)
                 with acc.autocast():
                     fake = G(z, y_real, noise)
@@ -544,17 +403,17 @@ class FeatureGANTrainer:
                         list(G_ema.parameters()), [p.detach() for p in G.parameters()], 1 - beta
                     )
                 # 6. adapt the augmentation probability
-                if (step + 1) % cfg.ada_interval == 0:
+                if (step + 1) % self.ada_interval == 0:
                     self.ada.adjust()
                 sums["loss_d"] += float(loss_d.detach())
                 sums["loss_g"] += float(loss_g.detach())
-                if cfg.progress and step % 20 == 0:
+                if self.progress and step % 20 == 0:
                     bar.set_postfix(
                         d=f"{loss_d.item():.3f}",
                         g=f"{loss_g.item():.3f}",
                         p=f"{float(self.ada.p):.2f}",
                     )
-                every = cfg.gan_checkpoint_every
+                every = cfg.checkpoint_every
                 if ckpt is not None and every and (step + 1) % every == 0 and step + 1 < steps:
                     self._write_checkpoint(ckpt, key, step + 1, g_prev, real_iter, sums)
                 done = step + 1

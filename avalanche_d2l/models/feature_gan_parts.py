@@ -1,0 +1,184 @@
+"""What a GAN phase on a frozen classifier's features needs around the trainer: the frozen copy,
+the feature tap that stops the forward pass at the feature layer, endless batches of real images
+with a resumable position, atomic checkpoint writes and a module's fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Sequence
+from copy import deepcopy
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from avalanche_d2l.utils import FeatureHook
+
+__all__ = [
+    "FeatureTap",
+    "RealBatches",
+    "atomic_torch_save",
+    "feature_shape",
+    "frozen_copy",
+    "module_fingerprint",
+]
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` in eval mode with every parameter frozen."""
+    copy = deepcopy(module).eval()
+    copy.requires_grad_(False)
+    return copy
+
+
+def module_fingerprint(module: nn.Module) -> str:
+    """A short hash of a module's state (to check that a checkpoint belongs to it)."""
+    h = hashlib.sha1()
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace`` it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class _StopForward(Exception):
+    """Raised by :class:`FeatureTap` to skip the classifier layers after the feature layer."""
+
+
+class FeatureTap(FeatureHook):
+    """Feature hook that stops the forward pass right after the hooked layer (saves the rest)."""
+
+    def _hook(self, module: nn.Module, inputs, output) -> None:
+        super()._hook(module, inputs, output)
+        raise _StopForward
+
+    def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        try:
+            model(x)
+        except _StopForward:
+            pass
+        return self.pop()
+
+
+def feature_shape(classifier: nn.Module, layer: str, image_shape: Sequence[int]) -> tuple:
+    """Shape of one sample's output of ``layer`` for images of ``image_shape`` (C, H, W)."""
+    device = next(classifier.parameters()).device
+    tap = FeatureTap(classifier, layer)
+    was_training = classifier.training
+    try:
+        classifier.eval()
+        with torch.no_grad():
+            feat = tap(classifier, torch.zeros(2, *image_shape, device=device))
+    finally:
+        tap.remove()
+        classifier.train(was_training)
+    return tuple(int(s) for s in feat.shape[1:])
+
+
+class RealBatches:
+    """Endless batches ``(images, labels)`` of a dataset (eval transforms), with a state.
+
+    Small datasets are loaded once as tensors (freed with this object) and drawn without
+    replacement in random order; large ones are streamed by a seeded DataLoader. The position
+    can be saved and restored (:meth:`state_dict`), which mid-phase checkpoints need.
+    """
+
+    def __init__(
+        self, dataset, batch_size: int, device: torch.device, rng: torch.Generator, cache_mb: float
+    ):
+        self.ds = dataset.eval() if hasattr(dataset, "eval") else dataset
+        self.n = batch_size
+        self.device = device
+        self.rng = rng
+        x0 = self.ds[0][0]
+        self.cached = len(self.ds) * x0.numel() * 4 <= cache_mb * 2**20
+        self.perm: torch.Tensor | None = None
+        self.pos = 0
+        if self.cached:
+            xs, ys = [], []
+            for batch in torch.utils.data.DataLoader(self.ds, batch_size=512, shuffle=False):
+                xs.append(batch[0])
+                ys.append(batch[1])
+            self.xs = torch.cat(xs).to(device)
+            self.ys = torch.cat(ys).long().to(device)
+        else:
+            seed = int(torch.randint(2**31, (1,), generator=rng))
+            self.loader_rng = torch.Generator().manual_seed(seed)
+            self.loader = torch.utils.data.DataLoader(
+                self.ds,
+                batch_size=batch_size,
+                shuffle=True,
+                drop_last=len(self.ds) >= batch_size,
+                generator=self.loader_rng,
+            )
+            self._epoch_state = self.loader_rng.get_state()
+            self._it = iter(self.loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cached:
+            total, n = len(self.ys), self.n
+            if total < n:
+                idx = torch.randint(total, (n,), generator=self.rng).to(self.device)
+                return self.xs[idx], self.ys[idx]
+            if self.perm is None or self.pos + n > total:
+                self.perm = torch.randperm(total, generator=self.rng).to(self.device)
+                self.pos = 0
+            idx = self.perm[self.pos : self.pos + n]
+            self.pos += n
+            return self.xs[idx], self.ys[idx]
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self._epoch_state = self.loader_rng.get_state()
+            self.pos = 0
+            self._it = iter(self.loader)
+            batch = next(self._it)
+        self.pos += 1
+        return batch[0].to(self.device), batch[1].long().to(self.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.cached:
+            return {
+                "cached": True,
+                "pos": self.pos,
+                "perm": None if self.perm is None else self.perm.cpu(),
+            }
+        return {"cached": False, "pos": self.pos, "epoch_state": self._epoch_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["cached"] != self.cached:
+            raise ValueError(
+                "the checkpoint's real-batch state is for another caching mode: keep "
+                "gan.real_cache_mb unchanged when resuming a GAN phase"
+            )
+        self.pos = int(state["pos"])
+        if self.cached:
+            self.perm = None if state["perm"] is None else state["perm"].to(self.device)
+            return
+        self._epoch_state = state["epoch_state"]
+        self.loader_rng.set_state(self._epoch_state)
+        self._it = iter(self.loader)
+        for _ in range(self.pos):  # skip the batches already used in this epoch
+            next(self._it)
+
+    def close(self) -> None:
+        self.xs = self.ys = None  # type: ignore[assignment]

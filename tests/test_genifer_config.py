@@ -1,0 +1,181 @@
+"""Genifer's nested config: the defaults of the earlier flat config key by key, the dict round
+trip, errors that name the key's path, flat keys of earlier files read with a warning, command-line
+overrides of nested keys, and a GAN trainer built from its own parts only."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import warnings
+
+import pytest
+import torch
+
+from avalanche_d2l.experiments import apply_overrides, load_experiment
+from avalanche_d2l.experiments.schema import Experiment
+from avalanche_d2l.genifer import GeniferConfig
+from avalanche_d2l.genifer.config import RENAMED_KEYS
+from avalanche_d2l.models.feature_gan import FeatureGANTrainer
+
+#: ``GeniferConfig().to_dict()`` of the flat config this one replaced (its CPU preset).
+FLAT_DEFAULTS = {
+    "resolution": None,
+    "num_classes": None,
+    "z_dim": 64,
+    "embed_dim": 32,
+    "w_dim": 64,
+    "mapping_layers": 2,
+    "g_channel_base": 256,
+    "g_channel_max": 32,
+    "output_activation": "sigmoid",
+    "output_range": None,
+    "g_family": "stylegan2",
+    "d_channels": 64,
+    "mbstd_group": 4,
+    "d_cmap_dim": None,
+    "d_family": "compact",
+    "gan_steps_first": 800,
+    "gan_steps": 800,
+    "gan_stop": "fidelity",
+    "gan_min_steps": 100,
+    "fidelity_every": 50,
+    "fidelity_threshold": 0.85,
+    "fidelity_min_delta": 0.01,
+    "fidelity_holdout": 0.2,
+    "fidelity_probe_steps": 120,
+    "measure_fidelity": True,
+    "gan_batch_size": 64,
+    "g_lr": 0.0025,
+    "d_lr": 0.0025,
+    "adam_betas": (0.0, 0.99),
+    "gan_optimizer_reset": False,
+    "r1_gamma": 0.5,
+    "r1_interval": 16,
+    "r1_lazy_scaling": "interval",
+    "ema_kimg": 5.0,
+    "ema_rampup": 0.05,
+    "ema_ramp_phase": None,
+    "g_distill_weight": 10.0,
+    "g_distill_std": None,
+    "gan_checkpoint_every": 0,
+    "augment": {
+        "xflip": True,
+        "rotate90": True,
+        "translate": 0.125,
+        "scale_std": 0.2,
+        "rotate_max_deg": 180.0,
+        "brightness_std": 0.1,
+        "contrast_std": 0.5,
+        "saturation_std": 1.0,
+        "padding_mode": "reflection",
+        "aniso_std": 0.0,
+        "xfrac_std": 0.0,
+        "lumaflip": False,
+        "hue_max": 0.0,
+        "color_center": 0.5,
+    },
+    "ada_target": 0.5,
+    "ada_p_max": 0.5,
+    "ada_interval": 4,
+    "ada_kimg": 20.0,
+    "ce_weight": 1.0,
+    "kd_weight": 3.0,
+    "fd_weight": 1.0,
+    "fd_distance": "rms",
+    "kd_temperature": 1.0,
+    "head": "fresh_per_task",
+    "head_module": None,
+    "teacher_bn": "train",
+    "replay_ratio": 1.0,
+    "replay_split": None,
+    "replay_crop_pad": 2,
+    "replay_flip": False,
+    "replay_padding": "constant",
+    "train_gan_after_last": False,
+    "real_cache_mb": 512.0,
+    "mixed_precision": "no",
+    "seed": 0,
+    "progress": True,
+}
+
+
+def _at(obj, path: str):
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+def test_nested_defaults_equal_the_flat_defaults_key_by_key():
+    cfg = GeniferConfig()
+    for key, value in FLAT_DEFAULTS.items():
+        if key == "augment":  # the operations are now one level down
+            assert json.loads(json.dumps(cfg.to_dict()["augment"]["ops"])) == value
+            continue
+        assert _at(cfg, RENAMED_KEYS.get(key, key)) == value, key
+    # every flat key has a place, and every nested setting came from a flat key
+    leaves = {f"{part}.{name}" for part, d in cfg.to_dict().items() if isinstance(d, dict)
+              for name in d if name != "ops"}  # fmt: skip
+    assert leaves == {v for v in RENAMED_KEYS.values()}
+
+
+def test_flat_keys_are_read_into_their_part_with_a_warning_naming_it():
+    with pytest.warns(DeprecationWarning, match=r"'gan_steps' -> 'gan.steps'") as record:
+        cfg = GeniferConfig.from_dict(FLAT_DEFAULTS)
+    assert cfg == GeniferConfig()
+    said = " ".join(str(w.message) for w in record)
+    assert "'replay_split' -> 'replay.split'" in said and "augment.ops" in said
+    changed = GeniferConfig.from_dict({"kd_weight": 2.0, "gan": {"steps": 7}, "gan_steps_first": 5})
+    assert (changed.replay.kd_weight, changed.gan.steps, changed.gan.steps_first) == (2.0, 7, 5)
+
+
+def test_round_trip_through_json_and_fingerprint():
+    for cfg in (GeniferConfig(), load_experiment("genifer_cifar100").method_config("genifer")):
+        back = GeniferConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+        assert back == cfg and back.fingerprint() == cfg.fingerprint()
+    cfg = GeniferConfig()
+    assert cfg.fingerprint() == GeniferConfig(progress=False).fingerprint()
+    assert cfg.fingerprint() != cfg.merged({"augment": {"ops": {"xflip": False}}}).fingerprint()
+    changed = cfg.merged({"gan": {"steps": 3}})  # one setting of a part, the others kept
+    assert changed.gan.steps == 3 and changed.gan.steps_first == cfg.gan.steps_first
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"gan": {"stepz": 3}}, "unknown key 'gan.stepz'; valid keys of gan: steps_first"),
+        ({"augment": {"ops": {"flip": True}}}, "unknown key 'augment.ops.flip'"),
+        ({"gann": {}}, "unknown key 'gann'; valid keys: generator, discriminator, gan,"),
+        ({"gan": {"steps": 1.5}}, "gan.steps must be a whole number, got 1.5"),
+        ({"replay": {"flip": "yes"}}, "replay.flip must be true or false"),
+        ({"replay": 3}, "replay must be an object of settings"),
+        ({"replay": {"teacher_bn": "frozen"}}, "replay.teacher_bn must be one of"),
+        ({"generator": {"output_range": 1.0}}, "generator.output_range must be a list"),
+    ],
+)
+def test_errors_name_the_key_path(section, message):
+    with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        GeniferConfig.from_dict(section)
+
+
+def test_command_line_overrides_reach_nested_settings():
+    data = json.loads(json.dumps(load_experiment("genifer_cifar100").to_dict()))
+    out = apply_overrides(data, [("strategies.genifer.gan.steps", 5)])
+    cfg = Experiment.from_dict(out).method_config("genifer")
+    assert cfg.gan.steps == 5 and cfg.gan.steps_first == 250_000  # the rest of gan kept
+    with pytest.raises(ValueError, match="'gan_steps' is now strategies.genifer.gan.steps"):
+        apply_overrides(data, [("strategies.genifer.gan_steps", 5)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the shipped files use the nested keys
+        for name in ("genifer_cifar100", "genifer_cub200", "split_digits"):
+            load_experiment(name).method_config("genifer")
+
+
+def test_gan_trainer_takes_only_its_own_parts():
+    params = set(inspect.signature(FeatureGANTrainer).parameters)
+    assert params == {"gan", "discriminator", "augment", "rng", "progress"}
+    cfg = GeniferConfig().merged({"discriminator": {"channels": 8}, "augment": {"p_max": 0.3}})
+    trainer = FeatureGANTrainer(
+        gan=cfg.gan, discriminator=cfg.discriminator, augment=cfg.augment, rng=torch.Generator()
+    )
+    trainer.build_discriminator((4, 2, 2), 3)
+    assert trainer.discriminator.config.channels == 8 and trainer.ada.p_max == 0.3
