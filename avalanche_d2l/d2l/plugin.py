@@ -21,7 +21,7 @@ The algorithm, hook by hook, in the order it runs for each experience:
    dreams with buffer minibatches and the host's replay loss, before the next experience comes.
 
 The method's state is the prompt inventory and the oracle (:mod:`.inventory`); dream images are
-a keyed cache (:mod:`.cache`).
+a keyed cache (:mod:`.cache`); what the plugin keeps, saves and pickles is in :mod:`.state`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,8 +54,9 @@ from .hosts import (
 )
 from .inventory import Inventory, plan_jobs
 from .oracle import LearnedOracle
-from .prompts import interpolation_images, noise_images
+from .prompts import control_dreams
 from .space import InputSpace, load_dreamer, size_to_data, stream_n_classes
+from .state import DreamSetState
 
 __all__ = ["D2LPlugin", "greedy_assignment"]
 
@@ -76,7 +76,7 @@ def greedy_assignment(counts: Tensor) -> list[tuple[int, int]]:
     return sorted(pairs)
 
 
-class D2LPlugin(SupervisedPlugin, supports_distributed=True):
+class D2LPlugin(DreamSetState, SupervisedPlugin, supports_distributed=True):
     """The D2L method, as a plugin of any rehearsal host.
 
     Hosts: ``Replay``/``ReplayPlugin`` (this plugin moves itself after it), ``ER_ACE`` and
@@ -408,7 +408,7 @@ class D2LPlugin(SupervisedPlugin, supports_distributed=True):
         return result, blob is not None, file
 
     def _make_dreams(self, model: DreamHeads, jobs, k: int) -> DreamSet:
-        seed, n = int(self.config.seed) + k, self.config.samples_per_class
+        seed = int(self.config.seed) + k
         if self.config.uses_dreamer:
             return dream(
                 dreamer=self.dreamer,
@@ -419,22 +419,7 @@ class D2LPlugin(SupervisedPlugin, supports_distributed=True):
                 oracle=self.oracle,
                 seed=seed,
             )
-        g = torch.Generator().manual_seed(seed * 31 + 5)
-        images = []
-        for i, job in enumerate(jobs):
-            if self.config.source == "noise":
-                images.append(noise_images(n, g, self.space))
-            else:  # interpolation with the next job's class (another seen class when there is one)
-                other = jobs[(i + 1) % len(jobs)].anchors if len(jobs) > 1 else job.anchors
-                images.append(interpolation_images(job.anchors, other, n, g, self.space))
-        heads = torch.tensor([j.head for j in jobs], dtype=torch.long)
-        return DreamSet(
-            heads,
-            torch.empty(len(jobs), 0),
-            torch.cat(images),
-            heads.repeat_interleave(n),
-            {"steps": 0},
-        )
+        return control_dreams(jobs, self.config, self.space, seed)
 
     def sleep(self, strategy, owner, buf: dict[str, Tensor], k: int) -> dict[str, Any]:
         """``sleep_epochs`` passes over the dream set, each dream minibatch with as many buffer
@@ -476,78 +461,6 @@ class D2LPlugin(SupervisedPlugin, supports_distributed=True):
                     strategy.optimizer.step()
                     steps += 1
         return {"sleep_steps": steps, "sleep_seconds": time.perf_counter() - t0, "host": kind}
-
-    # ---- the dream set (uint8 in memory or in the cache file) and the plugin's state ------------
-
-    @property
-    def dream_images(self) -> Tensor | None:
-        """The dream set in the learner's input space (CPU)."""
-        if self._dreams_float is None and self._dream_u8() is not None:
-            self._dreams_float = self.space.dequantise(self._dream_u8())
-        return self._dreams_float
-
-    def _dream_u8(self) -> Tensor | None:
-        if (
-            self._dreams_u8 is None
-            and self._dream_file is not None
-            and self.dream_labels is not None
-        ):
-            path, key = self._dream_file
-            blob = self.cache.read(Path(path), key)
-            if blob is None:
-                raise RuntimeError(
-                    f"the dream set of this checkpoint, {path}, is missing or "
-                    "unreadable: delete the checkpoint to restart the run"
-                )
-            self._dreams_u8 = blob["images_u8"]
-        return self._dreams_u8
-
-    def _set_dreams(self, u8: Tensor | None, labels: Tensor | None, file=None) -> None:
-        """The dream set (``file``: ``(path, key)`` of the cache file holding exactly it)."""
-        self._dreams_u8, self._dreams_float, self.dream_labels = u8, None, labels
-        self._dream_file = file
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state.update(_dreamer=None, _dreams_float=None, _jobs={})
-        if self.dreamer_source is not None:
-            state["_base_dreamer"] = None  # reloaded from its source
-        if self._dream_file is not None and Path(self._dream_file[0]).is_file():
-            state["_dreams_u8"] = None  # referenced by its cache file and key
-        return state
-
-    def state_dict(self) -> dict[str, Any]:
-        u8 = self._dream_u8()
-        return {
-            "config": self.config.to_dict(),
-            "space": None if self.space is None else dataclasses.asdict(self.space),
-            "inventory": self.inventory.state_dict(),
-            "oracle": self.oracle.state_dict(),
-            "dream_images_u8": None if u8 is None else u8.clone(),
-            "dream_labels": None if self.dream_labels is None else self.dream_labels.clone(),
-            "history": list(self.history),
-            "assignments": [dict(a) for a in self.assignments],
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        cfg = DreamConfig.from_dict(state["config"])
-        if cfg.fingerprint() != self.config.fingerprint():
-            warnings.warn(
-                "loading D2LPlugin state saved with another DreamConfig; the saved "
-                "config replaces the current one",
-                stacklevel=2,
-            )
-        self.config = cfg
-        if state.get("space") is not None:
-            sp = {k: tuple(v) if isinstance(v, list) else v for k, v in state["space"].items()}
-            self.space, self._dreamer, self._space_learned = InputSpace(**sp), None, True
-        self.inventory.load_state_dict(state["inventory"])
-        self.oracle.load_state_dict(state["oracle"])
-        self._dream_file = None
-        self._dreams_u8, self._dreams_float = state["dream_images_u8"], None
-        self.dream_labels = state["dream_labels"]
-        self.history = list(state["history"])
-        self.assignments = [{int(c): int(h) for c, h in a.items()} for a in state["assignments"]]
 
 
 def _heads(strategy) -> DreamHeads:

@@ -10,6 +10,9 @@ prompt kept in the plugin's inventory):
   images, then ``invert_steps`` Adam steps on that loss (:meth:`Dreamer.denoising_loss`);
 * ``prompts="random"`` (a control) or an unanchored dream: a random mix of the dreamer's concepts
   (:meth:`Dreamer.random_prompt`).
+
+The controls that need no dreamer (``source="noise"`` / ``"interpolation"``) are made here too
+(:func:`control_dreams`).
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import torch
 from torch import Tensor
 
 from .config import DreamConfig
+from .dreaming import DreamJob, DreamSet
 
-__all__ = ["initial_prompt", "interpolation_images", "noise_images"]
+__all__ = ["control_dreams", "initial_prompt", "interpolation_images", "noise_images"]
 
 
 def _invert(dreamer, anchors: Tensor, config: DreamConfig, g: torch.Generator) -> Tensor:
@@ -76,3 +80,25 @@ def interpolation_images(
 def noise_images(n: int, generator: torch.Generator, space) -> Tensor:
     """``n`` uniform-noise images in the learner's space (a control)."""
     return space.from_unit(torch.rand((n, *space.shape), generator=generator))
+
+
+def control_dreams(jobs: list[DreamJob], config: DreamConfig, space, seed: int) -> DreamSet:
+    """The dream set of a control without a dreamer: ``samples_per_class`` images per job, uniform
+    noise (``source="noise"``) or interpolations of the job's buffer images with the next job's
+    (another seen class when there is one), labelled with the job's head."""
+    g = torch.Generator().manual_seed(seed * 31 + 5)
+    n, images = config.samples_per_class, []
+    for i, job in enumerate(jobs):
+        if config.source == "noise":
+            images.append(noise_images(n, g, space))
+        else:
+            other = jobs[(i + 1) % len(jobs)].anchors if len(jobs) > 1 else job.anchors
+            images.append(interpolation_images(job.anchors, other, n, g, space))
+    heads = torch.tensor([j.head for j in jobs], dtype=torch.long)
+    return DreamSet(
+        heads,
+        torch.empty(len(jobs), 0),
+        torch.cat(images),
+        heads.repeat_interleave(n),
+        {"steps": 0},
+    )
