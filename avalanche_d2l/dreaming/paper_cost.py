@@ -26,11 +26,10 @@ class GpuSpec:
         name: label.
         memory_gib: device memory.
         peak_tflops: dense bf16/fp16 tensor-core peak.
-        utilisation: share of the peak the dreamer's passes reach (model FLOPs utilisation);
-            diffusion UNets at small latents with micro-batches of 16 reach about a third of it.
-        learner_utilisation: the same for the learner's training steps (a ResNet-18 on
-            84-256 px minibatches of ~100 images is bound by kernel launches and data loading
-            far below the peak).
+        utilisation: share of the peak the dreamer's passes reach (model FLOPs utilisation),
+            an assumption of the estimate (the README's GPU section states the one it uses).
+        learner_utilisation: the same for the learner's training steps (small learners are
+            bound by kernel launches and data loading rather than by FLOPs).
     """
 
     name: str = "A100-80GB"
