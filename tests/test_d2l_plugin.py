@@ -164,3 +164,17 @@ def test_a_dreamer_named_by_a_string_follows_the_strategys_device(monkeypatch, t
     given.attach(strategy)
     _ = given.base_dreamer
     assert loads[-1] == (str(tmp_path / "my_dreamer"), "cpu")  # an explicit device wins
+
+
+def test_the_feature_layer_is_the_module_feeding_the_last_linear():
+    from torchvision.models import resnet18
+
+    from avalanche_d2l.d2l.heads import find_feature_layer
+
+    # fc's input is torch.flatten(avgpool(x)): not a module's output, the same values per sample
+    assert find_feature_layer(resnet18(num_classes=10), (3, 32, 32)) == "avgpool"
+    assert find_feature_layer(UserCNN(), (1, 16, 16)) == "body"  # body and body.7 return it
+    plain = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 3))
+    assert find_feature_layer(plain, (1, 16, 16)) == "2"
+    with pytest.raises(ValueError, match="pass feature_layer="):
+        find_feature_layer(UserCNN())  # without an input shape: only a module named 'features'
