@@ -16,6 +16,7 @@ import warnings
 # is installed; no strategy of this package uses it.
 warnings.filterwarnings("ignore", message="no QP solver found")
 
+from avalanche_d2l import strategies  # noqa: E402, F401 -- every strategy registers itself
 from avalanche_d2l.d2l import D2L, D2LConfig, D2LPlugin, DreamConfig, DreamHeads  # noqa: E402
 from avalanche_d2l.dreaming import Dreamer, DreamerConfig  # noqa: E402
 from avalanche_d2l.evaluation import final_metrics, make_evaluator  # noqa: E402

@@ -1,14 +1,15 @@
-"""Small shared helpers: seeding, module lookup by name, feature hooks."""
+"""Small shared helpers: module lookup by name, feature hooks, devices (and the package's one
+seeding function, :func:`~avalanche_d2l.core.seeding.seed_everything`, re-exported)."""
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 from torch import nn
+
+from avalanche_d2l.core.seeding import seed_everything
 
 __all__ = [
     "seed_everything",
@@ -18,15 +19,6 @@ __all__ = [
     "resolve_device",
     "quiet_replay_deprecation",
 ]
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and PyTorch (CPU and CUDA) generators."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:

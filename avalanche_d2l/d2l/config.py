@@ -9,8 +9,6 @@ and ignored (:data:`RETIRED_DREAM_KEYS`), so older experiment files still load.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import os
 import warnings
@@ -18,6 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..core.config import ConfigBase, check_config_keys
+from ..core.storage import atomic_write
 
 __all__ = [
     "D2LConfig",
@@ -67,24 +68,8 @@ def _check_choice(owner: str, name: str, value: Any, choices: tuple[str, ...]) -
         raise ValueError(f"{owner}.{name} must be one of {choices}, got {value!r}")
 
 
-def _fields_from(cls, d: Mapping[str, Any], retired: frozenset[str]) -> dict[str, Any]:
-    """``d`` checked against ``cls``'s fields: unknown keys are an error listing the valid ones,
-    retired keys are dropped with a warning."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    old = sorted(set(d) & retired)
-    if old:
-        warnings.warn(
-            f"{cls.__name__} keys {old} belong to the previous D2L design and are ignored",
-            stacklevel=3,
-        )
-    unknown = sorted(set(d) - names - retired)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys: {sorted(names)}")
-    return {k: v for k, v in d.items() if k in names}
-
-
 @dataclass
-class DreamConfig:
+class DreamConfig(ConfigBase):
     """Settings of D2L's dreaming phase, its oracle and training with dreams.
 
     The variant (the names the ablation uses):
@@ -222,6 +207,11 @@ class DreamConfig:
     seed: int = 0
     progress: bool = True
 
+    # from_dict keeps values as given (an int stays an int), as the recorded fingerprints did
+    checks_types = False
+    omitted_at_default = ADDED_AT_DEFAULT
+    not_fingerprinted = ("progress", "micro_batch")
+
     def __post_init__(self) -> None:
         for name, choices in (
             ("source", SOURCES),
@@ -267,19 +257,18 @@ class DreamConfig:
         """Whether prompts are optimised by the learner."""
         return self.uses_dreamer and self.prompts == "optimised" and self.steps > 0
 
-    def to_dict(self) -> dict[str, Any]:
-        """Every field, except those of :data:`ADDED_AT_DEFAULT` while at their default value
-        (``from_dict`` restores them)."""
-        d = dataclasses.asdict(self)
-        for name, default in ADDED_AT_DEFAULT.items():
-            if d[name] == default:
-                del d[name]
-        return d
-
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> DreamConfig:
-        """Build from a dict; unknown keys are an error listing the valid ones."""
-        return cls(**_fields_from(cls, d, RETIRED_DREAM_KEYS))
+    def from_dict(cls, d: Mapping[str, Any], *, where: str | None = None) -> DreamConfig:
+        """Build from a dict; unknown keys are an error listing the valid ones, keys of the
+        previous design (:data:`RETIRED_DREAM_KEYS`) are dropped with a warning."""
+        old = sorted(set(d) & RETIRED_DREAM_KEYS) if isinstance(d, Mapping) else []
+        if old:
+            warnings.warn(
+                f"{cls.__name__} keys {old} belong to the previous D2L design and are ignored",
+                stacklevel=2,
+            )
+            d = {k: v for k, v in d.items() if k not in RETIRED_DREAM_KEYS}
+        return super().from_dict(d, where=where)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> DreamConfig:
@@ -295,17 +284,7 @@ class DreamConfig:
             raise ValueError(f"{path}: {err}") from err
 
     def to_json(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2))
-        return path
-
-    def fingerprint(self) -> str:
-        """Hash of the fields that change the dreams (``progress``, ``micro_batch`` left out)."""
-        d = self.to_dict()
-        d.pop("progress")
-        d.pop("micro_batch")
-        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return atomic_write(path, json.dumps(self.to_dict(), indent=2))
 
 
 def _dream_section(data: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -348,7 +327,7 @@ _RETIRED_DREAMS = {
 
 
 @dataclass
-class D2LConfig:
+class D2LConfig(ConfigBase):
     """Settings of D2L (the registry's ``d2l``, ``er_ace_d2l`` and ``der_d2l``).
 
     Attributes:
@@ -371,6 +350,9 @@ class D2LConfig:
     host: dict[str, Any] = field(default_factory=dict)
     cache_dreams: bool = True
 
+    checks_types = False
+    not_fingerprinted = ("dream.progress", "dream.micro_batch")
+
     def __post_init__(self) -> None:
         if isinstance(self.dream, Mapping):
             self.dream = _dream_from_dict(self.dream)
@@ -383,10 +365,10 @@ class D2LConfig:
             )
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> D2LConfig:
+    def from_dict(cls, d: Mapping[str, Any], *, where: str | None = None) -> D2LConfig:
         """Build from an experiment file's section; unknown keys are an error listing the valid
         ones. ``dreams`` (previous design) is mapped onto ``dream.prompts`` / ``dream.source``."""
-        data = dict(_fields_from(cls, {k: v for k, v in d.items() if k != "dreams"}, frozenset()))
+        data = check_config_keys(cls, {k: v for k, v in d.items() if k != "dreams"}, where=where)
         dream = dict(d.get("dream") or {}) if isinstance(d.get("dream"), Mapping) else None
         if "dreams" in d:
             if d["dreams"] not in _RETIRED_DREAMS:
@@ -397,16 +379,7 @@ class D2LConfig:
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["dream"] = self.dream.to_dict()
-        return json.loads(json.dumps(d, default=str))
-
-    def fingerprint(self) -> str:
-        """Hash of everything that changes results (``dream.progress``/``micro_batch`` out)."""
-        d = self.to_dict()
-        d["dream"].pop("progress", None)
-        d["dream"].pop("micro_batch", None)
-        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return json.loads(json.dumps(super().to_dict(), default=str))
 
 
 def _dream_from_dict(d: Mapping[str, Any]) -> DreamConfig:

@@ -291,11 +291,9 @@ def gather_object(obj: Any) -> list[Any]:
 
 
 def set_seed(seed: int, *, device_specific: bool = False) -> None:
-    """Seed python, numpy and torch (all devices) through :func:`accelerate.utils.set_seed`.
+    """:func:`~avalanche_d2l.core.seeding.seed_everything`, with the process index added to
+    ``seed`` when ``device_specific`` (per-process randomness; dreaming does not need it: its
+    noise is drawn from per-class generators, the same in every process)."""
+    from ..core.seeding import seed_everything
 
-    ``device_specific`` adds the process index, for per-process randomness (dreaming does not
-    need it: its noise is drawn from per-class generators, the same in every process).
-    """
-    from accelerate.utils import set_seed as _set_seed
-
-    _set_seed(int(seed), device_specific=device_specific)
+    seed_everything(int(seed) + (process_index() if device_specific else 0))

@@ -3,7 +3,6 @@ between a dreamer's native images and a classifier's inputs."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 from torch import Tensor
 from torch.nn import functional as F
 
+from ..core.config import ConfigBase
 from .accel import PRECISIONS
 
 __all__ = [
@@ -57,7 +57,7 @@ DEFAULT_SD_CAPTIONS: tuple[str, ...] = (
 
 
 @dataclass
-class DreamerConfig:
+class DreamerConfig(ConfigBase):
     """Settings of a :class:`Dreamer`; saved as ``dreamer_config.json`` next to the weights.
 
     Attributes:
@@ -114,6 +114,9 @@ class DreamerConfig:
     has_null_prompt: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
+    # from_dict keeps values as given, as saved dreamers' ``dreamer_config.json`` hold them
+    checks_types = False
+
     def __post_init__(self) -> None:
         if self.kind not in ("pixel", "latent"):
             raise ValueError(f"DreamerConfig.kind must be 'pixel' or 'latent', got {self.kind!r}")
@@ -154,23 +157,6 @@ class DreamerConfig:
     def out_channels(self) -> int:
         """Channels of the images :meth:`Dreamer.sample` returns."""
         return self.output_channels or self.channels
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        for key in ("output_mean", "output_std"):
-            if d[key] is not None:
-                d[key] = list(d[key])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DreamerConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(
-                f"unknown DreamerConfig fields {unknown}; valid fields: {sorted(names)}"
-            )
-        return cls(**d)
 
 
 def latent_size_for(

@@ -21,9 +21,6 @@ Values are in [0, 1], white strokes on black, shape ``(N, 1, image_size, image_s
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -32,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
+
+from ..core.config import ConfigBase
 
 __all__ = ["DEFAULT_GLYPHS", "GREEK_GLYPHS", "GlyphBank", "GlyphConfig", "glyph_fonts"]
 
@@ -76,7 +75,7 @@ def glyph_fonts() -> list[tuple[str, str | None]]:
 
 
 @dataclass
-class GlyphConfig:
+class GlyphConfig(ConfigBase):
     """How glyphs are rendered and jittered.
 
     Attributes:
@@ -139,27 +138,12 @@ class GlyphConfig:
                 f"base_size={self.base_size} must be a multiple of lowres={self.lowres}"
             )
 
-    def to_dict(self) -> dict:
-        """JSON-able settings; ``fonts`` (filled at render time from the local matplotlib) is
-        left out: the font list itself is part of the recipe (``_FONTS``)."""
-        d = dataclasses.asdict(self)
-        d.pop("fonts")
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> GlyphConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are refused with the valid ones listed."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown GlyphConfig fields {unknown}; valid fields: {sorted(names)}")
-        kw = {k: tuple(v) if isinstance(v, list) and k != "fonts" else v for k, v in d.items()}
-        return cls(**kw)
-
-    def fingerprint(self) -> str:
-        """sha256 of :meth:`to_dict` (what the rendered glyph world depends on)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
+    # ``fonts`` (filled at render time from the local matplotlib) is not saved: the font list
+    # itself is part of the recipe (``_FONTS``); the fingerprint names the rendered glyph world
+    not_saved = ("fonts",)
+    checks_types = False
+    fingerprint_hash = "sha256"
+    fingerprint_chars = None
 
 
 def _render(font, ch: str, px: int) -> np.ndarray | None:

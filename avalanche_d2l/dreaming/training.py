@@ -10,15 +10,15 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..core.config import ConfigBase
+from ..core.seeding import seed_everything
 from .config import DreamerConfig
 from .dreamer import Dreamer
-from .folders import _sha256_json
 from .glyphs import GlyphBank, GlyphConfig
 from .loading import _default_scheduler_config, default_unet_config
 from .reference import make_reference
@@ -30,7 +30,7 @@ RECIPE_VERSION = 1
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(ConfigBase):
     """Settings of the offline glyph dreamer's pretraining (saved in ``training_info.json``).
 
     Attributes:
@@ -38,7 +38,7 @@ class PretrainConfig:
         steps: DDPM training steps of the denoiser.
         batch_size: glyph images per step.
         lr: peak AdamW learning rate (linear warm-up, cosine decay to 10%).
-        seed: seeds glyph sampling and initialisation (through ``accelerate.utils.set_seed``).
+        seed: seeds glyph sampling and initialisation (``seed_everything``).
         prompt_len: ``L`` tokens per concept embedding.
         prompt_dim: ``D`` width (the UNet's cross-attention dimension).
         block_out_channels: UNet widths (one entry per resolution level).
@@ -73,26 +73,11 @@ class PretrainConfig:
     guidance_scale: float = 1.0
     prediction_type: str = "v_prediction"
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able settings (tuples as lists)."""
-        d = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are refused with the valid ones listed."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(
-                f"unknown PretrainConfig fields {unknown}; valid fields: {sorted(names)}"
-            )
-        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        return cls(**kw)
-
-    def fingerprint(self) -> str:
-        """sha256 of :meth:`to_dict`: every field can change the saved dreamer."""
-        return _sha256_json(self.to_dict())
+    # values kept as given; the fingerprint names the saved dreamer (sha256 of compact JSON)
+    checks_types = False
+    fingerprint_hash = "sha256"
+    fingerprint_chars = None
+    fingerprint_compact = True
 
 
 #: native side of the shipped offline dreamer; learners of other sizes get its images resized
@@ -176,12 +161,11 @@ def evaluate_dreamer(
 
 
 def _train(out_dir: Path, pc: PretrainConfig, gc: GlyphConfig, progress: bool) -> Dreamer:
-    from accelerate.utils import set_seed
     from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
     from tqdm.auto import tqdm
 
     t_start = time.time()
-    set_seed(pc.seed)
+    seed_everything(pc.seed)
     gen = torch.Generator().manual_seed(pc.seed)
 
     bank = GlyphBank(gc)
