@@ -2,8 +2,9 @@
 
 Two things are added to :mod:`avalanche.checkpointing`:
 
-* the file is written to a temporary name and renamed, so a run killed while saving never leaves a
-  truncated checkpoint behind (a truncated file would make the resume fail);
+* the file is written to a temporary name and renamed (:func:`~avalanche_d2l.core.storage.
+  atomic_write`), so a run killed while saving never leaves a truncated checkpoint behind (a
+  truncated file would make the resume fail);
 * Avalanche's format is a full (dill) unpickling, which runs whatever code a file names. The
   digest of every checkpoint this package writes is recorded beside it (``<name>.sha256``), and a
   checkpoint is only unpickled when its bytes match that record: a file planted or altered in the
@@ -24,7 +25,12 @@ from pathlib import Path
 
 import torch
 
+from avalanche_d2l.core.storage import atomic_write
+
 __all__ = ["save_strategy", "load_strategy", "remove_checkpoint", "UntrustedCheckpoint"]
+
+
+_THEN = "run the same command again to resume"
 
 
 class UntrustedCheckpoint(ValueError):
@@ -57,23 +63,16 @@ def save_strategy(strategy, path: str | os.PathLike) -> None:
 
     _expose_torch_optim_submodules()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    record = _digest_path(path)
-    record_tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
-    try:
+
+    def write(tmp: Path) -> None:
         save_checkpoint(strategy, str(tmp))
-        record_tmp.write_text(_digest(tmp) + "\n")
         # the record first: a checkpoint on disk always has its record (a kill between the two
         # renames leaves the old checkpoint with a new record, which is refused and redone)
-        os.replace(record_tmp, record)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:
-        tmp.unlink(missing_ok=True)
-        record_tmp.unlink(missing_ok=True)
-        raise OSError(
-            f"could not write the checkpoint {path} ({err}); free disk space and run "
-            "the same command again to resume"
-        ) from None
+        atomic_write(
+            _digest_path(path), _digest(tmp) + "\n", what="the checkpoint record", then=_THEN
+        )
+
+    atomic_write(path, write, what="the checkpoint", then=_THEN)
 
 
 def remove_checkpoint(path: str | os.PathLike) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..core.storage import atomic_write, set_aside
 from ..dreaming.accel import is_main_process
 
 __all__ = ["DreamCache", "cache_key", "tensor_digest"]
@@ -61,13 +62,12 @@ class DreamCache:
             if not isinstance(blob, dict) or "images_u8" not in blob:
                 raise ValueError("not a D2L dream set")
         except Exception as err:  # noqa: BLE001 -- any unreadable file is set aside, then rebuilt
-            aside = path.with_name(path.name + ".corrupt")
+            aside = set_aside(path)
             warnings.warn(
                 f"the dream cache {path} could not be loaded ({type(err).__name__}: {err}); "
                 f"moved it to {aside} and dreaming again",
                 stacklevel=3,
             )
-            os.replace(path, aside)
             return None
         return blob if blob.get("key") == key else None
 
@@ -76,10 +76,7 @@ class DreamCache:
         path = self.path(k, key)
         if path is None or not is_main_process():
             return None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save({**blob, "key": key}, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: torch.save({**blob, "key": key}, tmp), what="the dream set")
         files = sorted(
             (Path(p) for p in glob.glob(str(self.folder / f"dreams_exp{k}_*.pt"))),
             key=lambda p: p.stat().st_mtime,

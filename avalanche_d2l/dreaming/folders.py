@@ -1,5 +1,5 @@
 """Dreamer folders on disk: the cache location, the shipped dreamers, manifests with hashes,
-verification, and atomic replacement (temporary siblings, set-aside, dead temporaries removed)."""
+verification, and atomic replacement (temporary siblings, dead temporaries removed)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import shutil
 import socket
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -207,14 +206,6 @@ def _replace_dir(tmp: Path, target: Path) -> None:
         os.rename(old, target)
         raise
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _move_aside(folder: Path) -> Path:
-    aside = folder.with_name(f"{folder.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
-    if aside.exists():
-        aside = aside.with_name(f"{aside.name}-{uuid.uuid4().hex[:6]}")
-    os.rename(folder, aside)
-    return aside
 
 
 # ------------------------------------------------------------------------------------------------

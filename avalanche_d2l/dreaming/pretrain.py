@@ -51,6 +51,7 @@ from typing import Any
 
 import torch
 
+from ..core.storage import atomic_write, set_aside
 from ..utils import resolve_device
 from .config import CONFIG_NAME
 from .dreamer import Dreamer
@@ -60,7 +61,6 @@ from .folders import (
     WEIGHT_FILES,
     DreamerFolderError,
     _make_temp_sibling,
-    _move_aside,
     _replace_dir,
     _sha256_file,
     _sha256_json,
@@ -178,9 +178,7 @@ def _write_manifest(folder: Path, pc: PretrainConfig, gc: GlyphConfig, digest: s
         "files": files,
         "versions": _versions(),
     }
-    tmp = folder / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, folder / MANIFEST_NAME)
+    atomic_write(folder / MANIFEST_NAME, json.dumps(manifest, indent=2), what="the manifest")
     return manifest
 
 
@@ -484,7 +482,7 @@ def load_or_pretrain_offline_dreamer(
             try:
                 dreamer, source = _load_folder(folder, device=device, overrides=overrides), "cache"
             except DreamerFolderError as err:
-                aside = _move_aside(folder)
+                aside = set_aside(folder, "broken", stamped=True)
                 warnings.warn(
                     f"the cached offline dreamer {folder} cannot be used ({err.reason}); moved it "
                     f"to {aside} and pretraining it again",

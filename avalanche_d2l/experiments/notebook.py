@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from avalanche_d2l.experiments.report import atomic_write
+from avalanche_d2l.core.storage import atomic_write
 from avalanche_d2l.experiments.runner import RunKey, RunOptions, build_run, run_settings
 from avalanche_d2l.experiments.schema import Experiment
 from avalanche_d2l.utils import quiet_replay_deprecation

@@ -16,12 +16,13 @@ import argparse
 import io
 import json
 import math
-import os
 import statistics
 import sys
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+
+from avalanche_d2l.core.storage import atomic_write
 
 __all__ = [
     "FIGURE_FORMATS",
@@ -62,19 +63,6 @@ PROTOCOL_NOTE = (
     "mean over k >= 1. For a model without dream heads the two protocols differ only in how the "
     "final accuracy averages experiences. Forgetting and BWT are Avalanche's (model output)."
 )
-
-
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write ``path`` through a temporary file in the same folder and a rename (the folder is
-    created if missing)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data)
-    os.replace(tmp, path)
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

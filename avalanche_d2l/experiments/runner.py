@@ -40,6 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from avalanche_d2l.checkpointing import remove_checkpoint
+from avalanche_d2l.core.storage import atomic_write, set_aside
 from avalanche_d2l.distributed import add_data_parallel, check_processes
 from avalanche_d2l.dreaming.accel import is_main_process, num_processes, wait_for_everyone
 from avalanche_d2l.experiments.builders import (
@@ -50,7 +51,7 @@ from avalanche_d2l.experiments.builders import (
 )
 from avalanche_d2l.experiments.guards import FiniteLossGuard
 from avalanche_d2l.experiments.lock import holds_output_lock
-from avalanche_d2l.experiments.report import atomic_write, summarise_run, write_report
+from avalanche_d2l.experiments.report import summarise_run, write_report
 from avalanche_d2l.experiments.schedule import OptimSchedule
 from avalanche_d2l.experiments.schema import Experiment, check_mem_sizes, check_seeds, resolve_name
 from avalanche_d2l.registry import (
@@ -351,8 +352,7 @@ def train_with_checkpoints(
     try:
         strategy, start = load_strategy(strategy, ckpt, map_location=strategy.device)
     except Exception as err:  # noqa: BLE001 -- any unreadable checkpoint is set aside
-        aside = ckpt.with_name(ckpt.name + ".corrupt")
-        os.replace(ckpt, aside)
+        aside = set_aside(ckpt)
         warnings.warn(
             f"checkpoint {ckpt} could not be read ({type(err).__name__}: {err}); "
             f"moved it to {aside} and restarting this run from scratch",
@@ -511,8 +511,7 @@ def _load_record(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (ValueError, OSError) as err:
-        aside = path.with_name(path.name + ".corrupt")
-        os.replace(path, aside)
+        aside = set_aside(path)
         warnings.warn(
             f"run record {path} could not be read ({err}); moved to {aside}, the run is done again",
             stacklevel=2,
@@ -698,7 +697,7 @@ def run_experiment(
                 f"{key.name}: settings changed since it ran ({', '.join(changed) or 'format'}); "
                 "running it again"
             )
-            os.replace(path, path.with_name(path.name + ".stale"))
+            set_aside(path, "stale")
             remove_checkpoint(out / "checkpoints" / f"{key.name}.pkl")
             shutil.rmtree(out / "work" / key.name, ignore_errors=True)
         todo.append(key)
