@@ -9,7 +9,7 @@
    ``genifer`` section of the ``genifer_cifar100`` experiment):
 
 * generator throughput (images/s, no grad, batch 64),
-* GAN training steps/s (one D + one G step, batch ``gan_batch_size``, classifier features at the
+* GAN training steps/s (one D + one G step, batch ``gan.batch_size``, classifier features at the
   configured layer, t > 0 so the previous generator and the self-distillation are included),
 * peak memory (process peak RSS on CPU; ``torch.cuda.max_memory_allocated`` on CUDA).
 
@@ -17,7 +17,7 @@ Writes ``benchmarks/results/bench_genifer.json`` and ``.md`` (with the exact con
 
     python benchmarks/bench_genifer.py --compare-naive [--device cpu] [--steps 20] [--quick]
     python benchmarks/bench_genifer.py --compare-naive --settings cpu16 --name genifer_cost \
-        --variants '{"default": {}, "check_every_100": {"fidelity_every": 100}}'
+        --variants '{"default": {}, "check_every_100": {"gan": {"check_every": 100}}}'
 
 With ``--variants`` every Genifer run follows a Naive run of its own and both wall time and
 process CPU time are recorded (CPU time is less disturbed by other users of a shared machine).
@@ -33,7 +33,6 @@ import resource
 import shlex
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -42,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout, inst
 
 from avalanche_d2l.experiments import load_experiment  # noqa: E402
 from avalanche_d2l.experiments.report import atomic_write
+from avalanche_d2l.genifer.config import merge_sections  # noqa: E402
 from avalanche_d2l.models.classifiers import resnet18_cifar, small_cnn  # noqa: E402
 from avalanche_d2l.models.feature_gan import frozen_copy  # noqa: E402
 from avalanche_d2l.scenarios import tensor_benchmark  # noqa: E402
@@ -59,21 +59,15 @@ def _peak_rss_mb() -> float:
 def _setting(name: str, quick: bool):
     """(config, classifier, feature layer, image shape, classes) of one setting."""
     if name == "cpu16":
-        cfg = GeniferConfig(num_classes=10, output_range=(0.0, 1.0), progress=False)
+        cfg = GeniferConfig(num_classes=10, generator={"output_range": (0.0, 1.0)}, progress=False)
         return cfg, small_cnn(num_classes=10, in_channels=1), "block3", (1, 16, 16), 10
     cfg = load_experiment("genifer_cifar100").method_config("genifer")
-    cfg = replace(cfg, progress=False, num_classes=100, output_range=(0.0, 1.0))
+    cfg = cfg.merged(
+        {"progress": False, "num_classes": 100, "generator": {"output_range": (0.0, 1.0)}}
+    )
     if quick:  # smaller widths so that CI can run the script
-        cfg = replace(
-            cfg,
-            z_dim=64,
-            w_dim=64,
-            embed_dim=32,
-            g_channel_base=512,
-            g_channel_max=64,
-            d_channels=64,
-            d_cmap_dim=32,
-        )
+        small = {"z_dim": 64, "w_dim": 64, "embed_dim": 32, "channel_base": 512, "channel_max": 64}
+        cfg = cfg.merged({"generator": small, "discriminator": {"channels": 64, "cmap_dim": 32}})
     width = 16 if quick else 64
     return cfg, resnet18_cifar(num_classes=100, width=width), "layer3", (3, 32, 32), 100
 
@@ -83,7 +77,7 @@ def bench_setting(name: str, *, device: torch.device, steps: int, quick: bool) -
     cfg, model, layer, shape, n_classes = _setting(name, quick)
     model = model.to(device)
     # the GAN step alone: fixed length, no held-out images, no fidelity probes
-    cfg = replace(cfg, gan_stop="fixed", measure_fidelity=False)
+    cfg = cfg.merged({"gan": {"stop": "fixed", "measure_fidelity": False}})
     plugin = GeniferPlugin(feature_layer=layer, config=cfg)
     plugin.teacher = frozen_copy(model)
     plugin.build_models(image_shape=shape, num_classes=n_classes, classifier=plugin.teacher)
@@ -103,7 +97,7 @@ def bench_setting(name: str, *, device: torch.device, steps: int, quick: bool) -
     gen_ips = 64 * n_batches / (time.perf_counter() - t0)
 
     # 2. GAN steps/s on a synthetic "experience" (t > 0: previous generator + distillation)
-    per_class = max(cfg.gan_batch_size, 64)
+    per_class = max(cfg.gan.batch_size, 64)
     x = torch.rand(2 * per_class, *shape)
     y = torch.arange(2).repeat_interleave(per_class) + 2
     bench = tensor_benchmark(x, y, x, y, n_experiences=1)
@@ -120,12 +114,12 @@ def bench_setting(name: str, *, device: torch.device, steps: int, quick: bool) -
         "feature_layer": layer,
         "generator_params": sum(p.numel() for p in plugin.generator.parameters()),
         "discriminator_params": sum(p.numel() for p in plugin.discriminator.parameters()),
-        "generator_family": cfg.g_family,
-        "discriminator_family": cfg.d_family,
+        "generator_family": cfg.generator.family,
+        "discriminator_family": cfg.discriminator.family,
         "generator_images_per_s": gen_ips,
         "gan_steps_per_s": summary["steps_per_s"],
-        "gan_batch_size": cfg.gan_batch_size,
-        "gan_images_per_s": summary["steps_per_s"] * cfg.gan_batch_size,
+        "gan_batch_size": cfg.gan.batch_size,
+        "gan_images_per_s": summary["steps_per_s"] * cfg.gan.batch_size,
         "peak_memory_mb": peak,
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_rss",
         "config": cfg.to_dict(),
@@ -174,7 +168,7 @@ def compare_naive(quick: bool, variants: dict[str, dict] | None = None, repeats:
             for vname, change in variants.items():
                 for name in ("naive", "genifer"):
                     strategies = dict(base.strategies)
-                    strategies["genifer"] = {**strategies.get("genifer", {}), **change}
+                    strategies["genifer"] = merge_sections(strategies.get("genifer", {}), change)
                     exp = dc_replace(base, strategies=strategies)
                     key = RunKey(name, 0, None)
                     work = Path(tmp) / f"{vname}_{rep}_{name}"

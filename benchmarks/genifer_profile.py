@@ -54,10 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     cfg = GeniferConfig(
         num_classes=10,
-        output_range=(0.0, 1.0),
+        generator={"output_range": (0.0, 1.0)},
+        gan={"stop": "fixed", "measure_fidelity": False},
         progress=False,
-        gan_stop="fixed",
-        measure_fidelity=False,
     )
     model = small_cnn(10, 1)
     plugin = GeniferPlugin(feature_layer="block3", config=cfg)

@@ -8,7 +8,7 @@ model, optimiser, epochs and seeds as ``avalanche-d2l run split_digits``) with o
 * ``cpu_preset``: ``GeniferConfig()`` defaults (what the README's tables run): loss weights
   1 / 3 / 0.1 with the reference's head semantics (``head="fresh_per_task"``: new classes' rows
   re-initialised, unseen classes masked in CE, KD and the argmax) and the teacher in train mode
-  on the mixed batch (``teacher_bn="train"``);
+  on the mixed batch (``replay.teacher_bn="train"``);
 * ``cpu_preset_fixed_head``: the same with a fixed head over all units and the teacher in eval
   mode (the CPU preset before the reference semantics);
 * ``paper_weights``: the paper's loss weights 0.02 / 0.98 / 1.0 with the reference's head
@@ -40,15 +40,12 @@ from avalanche_d2l.experiments.runner import run_experiment  # noqa: E402
 
 VARIANTS: dict[str, dict] = {
     "cpu_preset": {},
-    "cpu_preset_fixed_head": {"head": "fixed", "teacher_bn": "eval"},
+    "cpu_preset_fixed_head": {"head": "fixed", "replay": {"teacher_bn": "eval"}},
     "paper_weights_fixed_head": {
-        "ce_weight": 0.02,
-        "kd_weight": 0.98,
-        "fd_weight": 1.0,
         "head": "fixed",
-        "teacher_bn": "eval",
+        "replay": {"ce_weight": 0.02, "kd_weight": 0.98, "fd_weight": 1.0, "teacher_bn": "eval"},
     },
-    "paper_weights": {"ce_weight": 0.02, "kd_weight": 0.98, "fd_weight": 1.0},
+    "paper_weights": {"replay": {"ce_weight": 0.02, "kd_weight": 0.98, "fd_weight": 1.0}},
 }
 METRICS = (
     "final_accuracy",
