@@ -178,3 +178,36 @@ def test_the_feature_layer_is_the_module_feeding_the_last_linear():
     assert find_feature_layer(plain, (1, 16, 16)) == "2"
     with pytest.raises(ValueError, match="pass feature_layer="):
         find_feature_layer(UserCNN())  # without an input shape: only a module named 'features'
+
+
+def test_d2l_on_a_user_cnn_without_a_feature_layer_equals_replay_with_the_plugin(bench):
+    from avalanche_d2l import D2L
+
+    def make(door: str):
+        seed_everything(0)
+        net = UserCNN()
+        plugin = D2LPlugin(tiny_pixel_dreamer(output_size=16), dream_config())
+        if door == "plugin":
+            return host("replay", net, plugin), plugin
+        strategy = D2L(
+            model=net,
+            optimizer=torch.optim.Adam(net.parameters(), 3e-3),
+            mem_size=40,
+            dreamer=tiny_pixel_dreamer(output_size=16),
+            dream=dream_config(),
+            train_mb_size=32,
+            train_epochs=4,
+            eval_mb_size=64,
+            evaluator=EvaluationPlugin(accuracy_metrics(stream=True), loggers=[]),
+        )
+        assert strategy.model is net  # wrapped by its plugin once the images are known
+        return strategy, strategy.d2l_plugin
+
+    (a, pa), (b, pb) = make("strategy"), make("plugin")
+    for s in (a, b):
+        seed_everything(1)
+        s.train(bench.train_stream[0])
+    assert isinstance(a.model, DreamHeads) and a.model.feature_layer == "body"
+    for wa, wb in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        assert torch.allclose(wa, wb)
+    assert torch.allclose(pa.dream_images, pb.dream_images)

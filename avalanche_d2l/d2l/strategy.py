@@ -41,9 +41,10 @@ __all__ = [
 class D2L(SupervisedTemplate):
     """Dream2Learn on Experience Replay: ``ReplayPlugin`` + :class:`D2LPlugin`.
 
-    The model is wrapped in :class:`~avalanche_d2l.d2l.heads.DreamHeads`; the input space is
-    learned from the first experience (or ``image_shape``) and the dreamer fitted to it before
-    any training.
+    The model is wrapped in :class:`~avalanche_d2l.d2l.heads.DreamHeads` (here, or by the plugin
+    at the first experience when the feature layer must be found from the images); the input
+    space is learned from the first experience (or ``image_shape``) and the dreamer fitted to it
+    before any training.
 
     Args:
         model: any classifier returning ``(B, n_out)`` logits.
@@ -55,8 +56,9 @@ class D2L(SupervisedTemplate):
         dreamer: a ``Dreamer``, ``"offline"``/``"offline-rgb"``, or a hub id / local path.
         dream: the :class:`DreamConfig` (``dream_config`` is the same argument's former name).
         feature_layer: module whose output is the learner's features (default: ``"features"``,
-            or with ``image_shape`` the module feeding the last ``nn.Linear``).
-        n_classes: classes of the stream (default: out features of the model's last Linear).
+            else the module feeding the last ``nn.Linear``, found at the first experience).
+        n_classes: classes of the stream (default: out features of the model's last Linear;
+            the benchmark's when the model is wrapped at the first experience).
         n_extra_heads: dream-only heads beyond one per class.
         image_shape: ``(C, H, W)`` of the inputs (default: from the first experience).
         class_names: the stream's class names (Stable Diffusion prompts start from them).
@@ -96,14 +98,18 @@ class D2L(SupervisedTemplate):
         if mem_size < 1:
             raise ValueError(f"D2L needs a replay buffer: mem_size must be >= 1, got {mem_size}")
         cfg = config if config is not None else D2LConfig()
-        wrapped = wrap_model(
-            model,
-            n_classes=n_classes,
-            feature_layer=feature_layer,
-            image_shape=image_shape,
-            n_extra_heads=cfg.n_extra_heads if n_extra_heads is None else n_extra_heads,
-        )
-        add_missing_params(optimizer, wrapped)
+        n_extra = cfg.n_extra_heads if n_extra_heads is None else n_extra_heads
+        findable = feature_layer or image_shape or "features" in dict(model.named_modules())
+        wrapped = model  # the plugin wraps it at the first experience, when its images are known
+        if findable:
+            wrapped = wrap_model(
+                model,
+                n_classes=n_classes,
+                feature_layer=feature_layer,
+                image_shape=image_shape,
+                n_extra_heads=n_extra,
+            )
+            add_missing_params(optimizer, wrapped)
         self.d2l_plugin = D2LPlugin(
             dreamer if dreamer is not None else cfg.dreamer,
             dream or dream_config or cfg.dream,
@@ -112,6 +118,8 @@ class D2L(SupervisedTemplate):
             dreamer_device=dreamer_device if dreamer_device is not None else device,
             cache_dir=cache_dir,
             class_names=class_names,
+            n_classes=n_classes,
+            n_extra_heads=n_extra,
         )
         self.replay_plugin = ReplayPlugin(mem_size=mem_size)
         super().__init__(
