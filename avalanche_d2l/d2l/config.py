@@ -153,8 +153,8 @@ class DreamConfig(ConfigBase):
         sleep_epochs: passes over the new dream set with buffer minibatches right after
             dreaming, so the next head assignment sees heads shaped by the dreams. Default 0:
             the dreams train with the next experience only, as in the lab's code (each
-            experience trains on its real data plus the dreams); a sleep phase costs the
-            just-learned classes accuracy (README, D2L section).
+            experience trains on its real data plus the dreams); the README's D2L section
+            shows what a sleep phase does to the just-learned classes.
         sleep_data: ``"buffer"`` (each sleep minibatch: dreams and buffer samples with the
             host's replay loss) or ``"experience"`` (and as many samples of the experience just
             trained on, cross-entropy: the classes the dreams grew from keep their real data).

@@ -15,7 +15,7 @@ none on CPU) and applied by the dreamer as a ``torch.autocast`` region around it
 the region ``Accelerator(mixed_precision=...)`` opens. We do not build an ``Accelerator`` for it:
 ``AcceleratorState`` is a process-wide singleton that refuses a second, different
 ``mixed_precision``, and the dreamer and the learner may want different ones. fp16 needs loss
-scaling for the prompt gradients (about 1% of them flush to zero without it):
+scaling for the prompt gradients (small ones flush to zero without it):
 :class:`PromptLossScaler`.
 """
 
