@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from avalanche.evaluation.metrics import accuracy_metrics
-from avalanche.training import ER_ACE, Replay
+from avalanche.training import DER, ER_ACE, Replay
 from avalanche.training.plugins import EvaluationPlugin
 from tiny_models import tiny_pixel_dreamer
 from torch import nn
@@ -58,7 +58,7 @@ def dream_config() -> DreamConfig:
 
 
 def host(name: str, model: nn.Module, plugin: D2LPlugin):
-    cls = {"replay": Replay, "er_ace": ER_ACE}[name]
+    cls = {"replay": Replay, "er_ace": ER_ACE, "der": DER}[name]
     return cls(
         model=model,
         optimizer=torch.optim.Adam(model.parameters(), 3e-3),
@@ -72,7 +72,7 @@ def host(name: str, model: nn.Module, plugin: D2LPlugin):
     )
 
 
-@pytest.mark.parametrize("name", ["replay", "er_ace"])
+@pytest.mark.parametrize("name", ["replay", "er_ace", "der"])
 def test_avalanche_hosts_train_a_user_cnn_with_dreams_without_a_manual_wrapper(bench, name):
     seed_everything(0)
     net = UserCNN()
