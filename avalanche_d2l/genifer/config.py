@@ -388,7 +388,9 @@ class GeniferConfig:
     """All settings of Genifer. The defaults are the CPU preset of the 16 px offline streams.
 
     Attributes:
-        generator, discriminator, gan, augment, replay: the parts (see the module docstring).
+        generator, discriminator, gan, augment, replay: the parts (see the module docstring);
+            each may also be given as a dict of its settings (``gan={"steps": 400}``), checked
+            as :meth:`from_dict` checks a file.
         num_classes: size of the label space (``None``: the benchmark's ``n_classes``).
         head: ``"fixed"``: losses and prediction over every output unit; ``"fresh_per_task"``
             (reference): the rows of classes new to the model are re-initialised at the start of
