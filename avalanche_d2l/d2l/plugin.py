@@ -137,8 +137,8 @@ class D2LPlugin(DreamSetState, SupervisedPlugin, supports_distributed=True):
         self._base_dreamer = None if self.dreamer_source is not None else dreamer
         if self.dreamer_source is not None and self.config.uses_dreamer and dreamer_device:
             _ = self.base_dreamer  # load now: a missing dreamer fails before training
-        self.wrap = {"n_classes": n_classes, "feature_layer": feature_layer}
-        self.wrap["n_extra_heads"] = int(n_extra_heads)
+        self.wrap_args = {"n_classes": n_classes, "feature_layer": feature_layer}
+        self.wrap_args["n_extra_heads"] = int(n_extra_heads)
         self._dreamer = None
         self.buffer = buffer
         self.space = InputSpace(tuple(int(s) for s in image_shape)) if image_shape else None
@@ -206,7 +206,7 @@ class D2LPlugin(DreamSetState, SupervisedPlugin, supports_distributed=True):
                 self._base_dreamer = self._dreamer = None  # (re)loaded on that device
         if not isinstance(strategy.model, DreamHeads):
             exp = strategy.experience
-            n_classes = self.wrap["n_classes"] or stream_n_classes(exp)
+            n_classes = self.wrap_args["n_classes"] or stream_n_classes(exp)
             if n_classes is None:
                 raise ValueError(
                     "D2LPlugin cannot tell how many classes the stream has (its experiences "
@@ -214,7 +214,7 @@ class D2LPlugin(DreamSetState, SupervisedPlugin, supports_distributed=True):
                 )
             shape = self.space.shape if self.space is not None else None
             shape = shape or tuple(exp.dataset.eval()[0][0].shape)
-            kw = {k: v for k, v in self.wrap.items() if k != "n_classes"}
+            kw = {k: v for k, v in self.wrap_args.items() if k != "n_classes"}
             model = wrap_model(strategy.model, n_classes=n_classes, image_shape=shape, **kw)
             strategy.model = model.to(strategy.device)
             add_missing_params(strategy.optimizer, strategy.model)
