@@ -1,8 +1,8 @@
 """Strategy registry: names -> factories with their metadata, filled by the method files.
 
-The registry knows no strategy. A method registers itself when its module is imported (the
-package imports :mod:`avalanche_d2l.strategies`, whose modules are Avalanche's baselines, D2L and
-Genifer), so a new method is one file plus one import line::
+The registry knows no strategy. A method registers itself when its module is imported: the
+package imports :mod:`avalanche_d2l.strategies`, which imports every module of its own
+(Avalanche's baselines, D2L, Genifer), so a new method is one file there::
 
     @register_strategy("genifer", config=GeniferConfig, keeps_buffer=False,
                        description="data-free feature-driven image replay")

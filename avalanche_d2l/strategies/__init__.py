@@ -1,10 +1,15 @@
 """Continual-learning strategies, each registering itself with
-:func:`avalanche_d2l.core.registry.register_strategy` when imported: Avalanche's baselines
-(:mod:`.baselines`), D2L and Genifer. The package imports this module, so every strategy is
-registered once ``avalanche_d2l`` is imported."""
+:func:`avalanche_d2l.core.registry.register_strategy` when its module is imported: Avalanche's
+baselines (:mod:`.baselines`), D2L and Genifer. The package imports this one, which imports every
+module beside it, so a new method's module here is registered without editing anything else."""
 
-from avalanche_d2l.strategies import baselines  # noqa: F401 -- registers Avalanche's strategies
+import importlib
+import pkgutil
+
 from avalanche_d2l.strategies.d2l import D2L, D2LPlugin
 from avalanche_d2l.strategies.genifer import Genifer, GeniferConfig, GeniferPlugin
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["D2L", "D2LPlugin", "Genifer", "GeniferConfig", "GeniferPlugin"]
