@@ -1088,6 +1088,47 @@ def test_killed_gan_phase_resumes_exactly(tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("content", ["truncated", "planted"])
+def test_unreadable_gan_checkpoint_is_set_aside_and_the_phase_restarts(tmp_path, content):
+    """A truncated checkpoint, or a pickle that would run code, is never fatal and never run:
+    it is moved to ``<name>.corrupt`` with one warning, and the phase trains from its start to
+    the same generator as a run without a checkpoint."""
+    import pickle
+
+    data = _phase_data()
+    cfg = SMALL_GAN.merged({"gan": {"checkpoint_every": 2}})
+    kw = dict(feature_layer="block2", dataset=data, new_classes=[2, 3], old_classes=[0, 1], steps=4)
+    ref, classifier = _trainer(cfg)
+    ref.history.append({})
+    ref.train_phase(classifier=classifier, **kw)
+    ckpt = tmp_path / "phase.pt"
+    marker = tmp_path / "ran"
+    if content == "truncated":
+        ckpt.write_bytes(b"PK\x03\x04 not a whole zip")
+    else:
+
+        class Payload:
+            def __reduce__(self):
+                return (pathlib_touch, (str(marker),))
+
+        ckpt.write_bytes(pickle.dumps(Payload()))
+    again, classifier = _trainer(cfg)
+    again.history.append({})
+    with pytest.warns(UserWarning, match="could not be read"):
+        summary = again.train_phase(classifier=classifier, checkpoint_path=ckpt, **kw)
+    assert not marker.exists()  # the planted code did not run
+    assert (tmp_path / "phase.pt.corrupt").is_file()
+    assert summary.get("resumed_at", 0) == 0
+    for a, b in zip(
+        ref.generator_ema.state_dict().values(), again.generator_ema.state_dict().values()
+    ):
+        assert torch.equal(a, b)
+
+
+def pathlib_touch(path: str) -> None:
+    Path(path).touch()
+
+
 # ---------------------------------------------------------------- augmentation (10)
 def test_reference_augmentation_ops():
     g = torch.Generator().manual_seed(0)

@@ -312,9 +312,9 @@ class FeatureGANTrainer:
             "classifier": module_fingerprint(classifier),
         }
         ckpt = Path(checkpoint_path) if checkpoint_path else None
-        if ckpt is not None and ckpt.exists():
-            saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-            if saved["key"] == key:
+        saved = _read_checkpoint(ckpt) if ckpt is not None and ckpt.exists() else None
+        if saved is not None:
+            if saved.get("key") == key:
                 start = self._restore_checkpoint(saved, g_prev, real_iter, device)
                 sums = saved["sums"]
                 G, G_ema, D = self.generator, self.generator_ema, self.discriminator
@@ -482,3 +482,26 @@ class FeatureGANTrainer:
         self.rng.set_state(saved["rng"])
         real_iter.load_state_dict(saved["real"])
         return int(saved["next_step"])
+
+
+def _read_checkpoint(path: Path) -> dict | None:
+    """A mid-phase GAN checkpoint (tensors and plain values only: ``weights_only=True``), or
+    ``None`` with a warning when it cannot be read; the file is then set aside
+    (``<name>.corrupt``) so the phase restarts from its beginning instead of failing again."""
+    import warnings
+
+    from avalanche_d2l.core.storage import set_aside
+
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(saved, dict):
+            raise ValueError(f"it holds a {type(saved).__name__}, not a checkpoint")
+        return saved
+    except Exception as err:  # truncated, planted or foreign file: never fatal, never executed
+        aside = set_aside(path)
+        warnings.warn(
+            f"Genifer: the GAN checkpoint {path} could not be read ({type(err).__name__}); "
+            f"moved to {aside.name}, the GAN phase starts from its beginning",
+            stacklevel=2,
+        )
+        return None

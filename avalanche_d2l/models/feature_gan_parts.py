@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Sequence
 from copy import deepcopy
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,17 +42,11 @@ def module_fingerprint(module: nn.Module) -> str:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace`` it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """``torch.save`` through :func:`avalanche_d2l.core.storage.atomic_write` (a temporary file
+    named by the writing process, renamed; a failed write is one sentence)."""
+    from avalanche_d2l.core.storage import atomic_write
+
+    atomic_write(path, lambda tmp: torch.save(obj, tmp), what="the GAN checkpoint")
 
 
 class _StopForward(Exception):
