@@ -183,3 +183,15 @@ def test_d2l_notebook_shows_table_controls_fwt_and_dreams_from_the_stream(kernel
             gap = torch.cdist(sources.flatten(1), pool).min(1).values
             assert gap.max() < 0.1, f"experience {k}: a source image is not an image of class {c}"
             assert torch.cdist(dreams.flatten(1), sources.flatten(1)).min() > 0.1
+
+
+def test_a_notebook_section_changes_one_setting_of_a_part_and_keeps_the_others():
+    from avalanche_d2l.experiments import load_experiment
+    from avalanche_d2l.experiments.notebook import with_section
+
+    exp = load_experiment("genifer_cifar100")
+    before = exp.strategies["genifer"]["gan"]
+    assert len(before) > 1
+    changed = with_section(exp, "genifer", {"gan": {"steps": 3}})
+    assert changed.strategies["genifer"]["gan"] == {**before, "steps": 3}
+    assert exp.strategies["genifer"]["gan"] == before  # the file's experiment is unchanged

@@ -26,7 +26,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-__all__ = ["ConfigBase", "check_config_keys", "dataclass_from_dict", "plain"]
+__all__ = ["ConfigBase", "check_config_keys", "dataclass_from_dict", "merge_sections", "plain"]
 
 
 def plain(value: Any) -> Any:
@@ -163,3 +163,15 @@ class ConfigBase:
         blob = json.dumps(d, sort_keys=True, default=str, separators=separators)
         digest = hashlib.new(self.fingerprint_hash, blob.encode()).hexdigest()
         return digest[: self.fingerprint_chars] if self.fingerprint_chars else digest
+
+
+def merge_sections(base: Mapping[str, Any], change: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``change`` written over it part by part (``{"gan": {"steps": 3}}`` changes
+    one setting of ``gan`` and keeps the others)."""
+    out = dict(base)
+    for key, value in change.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_sections(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -9,7 +9,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -84,6 +84,15 @@ def cached(path: Path, key: dict, compute: Callable[[], Any]) -> tuple[Any, bool
     return value, False
 
 
+def with_section(exp, strategy: str, section: Mapping[str, Any]):
+    """``exp`` with ``section`` written over ``strategy``'s settings part by part
+    (``{"gan": {"steps": 3}}`` changes one GAN setting and keeps the file's others)."""
+    from avalanche_d2l.core.config import merge_sections
+
+    merged = merge_sections(exp.strategies.get(strategy, {}), section)
+    return dataclasses.replace(exp, strategies={**exp.strategies, strategy: merged})
+
+
 def trained_run(
     exp: Experiment,
     strategy: str,
@@ -101,8 +110,7 @@ def trained_run(
     from avalanche_d2l.utils import seed_everything
 
     if section:
-        merged = {**exp.strategies.get(strategy, {}), **section}
-        exp = dataclasses.replace(exp, strategies={**exp.strategies, strategy: merged})
+        exp = with_section(exp, strategy, section)
     mem = (
         (mem_size if mem_size is not None else exp.mem_sizes[0])
         if exp.keeps_buffer(strategy)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from avalanche_d2l.augment import AugmentConfig
+from avalanche_d2l.core.config import merge_sections
 from avalanche_d2l.fields import check_value
 
 __all__ = [
@@ -337,18 +338,6 @@ def _checked(cls: type, data: Any, where: str) -> dict[str, Any]:
                 f": {', '.join(names)}"
             )
         out[key] = check_value(value, hints[key], f"GeniferConfig: {path}")
-    return out
-
-
-def merge_sections(base: Mapping[str, Any], change: Mapping[str, Any]) -> dict[str, Any]:
-    """``base`` with ``change`` written over it part by part (``{"gan": {"steps": 3}}`` changes
-    one setting of ``gan`` and keeps the others)."""
-    out = dict(base)
-    for key, value in change.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merge_sections(out[key], value)
-        else:
-            out[key] = value
     return out
 
 
