@@ -184,6 +184,20 @@ def test_prompt_loss_scaler_skips_only_the_overflowing_prompt():
         accel.resolve_precision("fp8", "cpu")
 
 
+@pytest.mark.parametrize(("native", "expected"), [(True, "bf16"), (False, "fp16")])
+def test_auto_precision_uses_bf16_only_where_the_gpu_has_it(monkeypatch, native, expected):
+    """A GPU with emulated bf16 only (torch's default answer counts emulation) gets fp16."""
+    import contextlib
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return native or including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert accel.resolve_precision("auto", "cuda:0") == expected
+
+
 # ---- two processes (gloo, through accelerate's PartialState) ----------------------------------
 
 

@@ -71,8 +71,17 @@ def resolve_precision(precision: str | None, device: str | torch.device) -> str:
     dev = torch.device(device)
     if dev.type == "cuda" and torch.cuda.is_available():
         with torch.cuda.device(dev):
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return "bf16" if _native_bf16() else "fp16"
     return "no"
+
+
+def _native_bf16() -> bool:
+    """bf16 in hardware on the current CUDA device (torch's default also counts emulated bf16,
+    which is slower than fp16 on GPUs without it)."""
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch < 2.3 has no emulation and no keyword
+        return bool(torch.cuda.is_bf16_supported())
 
 
 def precision_dtype(precision: str) -> torch.dtype | None:
