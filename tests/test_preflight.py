@@ -134,6 +134,39 @@ def test_estimate_paper_cost_arithmetic():
     assert out["phase_gpu_hours"] == pytest.approx(phase / 3600)
     assert out["run_gpu_hours"] == pytest.approx((3 * phase + 2 * 1000 * 1e10 / 1e12) / 3600)
     assert out["memory_gib"] == pytest.approx(0.75) and out["fits"] is True
+    # backward recomputes the largest checkpointed block on top of what the pass saved
+    more = estimate_paper_cost(
+        dream_config=cfg,
+        n_dream_classes=2,
+        n_dreaming_phases=3,
+        prompt_pass_flops=4e12,
+        prompt_pass_images=4,
+        generate_flops_per_image=1e11,
+        train_step_flops=1e10,
+        train_steps_per_run=1000,
+        weight_bytes=2**29,
+        prompt_pass_activation_bytes=2**28,
+        generate_activation_bytes=2**27,
+        recompute_bytes=2**27,
+        dream_batch=5,
+        gpu=gpu,
+        overhead=1.0,
+    )
+    assert more["memory_gib"] == pytest.approx(0.875) and more["recompute_gib"] == 0.125
+
+
+def test_largest_block_bytes_is_the_biggest_blocks_saved_activations():
+    from avalanche_d2l.dreaming.measure import largest_block_bytes
+
+    small, big = nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 256), nn.ReLU(), nn.Linear(256, 8))
+    net = nn.Sequential(small, big)
+    x = torch.randn(4, 8)
+    params = list(net.parameters())
+    h = small(x).detach()
+    alone = saved_activation_bytes(lambda: big(h), exclude=params)
+    assert largest_block_bytes(lambda: net(x), [small, big], exclude=params) == alone > 0
+    assert largest_block_bytes(lambda: net(x), [small], exclude=params) < alone
+    assert not small._forward_pre_hooks and not big._forward_hooks  # hooks removed
 
 
 def test_dreaming_plan_of_the_paper_streams():

@@ -14,7 +14,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["GiB", "Measure", "count_flops", "peak_memory", "saved_activation_bytes"]
+__all__ = [
+    "GiB",
+    "Measure",
+    "count_flops",
+    "largest_block_bytes",
+    "peak_memory",
+    "saved_activation_bytes",
+]
 
 GiB = 2**30
 
@@ -128,3 +135,53 @@ def saved_activation_bytes(fn: Callable[[], Any], *, exclude: Iterable[Tensor] =
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return total
+
+
+def largest_block_bytes(
+    fn: Callable[[], Any], blocks: Iterable[torch.nn.Module], *, exclude: Iterable[Tensor] = ()
+) -> int:
+    """The most bytes autograd saves inside one of ``blocks`` while ``fn()`` runs its forward.
+
+    With gradient checkpointing, the backward pass recomputes one checkpointed block at a time
+    and holds that block's activations on top of the checkpoints; run ``fn`` *without*
+    checkpointing and pass the blocks that would be checkpointed to size that transient (the
+    largest block's). Storages are counted once per block; ``exclude`` as in
+    :func:`saved_activation_bytes`.
+    """
+    skip = {t.untyped_storage()._cdata for t in exclude}
+    stack: list[int] = []
+    totals: dict[int, int] = {}
+    seen: dict[int, set[int]] = {}
+    handles = []
+
+    def enter(i: int):
+        def hook(module, args) -> None:
+            stack.append(i)
+
+        return hook
+
+    def leave(module, args, output) -> None:
+        stack.pop()
+
+    for i, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(enter(i)))
+        handles.append(block.register_forward_hook(leave))
+
+    def pack(t: Tensor):
+        st = t.untyped_storage()
+        key = st._cdata
+        if stack and key not in skip:
+            block = stack[-1]
+            if key not in seen.setdefault(block, set()):
+                seen[block].add(key)
+                size = st.nbytes() if t.device.type != "meta" else t.numel() * t.element_size()
+                totals[block] = totals.get(block, 0) + size
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return max(totals.values(), default=0)

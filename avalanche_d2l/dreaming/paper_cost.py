@@ -53,6 +53,7 @@ def estimate_paper_cost(
     prompt_pass_activation_bytes: float,
     generate_activation_bytes: float,
     train_step_bytes: float = 0.0,
+    recompute_bytes: float = 0.0,
     dream_batch: int | None = None,
     gpu: GpuSpec | None = None,
     overhead: float = 1.25,
@@ -62,8 +63,10 @@ def estimate_paper_cost(
     Time is ``FLOPs / (peak_tflops x utilisation)`` per part (the learner's steps with
     ``learner_utilisation``); a dreaming phase is counted at its
     upper bound (every class runs the whole step cap; the oracle may stop classes earlier).
-    Memory of the largest pass is ``weights + overhead x activations`` (``overhead`` for the
-    backward transients, allocator fragmentation and the CUDA context), plus the learner's step.
+    Memory of the largest pass is ``weights + overhead x (activations + recompute)``: what the
+    pass saves for backward, plus the largest checkpointed block's activations that backward
+    recomputes and holds on top (``overhead`` for the other backward transients, allocator
+    fragmentation and the CUDA context), plus the learner's step.
 
     Args:
         dream_config: the run's :class:`DreamConfig`.
@@ -80,6 +83,9 @@ def estimate_paper_cost(
             (:func:`saved_activation_bytes`).
         generate_activation_bytes: peak bytes of one generation batch beyond the weights.
         train_step_bytes: peak bytes of the learner's step beyond its weights.
+        recompute_bytes: the largest checkpointed block's saved bytes
+            (:func:`~avalanche_d2l.dreaming.measure.largest_block_bytes`; 0 without
+            checkpointing).
         dream_batch: dream images per sleep step (``None``: ``dream_config.dream_batch_size``
             or 32).
         gpu: the :class:`GpuSpec` (default A100-80GB).
@@ -104,7 +110,7 @@ def estimate_paper_cost(
     learner_rate = gpu.peak_tflops * 1e12 * gpu.learner_utilisation
     phase_s = (prompt_flops + gen_flops) / rate + sleep_flops / learner_rate
     train_s = train_steps_per_run * train_step_flops / learner_rate
-    act = max(prompt_pass_activation_bytes, generate_activation_bytes)
+    act = max(prompt_pass_activation_bytes + recompute_bytes, generate_activation_bytes)
     mem = weight_bytes + overhead * act + train_step_bytes
     return {
         "gpu": dataclasses.asdict(gpu),
@@ -112,6 +118,7 @@ def estimate_paper_cost(
         "fits": mem <= gpu.memory_gib * GiB * 0.92,
         "prompt_pass_activation_gib": prompt_pass_activation_bytes / GiB,
         "generate_activation_gib": generate_activation_bytes / GiB,
+        "recompute_gib": recompute_bytes / GiB,
         "weights_gib": weight_bytes / GiB,
         "phase_flops": {"prompts": prompt_flops, "generate": gen_flops, "sleep": sleep_flops},
         "phase_gpu_hours": phase_s / 3600,
@@ -122,6 +129,7 @@ def estimate_paper_cost(
             f"{gpu.name}: {gpu.peak_tflops:g} TFLOP/s peak at {gpu.utilisation:.0%} utilisation "
             f"for the dreamer, {gpu.learner_utilisation:.0%} for the learner; "
             "every dream class runs the full step cap; matmul/conv/attention FLOPs only; "
-            f"memory = weights + {overhead:g} x activations + learner step"
+            f"memory = weights + {overhead:g} x (activations + the largest recomputed "
+            "checkpoint block) + learner step"
         ),
     }
