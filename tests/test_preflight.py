@@ -112,7 +112,7 @@ def test_estimate_paper_cost_arithmetic():
     gpu = GpuSpec(
         name="toy", memory_gib=1.0, peak_tflops=1.0, utilisation=1.0, learner_utilisation=0.5
     )
-    out = estimate_paper_cost(
+    kw = dict(
         dream_config=cfg,
         n_dream_classes=2,
         n_dreaming_phases=3,
@@ -128,6 +128,7 @@ def test_estimate_paper_cost_arithmetic():
         gpu=gpu,
         overhead=1.0,
     )
+    out = estimate_paper_cost(**kw)
     prompt = 10 * 8 * 1e12  # (steps + 1) x 2 classes x 4 images
     gen, sleep = 20 * 1e11, 4 * 1e10
     phase = (prompt + gen + 2 * sleep) / 1e12  # the learner's FLOPs at half the rate
@@ -135,23 +136,7 @@ def test_estimate_paper_cost_arithmetic():
     assert out["run_gpu_hours"] == pytest.approx((3 * phase + 2 * 1000 * 1e10 / 1e12) / 3600)
     assert out["memory_gib"] == pytest.approx(0.75) and out["fits"] is True
     # backward recomputes the largest checkpointed block on top of what the pass saved
-    more = estimate_paper_cost(
-        dream_config=cfg,
-        n_dream_classes=2,
-        n_dreaming_phases=3,
-        prompt_pass_flops=4e12,
-        prompt_pass_images=4,
-        generate_flops_per_image=1e11,
-        train_step_flops=1e10,
-        train_steps_per_run=1000,
-        weight_bytes=2**29,
-        prompt_pass_activation_bytes=2**28,
-        generate_activation_bytes=2**27,
-        recompute_bytes=2**27,
-        dream_batch=5,
-        gpu=gpu,
-        overhead=1.0,
-    )
+    more = estimate_paper_cost(**kw, recompute_bytes=2**27)
     assert more["memory_gib"] == pytest.approx(0.875) and more["recompute_gib"] == 0.125
 
 
