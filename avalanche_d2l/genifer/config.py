@@ -114,9 +114,10 @@ class GanSettings:
         stop: ``"fidelity"``: the phase ends when every class's replay passes ``threshold``
             (train-on-replay-test-on-real accuracy, checked every ``check_every`` steps) and the
             mean gains less than ``min_delta`` over the best earlier check, not before
-            ``min_steps`` (the floor); a class still below the threshold at the cap is named in a
-            warning and in the phase's summary. ``"fixed"`` (the reference): exactly
-            ``steps_first`` / ``steps`` steps.
+            ``min_steps`` (the floor). After every phase a fresh probe measures the replay once
+            more; a class below the threshold then is named in a warning and in the phase's
+            summary, whether the phase stopped early or at the cap. ``"fixed"`` (the
+            reference): exactly ``steps_first`` / ``steps`` steps.
         measure_fidelity: measure the replay's fidelity after every phase (see
             :mod:`avalanche_d2l.genifer.fidelity`): ``holdout`` of the experience's images are
             held out of the GAN phase for it; ``probe_steps`` trains each probe.
