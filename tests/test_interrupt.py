@@ -23,6 +23,10 @@ def _start(out):
         text=True,
         env=env,
         start_new_session=True,  # its own process group, as a terminal gives a command
+        # a command typed in a terminal receives Ctrl-C even when the test suite itself was
+        # started in the background (where the shell sets SIGINT to be ignored, and the child
+        # would inherit that)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
