@@ -45,6 +45,9 @@ LEVERS: dict[str, dict] = {
     "distinct2": {"w_distinct": 2.0, "distinct_margin": 0.2},
     "coherence0.2": {"w_coherence": 0.2},
     "samples32": {"samples_per_class": 32},
+    # on top of the no-sleep default (the levers above were run on the former sleep default)
+    "ns_weight0.3": {"dream_weight": 0.3},
+    "ns_seen0": {"seen_mass": 0.0},
 }
 
 
