@@ -28,18 +28,29 @@ resized (bilinear, antialiased) to ``output_size``. Its outputs are mapped to ``
 one ``(low, high)`` pair for all channels or per-channel lists.
 
 Both are configured by typed dataclasses (:class:`GeneratorConfig`, :class:`DiscriminatorConfig`)
-kept on the module as ``.config`` so that they can be rebuilt from a checkpoint.
+kept on the module as ``.config`` so that they can be rebuilt from a checkpoint. The generator is
+here; its layers are in :mod:`.gan_layers`, the discriminator in :mod:`.gan_discriminator` (both
+re-exported).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .gan_discriminator import DiscriminatorConfig, FeatureDiscriminator
+from .gan_layers import (
+    EqualConv2d,
+    EqualLinear,
+    ModulatedConv2d,
+    ReferenceStyleConv2d,
+    _lrelu,
+    _normalize_2nd_moment,
+)
 
 __all__ = [
     "DiscriminatorConfig",
@@ -55,7 +66,6 @@ __all__ = [
 ]
 
 _FAMILIES_G = ("stylegan2", "reference")
-_FAMILIES_D = ("compact", "reference")
 
 
 def next_power_of_two(n: int) -> int:
@@ -80,186 +90,6 @@ def range_tensors(output_range, channels: int) -> tuple[torch.Tensor, torch.Tens
     if bool((hi_t <= lo_t).any()):
         raise ValueError(f"output_range {output_range!r}: every high must exceed its low")
     return lo_t.clone(), hi_t.clone()
-
-
-_LRELU_GAIN = math.sqrt(2.0)
-
-
-def _lrelu(x: torch.Tensor) -> torch.Tensor:
-    # Leaky ReLU rescaled so that unit-variance inputs keep unit variance (StyleGAN convention).
-    return F.leaky_relu(x, 0.2) * _LRELU_GAIN
-
-
-def _normalize_2nd_moment(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    return x * (x.square().mean(dim=1, keepdim=True) + eps).rsqrt()
-
-
-class EqualLinear(nn.Module):
-    """Linear layer with equalised learning rate.
-
-    The stored weight has unit variance (divided by ``lr_mul``); the forward pass multiplies it by
-    ``lr_mul / sqrt(in_features)`` so that every layer learns at the same speed under Adam.
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        *,
-        bias: bool = True,
-        bias_init: float = 0.0,
-        lr_mul: float = 1.0,
-    ):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_mul)
-        self.bias = nn.Parameter(torch.full((out_features,), float(bias_init))) if bias else None
-        self.weight_gain = lr_mul / math.sqrt(in_features)
-        self.lr_mul = lr_mul
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.bias * self.lr_mul if self.bias is not None else None
-        return F.linear(x, self.weight * self.weight_gain, b)
-
-
-class EqualConv2d(nn.Module):
-    """2-D convolution with equalised learning rate (runtime weight scale ``1/sqrt(fan_in)``)."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int,
-        *,
-        bias: bool = True,
-        padding: int | None = None,
-    ):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
-        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        self.weight_gain = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
-        self.padding = kernel_size // 2 if padding is None else padding
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight * self.weight_gain, self.bias, padding=self.padding)
-
-
-class ModulatedConv2d(nn.Module):
-    """Style-modulated convolution (StyleGAN2) with optional demodulation, upsampling, noise.
-
-    The modulation is applied to the activations rather than to a per-sample weight copy
-    (mathematically identical, and much cheaper on CPU than a grouped convolution).
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        w_dim: int,
-        *,
-        kernel_size: int = 3,
-        demodulate: bool = True,
-        upsample: bool = False,
-        use_noise: bool = True,
-        activation: bool = True,
-    ):
-        super().__init__()
-        self.affine = EqualLinear(w_dim, in_channels, bias_init=1.0)
-        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
-        self.weight_gain = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
-        self.bias = nn.Parameter(torch.zeros(out_channels))
-        self.noise_strength = nn.Parameter(torch.zeros(())) if use_noise else None
-        self.demodulate = demodulate
-        self.upsample = upsample
-        self.activation = activation
-        self.padding = kernel_size // 2
-
-    def forward(
-        self, x: torch.Tensor, w: torch.Tensor, noise: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        styles = self.affine(w)  # (N, Cin)
-        weight = self.weight * self.weight_gain
-        if self.upsample:
-            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-        # 1. modulate the input channels by the style
-        x = x * styles[:, :, None, None].to(x.dtype)
-        x = F.conv2d(x, weight.to(x.dtype), padding=self.padding)
-        # 2. demodulate: rescale every output channel back to unit expected variance
-        if self.demodulate:
-            # sum_{i,k} (w[o,i,k] s[i])^2 = sum_i s[i]^2 sum_k w[o,i,k]^2: one small matmul, not
-            # an (N, Cout, Cin, k, k) per-sample weight (most of a CPU GAN step's time)
-            dcoefs = (styles.square() @ weight.square().sum(dim=[2, 3]).t() + 1e-8).rsqrt()
-            x = x * dcoefs[:, :, None, None].to(x.dtype)
-        # 3. per-pixel noise, scaled by a learned strength (starts at zero)
-        if self.noise_strength is not None:
-            if noise is None:
-                noise = torch.randn(
-                    x.shape[0], 1, x.shape[2], x.shape[3], device=x.device, dtype=x.dtype
-                )
-            x = x + noise.to(x.dtype) * self.noise_strength
-        x = x + self.bias[None, :, None, None].to(x.dtype)
-        return _lrelu(x) if self.activation else x
-
-
-class ReferenceConv2d(nn.Module):
-    """Equalised 3x3 convolution of the reference family: weight ``N(0, 1)`` scaled at run time by
-    ``sqrt(2 / fan_in)``, bias unscaled (starts at zero)."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
-        self.bias = nn.Parameter(torch.zeros(out_channels))
-        self.weight_gain = math.sqrt(2.0) / math.sqrt(in_channels * kernel_size * kernel_size)
-        self.padding = kernel_size // 2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(
-            x,
-            (self.weight * self.weight_gain).to(x.dtype),
-            self.bias.to(x.dtype),
-            padding=self.padding,
-        )
-
-
-class ReferenceStyleConv2d(ReferenceConv2d):
-    """Reference-family style convolution: ``conv(x * scale(w) + shift(w)) + strength * noise``.
-
-    No demodulation; ``scale`` starts at 1 and ``shift`` at 0; one learned noise strength per
-    output channel (starts at zero). No activation (the generator applies it).
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        w_dim: int,
-        *,
-        kernel_size: int = 3,
-        use_noise: bool = True,
-    ):
-        super().__init__(in_channels, out_channels, kernel_size)
-        self.scale = EqualLinear(w_dim, in_channels, bias_init=1.0)
-        self.shift = EqualLinear(w_dim, in_channels, bias_init=0.0)
-        self.noise_strength = (
-            nn.Parameter(torch.zeros(1, out_channels, 1, 1)) if use_noise else None
-        )
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        w: torch.Tensor,  # type: ignore[override]
-        noise: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        x = x * self.scale(w)[:, :, None, None].to(x.dtype) + self.shift(w)[:, :, None, None].to(
-            x.dtype
-        )
-        x = super().forward(x)
-        if self.noise_strength is not None:
-            if noise is None:
-                noise = torch.randn(
-                    x.shape[0], 1, x.shape[2], x.shape[3], device=x.device, dtype=x.dtype
-                )
-            x = x + noise.to(x.dtype) * self.noise_strength.to(x.dtype)
-        return x
 
 
 @dataclass
@@ -521,156 +351,3 @@ class StyleGenerator(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in asdict(self.config).items())
-
-
-@dataclass
-class DiscriminatorConfig:
-    """Architecture of :class:`FeatureDiscriminator`.
-
-    Attributes:
-        feature_shape: shape of one sample's features at the hooked layer: ``(C, H, W)`` for a
-            map or ``(D,)`` for a vector.
-        num_classes: number of labels for the projection conditioning.
-        channels: width of every layer.
-        mbstd_group: group size of the minibatch standard-deviation layer.
-        cmap_dim: size of the projection space (defaults to ``channels``).
-        family: ``"compact"`` or ``"reference"`` (see the module docstring).
-    """
-
-    feature_shape: tuple[int, ...] = (64, 4, 4)
-    num_classes: int = 10
-    channels: int = 64
-    mbstd_group: int = 4
-    cmap_dim: int | None = None
-    family: str = "compact"
-
-    def __post_init__(self) -> None:
-        self.feature_shape = tuple(int(v) for v in self.feature_shape)
-        if self.family not in _FAMILIES_D:
-            raise ValueError(
-                f"discriminator family must be one of {_FAMILIES_D}, got {self.family!r}"
-            )
-
-
-class _LReLU(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.leaky_relu(x, 0.2)
-
-
-class _MinibatchStd(nn.Module):
-    """Appends the standard deviation of features over small groups of the batch (one channel)."""
-
-    def __init__(self, group_size: int):
-        super().__init__()
-        self.group_size = group_size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        g = min(self.group_size, n)
-        while n % g:  # the largest group size <= group_size that divides the batch
-            g -= 1
-        y = x.reshape(g, -1, *x.shape[1:]).float()
-        y = (y.var(dim=0, unbiased=False) + 1e-8).sqrt()
-        y = y.reshape(y.shape[0], -1).mean(dim=1)  # one value per group
-        y = y.reshape(-1, *([1] * (x.dim() - 1))).repeat(g, *([1] * (x.dim() - 1)))
-        shape = (n, 1, *x.shape[2:])
-        return torch.cat([x, y.to(x.dtype).expand(shape)], dim=1)
-
-
-class FeatureDiscriminator(nn.Module):
-    """Discriminator on classifier features with projection label conditioning.
-
-    ``forward(features, labels)`` returns one logit per sample. Inputs whose shape is not the
-    configured ``feature_shape`` raise a ``ValueError``: this network never reads pixels.
-    """
-
-    def __init__(self, *, config: DiscriminatorConfig):
-        super().__init__()
-        self.config = config
-        shape = tuple(int(s) for s in config.feature_shape)
-        if len(shape) not in (1, 3):
-            raise ValueError(f"feature_shape must be (C, H, W) or (D,), got {shape}")
-        self.feature_shape = shape
-        ch = config.channels
-        cmap = config.cmap_dim or ch
-        self.mbstd = _MinibatchStd(config.mbstd_group)
-        self.reference = config.family == "reference" and len(shape) == 3
-        if self.reference:
-            # per 2x level: two 3x3 convs (channels doubled up to `channels`, the last level ends
-            # at `channels`), then a 2x average pool, down to 2x2
-            c, h, w = shape
-            blocks: list[nn.Module] = []
-            n_levels = 0
-            hh, ww = h, w
-            while max(hh, ww) > 2:
-                hh, ww = (hh + 1) // 2, (ww + 1) // 2
-                n_levels += 1
-            prev = c
-            for level in range(n_levels):
-                out = ch if level == n_levels - 1 else min(c * 2**level, ch)
-                blocks.append(
-                    nn.Sequential(
-                        ReferenceConv2d(prev, out), _LReLU(), ReferenceConv2d(out, out), _LReLU()
-                    )
-                )
-                prev = out
-            if n_levels == 0:
-                blocks.append(nn.Sequential(ReferenceConv2d(prev, ch), _LReLU()))
-            self.blocks = nn.ModuleList(blocks)
-            self.pool_after = [True] * n_levels + ([False] if n_levels == 0 else [])
-            self.final_conv = ReferenceConv2d(ch + 1, ch)
-            self.fc = EqualLinear(ch * hh * ww, ch)
-            self.out = EqualLinear(ch, cmap)
-            self.label_embed = EqualLinear(config.num_classes, cmap, bias=False)
-            self.cmap_dim = cmap
-            return
-        if len(shape) == 3:
-            c, h, w = shape
-            self.from_features = EqualConv2d(c, ch, 1)
-            blocks = []
-            while max(h, w) > 2:  # conv + 2x average pool until the map is (at most) 2x2
-                blocks.append(EqualConv2d(ch, ch, 3))
-                h, w = (h + 1) // 2, (w + 1) // 2
-            self.blocks = nn.ModuleList(blocks)
-            self.final_conv = EqualConv2d(ch + 1, ch, 3)
-            self.fc = EqualLinear(ch * h * w, ch)
-        else:
-            self.from_features = EqualLinear(shape[0], ch)
-            self.blocks = nn.ModuleList()
-            self.final_conv = EqualLinear(ch + 1, ch)
-            self.fc = EqualLinear(ch, ch)
-        self.out = EqualLinear(ch, cmap)
-        self.label_embed = EqualLinear(config.num_classes, cmap)
-        self.cmap_dim = cmap
-
-    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if tuple(features.shape[1:]) != self.feature_shape:
-            raise ValueError(
-                f"FeatureDiscriminator expects classifier features of shape (N, "
-                f"{', '.join(map(str, self.feature_shape))}) and never reads pixels; got "
-                f"{tuple(features.shape)}. Pass the output of the hooked feature layer."
-            )
-        if self.reference:
-            x = features
-            for block, pool in zip(self.blocks, self.pool_after):
-                x = block(x)
-                if pool:
-                    x = F.avg_pool2d(x, 2, ceil_mode=True)
-            x = self.mbstd(x)
-            x = F.leaky_relu(self.final_conv(x), 0.2)
-            x = F.leaky_relu(self.fc(x.flatten(1)), 0.2)
-            h = self.out(x)
-            emb = self.label_embed(F.one_hot(labels.long(), self.config.num_classes).to(h.dtype))
-            return (h * emb).sum(dim=1) / math.sqrt(self.cmap_dim)
-        x = _lrelu(self.from_features(features))
-        for conv in self.blocks:
-            x = F.avg_pool2d(_lrelu(conv(x)), 2, ceil_mode=True)
-        x = self.mbstd(x)
-        x = _lrelu(self.final_conv(x))
-        x = _lrelu(self.fc(x.flatten(1)))
-        h = self.out(x)
-        # Projection conditioning: <h, embed(label)> / sqrt(dim).
-        emb = _normalize_2nd_moment(
-            self.label_embed(F.one_hot(labels.long(), self.config.num_classes).to(h.dtype))
-        )
-        return (h * emb).sum(dim=1) / math.sqrt(self.cmap_dim)
