@@ -21,12 +21,12 @@ from avalanche_d2l.experiments.builders import (
     build_model,
     check_class_incremental,
 )
+from avalanche_d2l.experiments.dry_run import dry_run
 from avalanche_d2l.experiments.report import mean_std, write_report
 from avalanche_d2l.experiments.runner import (
     RunKey,
     RunOptions,
     build_run,
-    dry_run,
     run_experiment,
     train_with_checkpoints,
 )

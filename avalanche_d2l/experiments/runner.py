@@ -19,49 +19,49 @@ numbers, since experience k of seed s always trains with the global seed ``s * 1
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import multiprocessing
 import os
 import pickle
 import shutil
-import signal
-import sys
-import threading
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from avalanche_d2l.checkpointing import remove_checkpoint
 from avalanche_d2l.core.storage import atomic_write, set_aside
-from avalanche_d2l.distributed import add_data_parallel, check_processes
+from avalanche_d2l.distributed import check_processes
 from avalanche_d2l.dreaming.accel import is_main_process, num_processes, wait_for_everyone
 from avalanche_d2l.experiments.builders import (
     RunLogs,
     build_benchmark,
-    build_model,
     check_class_incremental,
 )
-from avalanche_d2l.experiments.guards import FiniteLossGuard
 from avalanche_d2l.experiments.lock import holds_output_lock
-from avalanche_d2l.experiments.report import summarise_run, write_report
-from avalanche_d2l.experiments.schedule import OptimSchedule
+from avalanche_d2l.experiments.report import write_report
 from avalanche_d2l.experiments.schema import Experiment, check_mem_sizes, check_seeds, resolve_name
 from avalanche_d2l.registry import (
-    RunConfig,
-    benchmark_image_shape,
-    config_to_dict,
-    ensure_registered,
     get_strategy,
 )
-from avalanche_d2l.utils import quiet_replay_deprecation, seed_everything
+
+from .one_run import (
+    QUICK_EPOCHS,
+    EpochBar,
+    PeakRSS,
+    RunKey,
+    RunOptions,
+    _execute,
+    _worker,
+    _worker_init,
+    build_run,
+    fingerprint,
+    run_settings,
+    train_with_checkpoints,
+)
 
 __all__ = [
     "EpochBar",
@@ -74,63 +74,6 @@ __all__ = [
     "run_experiment",
     "train_with_checkpoints",
 ]
-
-QUICK_EPOCHS = 2
-
-
-class PeakRSS:
-    """Peak resident memory of this process while a run lasts (sampled in a thread)."""
-
-    def __init__(self, interval: float = 0.05):
-        import psutil
-
-        self._proc = psutil.Process()
-        self._interval = interval
-        self.peak = self._proc.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self):
-        while not self._stop.wait(self._interval):
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
-
-
-class EpochBar:
-    """Avalanche plugin: a tqdm bar over the training iterations of each experience."""
-
-    supports_distributed = True
-
-    def __init__(self, desc: str, enabled: bool = True):
-        self.desc = desc
-        self.enabled = enabled
-        self._bar = None
-
-    def before_training_exp(self, strategy, **kwargs):
-        if self.enabled:
-            total = strategy.train_epochs * len(strategy.dataloader)
-            k = strategy.experience.current_experience
-            self._bar = tqdm(total=total, desc=f"{self.desc} exp {k}", leave=False, unit="it")
-
-    def after_training_iteration(self, strategy, **kwargs):
-        if self._bar is not None:
-            self._bar.update(1)
-
-    def after_training_exp(self, strategy, **kwargs):
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
-    def __getstate__(self):  # tqdm bars do not pickle; checkpoints happen between experiences
-        return {"desc": self.desc, "enabled": self.enabled, "_bar": None}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,262 +135,6 @@ def check_data(benchmark) -> list[str]:
                         )
                     bar.update(1)
     return problems
-
-
-# ------------------------------------------------------------------------------------------------
-# one run
-
-
-@dataclass(frozen=True)
-class RunKey:
-    """One run of an experiment: strategy, seed, buffer size (``None``: keeps no buffer)."""
-
-    strategy: str
-    seed: int
-    mem_size: int | None
-
-    @property
-    def name(self) -> str:
-        mem = "" if self.mem_size is None else f"_mem{self.mem_size}"
-        return f"{self.strategy}_seed{self.seed}{mem}"
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """How runs execute (none of it changes results, except ``quick`` and ``max_experiences``,
-    which are part of the recorded settings)."""
-
-    data_root: str | None = None
-    quick: bool = False
-    max_experiences: int | None = None
-    progress: bool = True
-    num_workers: int = 0
-    threads: int | None = 1
-    logs: RunLogs | None = None  # TensorBoard / CSV / W&B / text logs, one per run
-
-
-def run_settings(exp: Experiment, key: RunKey, opts: RunOptions) -> dict[str, Any]:
-    """Everything that determines a run's result, as recorded in ``results.json``."""
-    from avalanche_d2l import __version__
-
-    return json.loads(
-        json.dumps(
-            {
-                "experiment": exp.common_settings(),
-                "strategy": key.strategy,
-                "config": config_to_dict(exp.method_config(key.strategy)),
-                "mem_size": key.mem_size,
-                "seed": key.seed,
-                "quick": opts.quick,
-                "max_experiences": opts.max_experiences,
-                "package_version": __version__,
-            }
-        )
-    )
-
-
-def fingerprint(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def build_run(
-    exp: Experiment,
-    key: RunKey,
-    opts: RunOptions,
-    *,
-    benchmark=None,
-    work_dir: Path | None = None,
-    extra_plugins: Sequence = (),
-):
-    """The benchmark and the freshly built strategy of one run (seeded by ``key.seed``).
-
-    This is the one place where benchmark, model, optimiser, schedule, evaluator and strategy of
-    a run are put together; ``compare``, ``run``, the notebooks and the benchmark scripts use it.
-    """
-    from avalanche_d2l.evaluation import make_evaluator
-
-    seed_everything(key.seed)
-    if benchmark is None:
-        benchmark = build_benchmark(exp.benchmark, opts.data_root, key.seed)
-    shape = benchmark_image_shape(benchmark)
-    model, layer = build_model(
-        exp.model.name, exp.model.feature_layer, int(benchmark.n_classes), shape, exp.model.width
-    )
-    training = exp.training
-    if opts.quick and exp.training.optimizer.epochs > QUICK_EPOCHS:
-        training = training.with_epochs(QUICK_EPOCHS)
-    optimizer = training.first.build(model.parameters())
-    main = is_main_process()  # Avalanche refuses loggers in the other processes of a run
-    logs = ((opts.logs if main else None) or RunLogs()).evaluator_kwargs(
-        key.name, run_settings(exp, key, opts)
-    )
-    evaluator = make_evaluator(
-        benchmark, interactive=False, eval_mb_size=training.eval_mb_size, **logs
-    )
-    run = RunConfig(
-        benchmark=exp.benchmark["name"],
-        feature_layer=layer,
-        epochs=training.first.epochs,
-        train_mb_size=training.train_mb_size,
-        eval_mb_size=training.eval_mb_size,
-        mem_size=key.mem_size or 0,
-        seed=key.seed,
-        quick=opts.quick,
-        device=exp.device,
-        work_dir=None if work_dir is None else str(work_dir),
-        progress=opts.progress,
-        precision=exp.precision,
-        dreamer_device=exp.dreamer_device,
-    )
-    plugins = [
-        OptimSchedule(
-            first=training.first,
-            later=training.optimizer,
-            fresh_each_experience=training.fresh_optimizer_each_experience,
-        ),
-        EpochBar(f"{key.strategy} s{key.seed}", enabled=opts.progress and main),
-        FiniteLossGuard(),
-        *extra_plugins,
-    ]
-    info = get_strategy(key.strategy)
-    strategy = info.factory(
-        model=model,
-        optimizer=optimizer,
-        criterion=torch.nn.CrossEntropyLoss(),
-        benchmark=benchmark,
-        run=run,
-        config=exp.method_config(key.strategy),
-        evaluator=evaluator,
-        device=torch.device(exp.device),
-        plugins=plugins,
-    )
-    add_data_parallel(strategy)  # several processes: one learner (first plugin)
-    return benchmark, strategy
-
-
-def train_with_checkpoints(
-    strategy,
-    benchmark,
-    *,
-    seed: int,
-    ckpt: Path,
-    n_train: int | None = None,
-    loader_kwargs: dict | None = None,
-) -> dict:
-    """Train ``strategy`` on the first ``n_train`` experiences, checkpointing after each one.
-
-    An existing checkpoint at ``ckpt`` is resumed; one that cannot be read is reported with its
-    path, moved aside (``.corrupt``) and the run restarts from scratch. After every experience the
-    whole test stream is evaluated; the accuracy matrix, the seen-class accuracies and the wall
-    time travel with the strategy in the checkpoint, so a resumed run reports the same as an
-    uninterrupted one.
-
-    Returns:
-        :func:`summarise_run`'s dict plus ``wall_s``.
-    """
-    from avalanche_d2l.checkpointing import load_strategy, save_strategy
-    from avalanche_d2l.evaluation import LAB_ACC_EXP, LAB_AVG_ACC, SEEN_ACC
-
-    loader_kwargs = loader_kwargs or {}
-    try:
-        strategy, start = load_strategy(strategy, ckpt, map_location=strategy.device)
-    except Exception as err:  # noqa: BLE001 -- any unreadable checkpoint is set aside
-        aside = set_aside(ckpt)
-        warnings.warn(
-            f"checkpoint {ckpt} could not be read ({type(err).__name__}: {err}); "
-            f"moved it to {aside} and restarting this run from scratch",
-            stacklevel=2,
-        )
-        start = 0
-    add_data_parallel(strategy)  # a checkpoint of a one-process run has none
-    book = getattr(strategy, "_compare_book", None) or {"acc": [], "seen": [], "wall_s": 0.0}
-    n_train = len(benchmark.train_stream) if n_train is None else n_train
-    n_test = len(benchmark.test_stream)
-    for k in range(start, n_train):
-        t0 = time.perf_counter()
-        seed_everything(seed * 1000 + k)
-        strategy.train(benchmark.train_stream[k], eval_streams=[], **loader_kwargs)
-        results = strategy.eval(benchmark.test_stream, **loader_kwargs)
-        book["wall_s"] += time.perf_counter() - t0
-        book["acc"].append(
-            [
-                float(results[f"Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{j:03d}"])
-                for j in range(n_test)
-            ]
-        )
-        book["seen"].append(float(results[SEEN_ACC]))
-        # the lab's protocol (argmax over all output units, mean over trained experiences)
-        book.setdefault("lab_acc", []).append(
-            [float(results[LAB_ACC_EXP.format(j)]) for j in range(n_test)]
-        )
-        book.setdefault("lab_avg", []).append(float(results[LAB_AVG_ACC]))
-        strategy._compare_book = book
-        if is_main_process():
-            save_strategy(strategy, ckpt)
-        wait_for_everyone()
-    summary = summarise_run(
-        strategy,
-        n_train,
-        book["acc"],
-        book["seen"],
-        lab=(book.get("lab_acc", []), book.get("lab_avg", [])),
-    )
-    summary["wall_s"] = book["wall_s"]
-    for plugin in strategy.plugins:  # a method's own per-run figures (Genifer: replay fidelity)
-        if hasattr(plugin, "run_results"):
-            summary.update(plugin.run_results())
-    return summary
-
-
-def _execute(exp: Experiment, key: RunKey, opts: RunOptions, out: Path) -> dict:
-    """Train one run (resuming its checkpoint) and return its record."""
-    if opts.threads is not None:
-        torch.set_num_threads(opts.threads)
-    cuda = torch.device(exp.device).type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    with PeakRSS() as rss, quiet_replay_deprecation():
-        benchmark, strategy = build_run(exp, key, opts, work_dir=out / "work" / key.name)
-        n_train = len(benchmark.train_stream)
-        if opts.max_experiences is not None:
-            n_train = min(n_train, opts.max_experiences)
-        summary = train_with_checkpoints(
-            strategy,
-            benchmark,
-            seed=key.seed,
-            ckpt=out / "checkpoints" / f"{key.name}.pkl",
-            n_train=n_train,
-            loader_kwargs={"num_workers": opts.num_workers} if opts.num_workers else None,
-        )
-    record = {
-        "strategy": key.strategy,
-        "seed": key.seed,
-        "mem_size": key.mem_size,
-        **summary,
-        "peak_rss_mb": rss.peak / 2**20,
-    }
-    if cuda:
-        record["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    return record
-
-
-def _worker(payload: tuple) -> dict:
-    exp, key, opts, out, infos = payload
-    ensure_registered(infos)
-    return _execute(exp, key, opts, Path(out))
-
-
-def _worker_init() -> None:
-    """Pool workers ignore the terminal's Ctrl-C (the parent stops them) and die with the parent,
-    even when it is killed with SIGKILL (Linux: the parent-death signal)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the parent died before prctl took effect
-            os._exit(1)
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -822,91 +509,3 @@ def _collect(
         "experiment": exp.to_dict(),
         "runs": [records[k] for k in keys if k in records] + list(extras),
     }
-
-
-def dry_run(
-    exp: Experiment,
-    *,
-    data_root=None,
-    strategies=None,
-    seeds=None,
-    device=None,
-    quick: bool = False,
-    log: Callable[[str], None] = print,
-) -> list[dict]:
-    """Build every strategy once and time one training step (and, for strategies that dream, one
-    micro-batch of dreaming: the preflight each strategy registers), without training.
-    Prints the runs that ``run`` would do and the estimates; returns them."""
-    if device is not None:
-        exp = dataclasses.replace(exp, device=device)
-    exp = dataclasses.replace(exp, device=check_device(exp.device))
-    names = [resolve_name(s) for s in (strategies or exp.strategies)]
-    seeds = check_seeds(exp.seeds if seeds is None else seeds)
-    opts = RunOptions(
-        data_root=None if data_root is None else str(data_root), quick=quick, progress=False
-    )
-    benchmark = build_benchmark(exp.benchmark, opts.data_root, seeds[0])
-    check_class_incremental(benchmark)
-    keys = plan_runs(exp, names, seeds, exp.mem_sizes)
-    log(
-        f"{exp.name or 'experiment'}: {len(keys)} run(s) of {len(benchmark.train_stream)} "
-        f"experiences, image shape {benchmark_image_shape(benchmark)}, device {exp.device}"
-    )
-    reports = []
-    for name in names:
-        key = RunKey(name, seeds[0], exp.mem_sizes[0] if exp.keeps_buffer(name) else None)
-        _, strategy = build_run(exp, key, opts, benchmark=benchmark)
-        report = {"strategy": name, **_time_training_step(strategy, benchmark, exp)}
-        dreaming = _method_preflight(name, strategy, benchmark, exp)
-        if dreaming is not None:
-            report["dreaming"] = dreaming.to_dict()
-            log(dreaming.to_text())
-        reports.append(report)
-        log(json.dumps({k: v for k, v in report.items() if k != "dreaming"}, default=str))
-    return reports
-
-
-def _method_preflight(name: str, strategy, benchmark, exp: Experiment):
-    """The preflight the strategy registered (:class:`~avalanche_d2l.registry.StrategyInfo`;
-    D2L: one micro-batch of dreaming, one generation batch and one training step, extrapolated
-    to a run, raising on CUDA with the settings to change when a phase cannot fit), or ``None``."""
-    check = get_strategy(name).preflight
-    if check is None:
-        return None
-    return check(
-        strategy,
-        benchmark,
-        train_mb_size=exp.training.train_mb_size,
-        epochs=exp.training.optimizer.epochs,
-    )
-
-
-def _time_training_step(strategy, benchmark, exp: Experiment) -> dict:
-    """Seconds and peak memory of one training minibatch of the classifier, and the estimated
-    classifier-training time of one run (steps x step time)."""
-    model = strategy.model.to(strategy.device)
-    ds = benchmark.train_stream[0].dataset
-    n = min(exp.training.train_mb_size, len(ds))
-    x = torch.stack([ds[i][0] for i in range(n)]).to(strategy.device)
-    y = torch.tensor([int(ds[i][1]) for i in range(n)], device=strategy.device)
-    cuda = strategy.device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    loss = torch.nn.functional.cross_entropy(model(x)[:, : int(benchmark.n_classes)], y)
-    loss.backward()
-    step_s = time.perf_counter() - t0
-    model.zero_grad(set_to_none=True)
-    n_train = sum(len(e.dataset) for e in benchmark.train_stream)
-    steps = n_train / exp.training.train_mb_size * exp.training.optimizer.epochs
-    out = {
-        "train_step_s": round(step_s, 4),
-        "estimated_training_h": round(steps * step_s / 3600, 3),
-    }
-    if cuda:
-        out["train_step_peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-    return out
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use the command line: avalanche-d2l run ...")
