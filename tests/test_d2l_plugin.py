@@ -15,7 +15,7 @@ from tiny_models import tiny_pixel_dreamer
 from torch import nn
 
 from avalanche_d2l import D2LPlugin, DreamConfig, DreamHeads
-from avalanche_d2l.d2l import plugin as plugin_mod
+from avalanche_d2l.d2l import state as state_mod
 from avalanche_d2l.scenarios import split_digits
 from avalanche_d2l.utils import seed_everything
 
@@ -152,7 +152,7 @@ def test_a_dreamer_named_by_a_string_follows_the_strategys_device(monkeypatch, t
         loads.append((source, device))
         return tiny_pixel_dreamer(output_size=16)
 
-    monkeypatch.setattr(plugin_mod, "load_dreamer", fake_load)
+    monkeypatch.setattr(state_mod, "load_dreamer", fake_load)  # the plugin loads through it
     plugin = D2LPlugin(str(tmp_path / "my_dreamer"), dream_config())
     assert loads == []  # nothing loaded before the strategy's device is known
     model = DreamHeads(UserCNN(), n_classes=10, feature_layer="body", input_shape=(1, 16, 16))

@@ -9,6 +9,7 @@ aside (``*.corrupt``) and keeps ``keep`` files per experience.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -22,8 +23,9 @@ from torch import Tensor
 
 from ..core.storage import atomic_write, set_aside
 from ..dreaming.accel import is_main_process
+from .jobs import DreamSet
 
-__all__ = ["DreamCache", "cache_key", "tensor_digest"]
+__all__ = ["DreamCache", "cache_key", "phase_key", "prompt_digest", "tensor_digest"]
 
 
 def tensor_digest(h, t: Tensor) -> None:
@@ -41,6 +43,31 @@ def cache_key(*, model, buffer: dict[str, Tensor], payload: dict[str, Any]) -> s
         tensor_digest(h, buffer[name])
     h.update(json.dumps(payload, sort_keys=True, default=str).encode())
     return h.hexdigest()
+
+
+def prompt_digest(t: Tensor) -> str:
+    """Hex digest of a prompt's values (float32)."""
+    return hashlib.sha1(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def phase_key(
+    *, model, buffer, config, experience, keys, jobs, dreamer, source, space, oracle, prompts
+) -> str:
+    """The key of a dreaming phase's dream set: the learner, the buffer, the dream settings, the
+    phase's jobs, the dreamer (its config and where it came from), the input space, and the
+    oracle and prompt inventory the phase started from."""
+    payload = {
+        "dream": config.fingerprint(),
+        "experience": experience,
+        "keys": keys,
+        "heads": [j.head for j in jobs],
+        "dreamer": getattr(getattr(dreamer, "config", None), "to_dict", dict)(),
+        "source": source,
+        "space": dataclasses.asdict(space),
+        "oracle": oracle.digest(),
+        "prompts": {key: prompt_digest(p) for key, p in prompts.items()},
+    }
+    return cache_key(model=model, buffer=buffer, payload=payload)
 
 
 class DreamCache:
@@ -70,6 +97,30 @@ class DreamCache:
             )
             return None
         return blob if blob.get("key") == key else None
+
+    def load_or_make(self, k: int, key: str, *, space, oracle, make):
+        """``(dream set, from the cache, (path, key) of its file or None)``: the set cached under
+        ``key`` (the oracle restored to its state after that phase), else ``make()``, written."""
+        path = self.path(k, key)
+        blob = self.read(path, key)
+        if blob is not None:
+            images = space.dequantise(blob["images_u8"])
+            result = DreamSet(blob["heads"], blob["prompts"], images, blob["labels"])
+            oracle.load_state_dict(blob["oracle"])
+            return result, True, (str(path), key)
+        result = make()
+        written = self.write(
+            k,
+            key,
+            {
+                "heads": result.heads,
+                "prompts": result.prompts,
+                "labels": result.labels,
+                "images_u8": space.quantise(result.images),
+                "oracle": oracle.state_dict(),
+            },
+        )
+        return result, False, (str(written), key) if written is not None else None
 
     def write(self, k: int, key: str, blob: dict[str, Any]) -> Path | None:
         """Write ``blob`` under ``key`` (main process only); returns its path."""

@@ -18,6 +18,7 @@ __all__ = [
     "MASK_VALUE",
     "add_missing_params",
     "find_feature_layer",
+    "greedy_assignment",
     "pool_features",
     "wrap_model",
 ]
@@ -25,6 +26,21 @@ __all__ = [
 #: Logit given to classes without a head at evaluation: finite, so argmax stays defined, and
 #: representable in fp16 autocast.
 MASK_VALUE = -1e4
+
+
+def greedy_assignment(counts: Tensor) -> list[tuple[int, int]]:
+    """Greedy ``(row, col)`` pairs by largest count, each row and column once; ties go to the
+    lower row, then the lower column. ``counts``: ``(new classes, free heads)``."""
+    n_rows, n_cols = counts.shape
+    if n_cols < n_rows:
+        raise ValueError(f"{n_rows} new classes but only {n_cols} free heads")
+    c = counts.detach().to(torch.float64).cpu().clone()
+    pairs = []
+    for _ in range(n_rows):
+        r, k = divmod(int(torch.argmax(c)), n_cols)
+        pairs.append((r, k))
+        c[r, :], c[:, k] = -1.0, -1.0
+    return sorted(pairs)
 
 
 def pool_features(f: Tensor) -> Tensor:
@@ -249,6 +265,17 @@ class DreamHeads(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.to_output(self.forward_heads(x), with_dreams=self.training)
+
+    def training_targets(self, labels: str, head_labels: Tensor) -> Tensor:
+        """Training-output columns of dream images labelled with heads: with ``labels=
+        "source_class"`` a seen head's class, else the dream column (:meth:`dream_targets`)."""
+        if labels == "source_class":
+            dev = head_labels.device
+            lut = torch.full((self.n_heads,), -1, dtype=torch.long, device=dev)
+            known = (self.class_to_head >= 0).nonzero().flatten().to(dev)
+            lut[self.class_to_head[known].to(dev)] = known
+            return lut[head_labels]
+        return self.dream_targets(head_labels)
 
     def dream_targets(self, head_labels: Tensor) -> Tensor:
         """Training-output column (``n_classes + j``) of dream images labelled with heads."""

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from .heads import MASK_VALUE
 
 __all__ = [
+    "align_der_targets",
     "buffer_tensors",
     "der_targets",
     "host_kind",
@@ -91,6 +92,17 @@ def buffer_tensors(buffer) -> dict[str, Tensor]:
     if parts["logits"]:
         out["logits"] = torch.cat(parts["logits"]).float()
     return out
+
+
+def align_der_targets(strategy, model) -> None:
+    """DER host: its stored logits stay in class space; align the distillation targets of the
+    current minibatch with the training output (:func:`der_targets`). Other hosts: nothing."""
+    stored = getattr(strategy, "batch_logits", None)
+    if getattr(strategy, "replay_loader", None) is None or stored is None:
+        return
+    n = getattr(strategy, "batch_size_mem", -1)
+    if hasattr(strategy, "alpha") and stored.shape == (n, model.n_classes):
+        strategy.batch_logits = der_targets(stored, strategy.mb_output[:n], model.n_classes)
 
 
 def der_targets(stored: Tensor, current: Tensor, n_classes: int) -> Tensor:

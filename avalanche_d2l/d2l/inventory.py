@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from ..utils import training_mode
 from .config import DreamConfig
-from .dreaming import DreamJob, direction
+from .jobs import DreamJob, direction
 from .prompts import initial_prompt
 
 __all__ = ["Inventory", "plan_jobs", "prototypes"]

@@ -26,7 +26,6 @@ a keyed cache (:mod:`.cache`); what the plugin keeps, saves and pickles is in :m
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 import warnings
@@ -40,13 +39,13 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from ..utils import training_mode
-from .cache import DreamCache, cache_key
+from .cache import DreamCache, phase_key
 from .config import DreamConfig, _dream_from_dict, cpu_preset
 from .dreaming import DreamSet, dream
-from .heads import DreamHeads, add_missing_params, wrap_model
+from .heads import DreamHeads, add_missing_params, greedy_assignment
 from .hosts import (
+    align_der_targets,
     buffer_tensors,
-    der_targets,
     host_kind,
     replay_loss,
     replay_source,
@@ -55,25 +54,10 @@ from .hosts import (
 from .inventory import Inventory, plan_jobs
 from .oracle import LearnedOracle
 from .prompts import control_dreams
-from .space import InputSpace, load_dreamer, size_to_data, stream_n_classes
+from .space import InputSpace, size_to_data, wrap_for
 from .state import DreamSetState
 
 __all__ = ["D2LPlugin", "greedy_assignment"]
-
-
-def greedy_assignment(counts: Tensor) -> list[tuple[int, int]]:
-    """Greedy ``(row, col)`` pairs by largest count, each row and column once; ties go to the
-    lower row, then the lower column. ``counts``: ``(new classes, free heads)``."""
-    n_rows, n_cols = counts.shape
-    if n_cols < n_rows:
-        raise ValueError(f"{n_rows} new classes but only {n_cols} free heads")
-    c = counts.detach().to(torch.float64).cpu().clone()
-    pairs = []
-    for _ in range(n_rows):
-        r, k = divmod(int(torch.argmax(c)), n_cols)
-        pairs.append((r, k))
-        c[r, :], c[:, k] = -1.0, -1.0
-    return sorted(pairs)
 
 
 class D2LPlugin(DreamSetState, SupervisedPlugin, supports_distributed=True):
@@ -166,28 +150,6 @@ class D2LPlugin(DreamSetState, SupervisedPlugin, supports_distributed=True):
 
     # ---- 0. sized to the data once --------------------------------------------------------------
 
-    @property
-    def base_dreamer(self):
-        if self._base_dreamer is None:
-            self._base_dreamer = load_dreamer(
-                self.dreamer_source,
-                self.dreamer_overrides,
-                device=self.dreamer_device or "cpu",
-                progress=False,
-            )
-        return self._base_dreamer
-
-    @property
-    def dreamer(self):
-        """The dreamer fitted to the learner's input space (``None`` when dreams need none)."""
-        if not self.config.uses_dreamer:
-            return None
-        if self._dreamer is None:
-            if self.space is None:
-                return self.base_dreamer
-            _, self._dreamer, _ = size_to_data(space=self.space, dreamer=self.base_dreamer)
-        return self._dreamer
-
     def fit(self, space: InputSpace, model: DreamHeads | None = None) -> bool:
         """Size to ``space`` (the dreamer, the learner's extra head); True when the model gained
         parameters (the optimizer must learn of them)."""
@@ -205,17 +167,8 @@ class D2LPlugin(DreamSetState, SupervisedPlugin, supports_distributed=True):
             if self.dreamer_source is not None:
                 self._base_dreamer = self._dreamer = None  # (re)loaded on that device
         if not isinstance(strategy.model, DreamHeads):
-            exp = strategy.experience
-            n_classes = self.wrap_args["n_classes"] or stream_n_classes(exp)
-            if n_classes is None:
-                raise ValueError(
-                    "D2LPlugin cannot tell how many classes the stream has (its experiences "
-                    "name no benchmark with n_classes): pass D2LPlugin(n_classes=...)"
-                )
             shape = self.space.shape if self.space is not None else None
-            shape = shape or tuple(exp.dataset.eval()[0][0].shape)
-            kw = {k: v for k, v in self.wrap_args.items() if k != "n_classes"}
-            model = wrap_model(strategy.model, n_classes=n_classes, image_shape=shape, **kw)
+            model = wrap_for(strategy.model, strategy.experience, shape=shape, **self.wrap_args)
             strategy.model = model.to(strategy.device)
             add_missing_params(strategy.optimizer, strategy.model)
         return strategy.model
@@ -285,14 +238,7 @@ class D2LPlugin(DreamSetState, SupervisedPlugin, supports_distributed=True):
     # ---- 2. training with dreams ----------------------------------------------------------------
 
     def after_forward(self, strategy, **kwargs):
-        """DER host: its stored logits stay in class space; align the distillation targets with
-        the training output (:func:`~avalanche_d2l.d2l.hosts.der_targets`)."""
-        stored = getattr(strategy, "batch_logits", None)
-        if getattr(strategy, "replay_loader", None) is None or stored is None:
-            return
-        model, n = _heads(strategy), getattr(strategy, "batch_size_mem", -1)
-        if hasattr(strategy, "alpha") and stored.shape == (n, model.n_classes):
-            strategy.batch_logits = der_targets(stored, strategy.mb_output[:n], model.n_classes)
+        align_der_targets(strategy, _heads(strategy))  # DER host: stored logits in class space
 
     def before_backward(self, strategy, **kwargs):
         w = self.config.train_dream_weight
@@ -303,17 +249,9 @@ class D2LPlugin(DreamSetState, SupervisedPlugin, supports_distributed=True):
         n = self.config.dream_batch_size or strategy.train_mb_size
         idx = torch.randint(0, self.dream_labels.numel(), (n,))
         x = self.dream_images[idx].to(strategy.device, non_blocking=True)
-        target = self._targets(model, self.dream_labels[idx].to(strategy.device))
+        heads = self.dream_labels[idx].to(strategy.device)
+        target = model.training_targets(self.config.labels, heads)
         strategy.loss = strategy.loss + w * F.cross_entropy(model(x), target)
-
-    def _targets(self, model: DreamHeads, heads: Tensor) -> Tensor:
-        """Training-output columns of dream images labelled with heads (a seen head: its class)."""
-        if self.config.labels == "source_class":
-            lut = torch.full((model.n_heads,), -1, dtype=torch.long, device=heads.device)
-            known = (model.class_to_head >= 0).nonzero().flatten().to(heads.device)
-            lut[model.class_to_head[known].to(heads.device)] = known
-            return lut[heads]
-        return model.dream_targets(heads)
 
     # ---- 3. dreaming, then sleep ----------------------------------------------------------------
 
@@ -363,49 +301,28 @@ class D2LPlugin(DreamSetState, SupervisedPlugin, supports_distributed=True):
             class_names=self.class_names,
         )
         self._jobs = {j.head: j for j in jobs}
-        dcfg = getattr(getattr(self.dreamer, "config", None), "to_dict", dict)()
-        payload = {
-            "dream": self.config.fingerprint(),
-            "experience": k,
-            "keys": keys,
-            "heads": [j.head for j in jobs],
-            "dreamer": dcfg,
-            "source": self.dreamer_source,
-            "space": dataclasses.asdict(self.space),
-            "oracle": self.oracle.digest(),
-            "prompts": {key: _digest(p) for key, p in self.inventory.prompts.items()},
-        }
-        key = cache_key(model=model, buffer=buf, payload=payload)
-        path = self.cache.path(k, key)
-        blob = self.cache.read(path, key)
-        file = (str(path), key) if blob is not None else None
-        if blob is not None:
-            result = DreamSet(
-                blob["heads"],
-                blob["prompts"],
-                self.space.dequantise(blob["images_u8"]),
-                blob["labels"],
-            )
-            self.oracle.load_state_dict(blob["oracle"])
-        else:
-            result = self._make_dreams(model, jobs, k)
-            written = self.cache.write(
-                k,
-                key,
-                {
-                    "heads": result.heads,
-                    "prompts": result.prompts,
-                    "labels": result.labels,
-                    "images_u8": self.space.quantise(result.images),
-                    "oracle": self.oracle.state_dict(),
-                },
-            )
-            file = (str(written), key) if written is not None else None
+        key = phase_key(
+            model=model,
+            buffer=buf,
+            config=self.config,
+            experience=k,
+            keys=keys,
+            jobs=jobs,
+            dreamer=self.dreamer,
+            source=self.dreamer_source,
+            space=self.space,
+            oracle=self.oracle,
+            prompts=self.inventory.prompts,
+        )
+        make = lambda: self._make_dreams(model, jobs, k)  # noqa: E731
+        result, cached, file = self.cache.load_or_make(
+            k, key, space=self.space, oracle=self.oracle, make=make
+        )
         for key_, job, p in zip(keys, jobs, result.prompts):
             if self.config.uses_dreamer:
                 self.inventory.prompts[key_] = p.clone()
             self.inventory.homes[key_] = job.head
-        return result, blob is not None, file
+        return result, cached, file
 
     def _make_dreams(self, model: DreamHeads, jobs, k: int) -> DreamSet:
         seed = int(self.config.seed) + k
@@ -454,7 +371,8 @@ class D2LPlugin(DreamSetState, SupervisedPlugin, supports_distributed=True):
                     loss = replay_loss(kind, strategy, out[:m], buf["y"][bidx].to(dev), stored)
                     if exp is not None:
                         loss = loss + F.cross_entropy(out[m:r], exp["y"][eidx].to(dev))
-                    target = self._targets(model, self.dream_labels[idx].to(dev))
+                    heads = self.dream_labels[idx].to(dev)
+                    target = model.training_targets(self.config.labels, heads)
                     loss = loss + self.config.dream_weight * F.cross_entropy(out[r:], target)
                     strategy.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -471,9 +389,3 @@ def _heads(strategy) -> DreamHeads:
             "strategy.train(...) or strategy.eval(...) first"
         )
     return strategy.model
-
-
-def _digest(t: Tensor) -> str:
-    import hashlib
-
-    return hashlib.sha1(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .config import DreamConfig
-from .dreaming import DreamJob, DreamSet
+from .jobs import DreamJob, DreamSet
 
 __all__ = ["control_dreams", "initial_prompt", "interpolation_images", "noise_images"]
 

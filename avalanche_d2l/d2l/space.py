@@ -24,6 +24,7 @@ __all__ = [
     "load_dreamer",
     "size_to_data",
     "stream_n_classes",
+    "wrap_for",
 ]
 
 #: ``D2LConfig.dreamer`` strings naming the offline glyph dreamer (grey, or coloured glyphs).
@@ -125,6 +126,22 @@ def infer_input_space(dataset, *, max_samples: int = 256) -> InputSpace:
         return InputSpace(shape, dtype)
     span = (hi - lo).clamp_min(1e-6)
     return InputSpace(shape, dtype, tuple((-lo / span).tolist()), tuple((1.0 / span).tolist()))
+
+
+def wrap_for(model, experience, *, shape=None, n_classes=None, **wrap_args):
+    """``model`` wrapped in :class:`~avalanche_d2l.d2l.heads.DreamHeads` for ``experience``'s
+    stream: ``n_classes`` (default: the stream's) and the input ``shape`` (default: the
+    experience's first image's)."""
+    from .heads import wrap_model
+
+    n_classes = n_classes or stream_n_classes(experience)
+    if n_classes is None:
+        raise ValueError(
+            "D2LPlugin cannot tell how many classes the stream has (its experiences "
+            "name no benchmark with n_classes): pass D2LPlugin(n_classes=...)"
+        )
+    shape = shape or tuple(experience.dataset.eval()[0][0].shape)
+    return wrap_model(model, n_classes=n_classes, image_shape=shape, **wrap_args)
 
 
 def stream_n_classes(experience) -> int | None:

@@ -1,4 +1,5 @@
-"""The D2L plugin's state: the dream set (uint8 in memory, or referenced by its cache file and
+"""The D2L plugin's state: the dreamer (loaded from its source when first needed, then fitted to
+the learner's input space), the dream set (uint8 in memory, or referenced by its cache file and
 key after unpickling) and what ``state_dict`` / ``load_state_dict`` and pickling keep of the
 method (the prompt inventory, the oracle, the assignments; never diffusion weights).
 :class:`DreamSetState` holds them as methods of :class:`~avalanche_d2l.d2l.plugin.D2LPlugin`
@@ -14,13 +15,35 @@ from typing import Any
 from torch import Tensor
 
 from .config import DreamConfig
-from .space import InputSpace
+from .space import InputSpace, load_dreamer, size_to_data
 
 __all__ = ["DreamSetState"]
 
 
 class DreamSetState:
-    """The dream set and the state of :class:`~avalanche_d2l.d2l.plugin.D2LPlugin`."""
+    """The dreamer, the dream set and the state of :class:`~avalanche_d2l.d2l.plugin.D2LPlugin`."""
+
+    @property
+    def base_dreamer(self):
+        if self._base_dreamer is None:
+            self._base_dreamer = load_dreamer(
+                self.dreamer_source,
+                self.dreamer_overrides,
+                device=self.dreamer_device or "cpu",
+                progress=False,
+            )
+        return self._base_dreamer
+
+    @property
+    def dreamer(self):
+        """The dreamer fitted to the learner's input space (``None`` when dreams need none)."""
+        if not self.config.uses_dreamer:
+            return None
+        if self._dreamer is None:
+            if self.space is None:
+                return self.base_dreamer
+            _, self._dreamer, _ = size_to_data(space=self.space, dreamer=self.base_dreamer)
+        return self._dreamer
 
     @property
     def dream_images(self) -> Tensor | None:
