@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -387,6 +388,23 @@ def test_corrupt_checkpoint_is_moved_aside_and_run_restarts(tmp_path):
         bad = run_experiment(exp, out=tmp_path / "bad", **kw)
     assert _metrics(bad) == _metrics(clean)
     assert ckpt.with_name(ckpt.name + ".corrupt").exists()
+
+
+def test_progress_is_avalanches_interactive_logger_and_changes_no_number(tmp_path, capsys):
+    from avalanche.logging import InteractiveLogger
+
+    from avalanche_d2l.experiments.one_run import RunProgress
+
+    exp = default_experiment("split_digits")
+    kw = dict(strategies=["naive"], seeds=[0], quick=True, epochs=1)
+    quiet = run_experiment(exp, out=tmp_path / "quiet", progress=False, **kw)
+    capsys.readouterr()
+    shown = run_experiment(exp, out=tmp_path / "shown", progress=True, **kw)
+    err = capsys.readouterr().err
+    assert "naive s0 exp 0" in err and "naive s0 exp 4" in err and "naive s0 eval" in err
+    assert _metrics(shown) == _metrics(quiet)
+    bar = pickle.loads(pickle.dumps(RunProgress("naive s0")))  # checkpoints pickle it
+    assert isinstance(bar, InteractiveLogger) and bar.desc == "naive s0" and bar._pbar is None
 
 
 def test_jobs_2_equals_jobs_1(tmp_path, restore_registry):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from avalanche.logging import InteractiveLogger
 from tqdm.auto import tqdm
 
 from avalanche_d2l.core.storage import set_aside
@@ -44,7 +45,7 @@ from avalanche_d2l.utils import quiet_replay_deprecation, seed_everything
 
 __all__ = [
     "QUICK_EPOCHS",
-    "EpochBar",
+    "RunProgress",
     "PeakRSS",
     "RunKey",
     "RunOptions",
@@ -83,33 +84,31 @@ class PeakRSS:
         self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
-class EpochBar:
-    """Avalanche plugin: a tqdm bar over the training iterations of each experience."""
+class RunProgress(InteractiveLogger):
+    """Avalanche's ``InteractiveLogger`` as a run's progress: its tqdm bar over each training
+    epoch and each evaluated experience, labelled with the run and the experience, on stderr and
+    gone when done (a command's output keeps one line per finished run). Its metric lines go to
+    ``os.devnull``: the results, the text log (``--text-log``) and ``--tensorboard``/``--csv``
+    keep them."""
 
-    supports_distributed = True
+    def __init__(self, desc: str):
+        super().__init__()
+        self.file = open(os.devnull, "w")  # noqa: SIM115 -- the logger's file, open for the run
+        self.desc, self._label = desc, desc
 
-    def __init__(self, desc: str, enabled: bool = True):
-        self.desc = desc
-        self.enabled = enabled
-        self._bar = None
+    @property
+    def _progress(self):
+        if self._pbar is None:
+            self._pbar = tqdm(leave=False, desc=self._label, file=sys.stderr, unit="it")
+        return self._pbar
 
-    def before_training_exp(self, strategy, **kwargs):
-        if self.enabled:
-            total = strategy.train_epochs * len(strategy.dataloader)
-            k = strategy.experience.current_experience
-            self._bar = tqdm(total=total, desc=f"{self.desc} exp {k}", leave=False, unit="it")
+    def before_training_exp(self, strategy, metric_values, **kwargs):
+        self._label = f"{self.desc} exp {strategy.experience.current_experience}"
+        super().before_training_exp(strategy, metric_values, **kwargs)
 
-    def after_training_iteration(self, strategy, **kwargs):
-        if self._bar is not None:
-            self._bar.update(1)
-
-    def after_training_exp(self, strategy, **kwargs):
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
-    def __getstate__(self):  # tqdm bars do not pickle; checkpoints happen between experiences
-        return {"desc": self.desc, "enabled": self.enabled, "_bar": None}
+    def before_eval(self, strategy, metric_values, **kwargs):
+        self._label = f"{self.desc} eval"
+        super().before_eval(strategy, metric_values, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -195,6 +194,8 @@ def build_run(
     logs = ((opts.logs if main else None) or RunLogs()).evaluator_kwargs(
         key.name, run_settings(exp, key, opts)
     )
+    if opts.progress and main:
+        logs["loggers"].append(RunProgress(f"{key.strategy} s{key.seed}"))
     evaluator = make_evaluator(
         benchmark, interactive=False, eval_mb_size=training.eval_mb_size, **logs
     )
@@ -219,7 +220,6 @@ def build_run(
             later=training.optimizer,
             fresh_each_experience=training.fresh_optimizer_each_experience,
         ),
-        EpochBar(f"{key.strategy} s{key.seed}", enabled=opts.progress and main),
         FiniteLossGuard(),
         *extra_plugins,
     ]

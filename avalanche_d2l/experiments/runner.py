@@ -50,10 +50,10 @@ from avalanche_d2l.registry import (
 
 from .one_run import (
     QUICK_EPOCHS,
-    EpochBar,
     PeakRSS,
     RunKey,
     RunOptions,
+    RunProgress,
     _execute,
     _worker,
     _worker_init,
@@ -64,7 +64,7 @@ from .one_run import (
 )
 
 __all__ = [
-    "EpochBar",
+    "RunProgress",
     "PeakRSS",
     "RunKey",
     "RunOptions",
