@@ -126,7 +126,6 @@ def dream(
     """Optimise the prompts of ``jobs`` through ``dreamer`` under ``learner``'s loss, then
     generate the dream set (same in every process)."""
     world = accel.num_processes() if distributed in (None, True) else 1
-    rank = accel.process_index() if world > 1 else 0
     K, b = len(jobs), config.batch_per_class
     heads = [j.head for j in jobs]
     dev = next(learner.parameters()).device
@@ -134,7 +133,7 @@ def dream(
     n_seen = len(seen_heads)
     concept_norm = float(dreamer.concept_embeddings().flatten(1).norm(dim=1).mean())
     # 1. this process's classes, their prompts as parameters, one Adam over them
-    own = accel.shard(range(K), index=rank, world=world)
+    own = accel.shard(range(K)) if world > 1 else list(range(K))
     params = {i: torch.nn.Parameter(jobs[i].prompt.clone().float().to(dreamer.device)) for i in own}
     opt = torch.optim.Adam(list(params.values()), lr=config.lr) if params else None
     previous = {i: p.detach().clone() for i, p in params.items()}

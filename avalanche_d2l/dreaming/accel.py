@@ -6,7 +6,8 @@ The process group of a run started by ``torchrun`` / ``accelerate launch`` is in
 CPU), so Avalanche's own loaders shard the training data. :func:`num_processes` and
 :func:`process_index` initialise it on first use when the environment asks for several
 processes. Dreaming uses them to shard the dream classes of a phase across processes and to
-gather prompts and dream sets, so every process ends with the same full result; only
+gather prompts and dream sets (accelerate's ``split_between_processes`` and ``gather_object``),
+so every process ends with the same full result; only
 :func:`is_main_process` writes files. The learner's side (gradients averaged, sharded batches) is
 :mod:`avalanche_d2l.distributed`.
 
@@ -279,23 +280,35 @@ def wait_for_everyone() -> None:
         torch.distributed.barrier()
 
 
-def shard(items: Sequence[Any], *, index: int | None = None, world: int | None = None) -> list:
-    """This process's share of ``items``: every ``world``-th item from position ``index``."""
-    index = process_index() if index is None else int(index)
-    world = num_processes() if world is None else int(world)
-    return list(items)[index::world]
+def shard(items: Sequence[Any]) -> list:
+    """This process's share of ``items``: accelerate's ``split_between_processes`` (contiguous
+    blocks; when they do not divide, the first processes take one more). All of them with one
+    process."""
+    items = list(items)
+    if num_processes() == 1:
+        return items
+    with distributed_state().split_between_processes(items) as mine:
+        return list(mine)
 
 
 def gather_object(obj: Any) -> list[Any]:
-    """``[obj of process 0, obj of process 1, ...]`` on every process (``[obj]`` alone).
+    """``[obj of process 0, obj of process 1, ...]`` on every process (``[obj]`` alone), through
+    accelerate's ``gather_object``.
 
     Objects are pickled (tensors: move them to the CPU first to keep the transfer device-free).
     """
     n = num_processes()
     if n == 1:
         return [obj]
-    out: list[Any] = [None] * n
-    torch.distributed.all_gather_object(out, obj)
+    from accelerate.utils import gather_object as gather
+
+    distributed_state()  # accelerate's operations read its process-wide state
+    out = gather([obj])
+    if len(out) != n:
+        raise RuntimeError(
+            f"accelerate gathered {len(out)} objects from {n} processes: its state does not see "
+            "this run's process group (start the run with torchrun or accelerate launch)"
+        )
     return out
 
 
