@@ -432,8 +432,9 @@ def target_lines(table, cost: dict | None) -> list[str]:
             lines.append(f"| {name} | not measurable | lab-protocol fields missing |")
             return
         verdict = ("met" if ok(fa, fb, wa, wb) else "missed") + note
+        d = 3 if f"{fa:.3f}" != f"{fb:.3f}" else 4  # a tie at 3 decimals shows which side leads
         lines.append(
-            f"| {name} | {verdict} | final {fa:.3f} vs {fb:.3f}; FWT {wa:+.3f} vs {wb:+.3f} "
+            f"| {name} | {verdict} | final {fa:.{d}f} vs {fb:.{d}f}; FWT {wa:+.3f} vs {wb:+.3f} "
             f"({len(cells)} cell{'s' if len(cells) > 1 else ''}) |"
         )
 
