@@ -157,8 +157,12 @@ def test_d2l_notebook_shows_table_controls_fwt_and_dreams_from_the_stream(kernel
         "AVALANCHE_D2L_NB_OUT": str(out),
         "AVALANCHE_D2L_NB_STRATEGIES": "d2l,replay",
     }
+    ablation = ROOT / "benchmarks" / "results" / "d2l_ablation" / "split_digits" / "results.json"
+    before = ablation.read_bytes()
     nb = execute("d2l", env)
     check_common(nb, out, ["d2l", "replay"])
+    assert ablation.read_bytes() == before  # the records are copied from it, it is not rewritten
+    assert (out / "runs" / "d2l_unanchored_seed0_mem100.json").is_file()
     clean_outputs(nb, str(ROOT), "site-packages")  # OUT (tmp_path) is shown as a parameter
     assert outputs(tagged(nb, "fwt-plot"), "image/png")
     controls = "".join(outputs(tagged(nb, "control-table"), "text/markdown"))
@@ -195,3 +199,20 @@ def test_a_notebook_section_changes_one_setting_of_a_part_and_keeps_the_others()
     changed = with_section(exp, "genifer", {"gan": {"steps": 3}})
     assert changed.strategies["genifer"]["gan"] == {**before, "steps": 3}
     assert exp.strategies["genifer"]["gan"] == before  # the file's experiment is unchanged
+
+
+def test_reused_run_records_are_read_and_their_folder_is_left_as_it_is(tmp_path):
+    from avalanche_d2l.experiments import default_experiment, run_experiment
+    from avalanche_d2l.experiments.notebook import reuse_runs
+
+    exp = default_experiment("split_digits")
+    kw = dict(strategies=["naive"], seeds=[0], quick=True, epochs=1, progress=False)
+    first = run_experiment(exp, out=tmp_path / "a", **kw)
+    before = (tmp_path / "a" / "results.json").read_bytes()
+    assert reuse_runs(tmp_path / "a", tmp_path / "b") == 1
+    assert reuse_runs(tmp_path / "a", tmp_path / "b") == 0  # what is there stays
+    lines = []
+    again = run_experiment(exp, out=tmp_path / "b", log=lines.append, **kw)
+    assert any("1 finished run(s) reused" in line for line in lines)
+    assert again["runs"] == first["runs"]
+    assert (tmp_path / "a" / "results.json").read_bytes() == before

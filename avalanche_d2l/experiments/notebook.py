@@ -26,6 +26,7 @@ __all__ = [
     "cached",
     "notebook_params",
     "quiet_replay_deprecation",
+    "reuse_runs",
     "settings_key",
     "trained_run",
 ]
@@ -82,6 +83,21 @@ def cached(path: Path, key: dict, compute: Callable[[], Any]) -> tuple[Any, bool
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, buffer.getvalue())
     return value, False
+
+
+def reuse_runs(source: str | os.PathLike, out: str | os.PathLike) -> int:
+    """Copy the finished-run records of the output folder ``source`` (its ``runs/*.json``) into
+    ``out/runs/`` where ``out`` has none of that name, so :func:`run_experiment` into ``out``
+    reuses them (a record whose settings differ from the command's is run again) and
+    ``source``'s own results and figures stay as they are. Returns the records copied."""
+    src, dst = Path(source) / "runs", Path(out) / "runs"
+    copied = 0
+    for record in sorted(src.glob("*.json")) if src.is_dir() else []:
+        if not (dst / record.name).exists():
+            dst.mkdir(parents=True, exist_ok=True)
+            atomic_write(dst / record.name, record.read_bytes())
+            copied += 1
+    return copied
 
 
 def with_section(exp, strategy: str, section: Mapping[str, Any]):
