@@ -21,8 +21,6 @@ a ``DeprecationWarning`` naming it (:data:`RENAMED_KEYS`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import typing
 import warnings
 from collections.abc import Mapping
@@ -30,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from avalanche_d2l.augment import AugmentConfig
-from avalanche_d2l.core.config import merge_sections
+from avalanche_d2l.core.config import ConfigBase, merge_sections
 from avalanche_d2l.fields import check_value
 
 __all__ = [
@@ -52,7 +50,7 @@ def _check_choices(owner: str, obj: Any, choices: dict[str, tuple]) -> None:
 
 
 @dataclass
-class GeneratorSettings:
+class GeneratorSettings(ConfigBase):
     """The generator (``None``: taken from the data at the first experience).
 
     Attributes:
@@ -87,7 +85,7 @@ class GeneratorSettings:
 
 
 @dataclass
-class DiscriminatorSettings:
+class DiscriminatorSettings(ConfigBase):
     """The discriminator on the classifier's features.
 
     Attributes:
@@ -105,7 +103,7 @@ class DiscriminatorSettings:
 
 
 @dataclass
-class GanSettings:
+class GanSettings(ConfigBase):
     """One GAN phase (after every experience).
 
     Length:
@@ -193,7 +191,7 @@ class GanSettings:
 
 
 @dataclass
-class AugmentSettings:
+class AugmentSettings(ConfigBase):
     """The adaptive augmentation (in image space, on real and fake before the classifier).
 
     Attributes:
@@ -215,7 +213,7 @@ class AugmentSettings:
 
 
 @dataclass
-class ReplaySettings:
+class ReplaySettings(ConfigBase):
     """The classifier's update on experiences t >= 1.
 
     Attributes:
@@ -374,7 +372,7 @@ def _nest_flat_keys(data: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @dataclass
-class GeniferConfig:
+class GeniferConfig(ConfigBase):
     """All settings of Genifer. The defaults are the CPU preset of the 16 px offline streams.
 
     Attributes:
@@ -394,6 +392,10 @@ class GeniferConfig:
 
     #: flat keys of the earlier layout -> their path (see :data:`RENAMED_KEYS`)
     RENAMED_KEYS: ClassVar[dict[str, str]] = RENAMED_KEYS
+    # ConfigBase: to_dict nests every setting by part (what experiment files and run records
+    # hold); the fingerprint hashes the settings that change results (all but ``progress``)
+    not_fingerprinted = ("progress",)
+    fingerprint_chars = 12
 
     generator: GeneratorSettings = field(default_factory=GeneratorSettings)
     discriminator: DiscriminatorSettings = field(default_factory=DiscriminatorSettings)
@@ -418,19 +420,11 @@ class GeniferConfig:
                 )
         _check_choices("GeniferConfig", self, {"head": ("fixed", "fresh_per_task")})
 
-    def to_dict(self) -> dict[str, Any]:
-        """Every setting, nested by part (what experiment files and run records hold)."""
-        return dataclasses.asdict(self)
-
-    def fingerprint(self) -> str:
-        """Hash of the settings that change results (everything but ``progress``)."""
-        d = self.to_dict()
-        d.pop("progress")
-        return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> GeniferConfig:
-        """Build from a nested dict (an experiment file's section).
+    def from_dict(cls, data: Mapping[str, Any], *, where: str | None = None) -> GeniferConfig:
+        """Build from a nested dict (an experiment file's section). Beyond
+        :meth:`ConfigBase.from_dict`: flat keys of earlier files are moved to their part (with a
+        warning), and a message names the key's path inside the parts.
 
         Raises:
             ValueError: a key path that is not a setting or a value of the wrong type (one
