@@ -179,3 +179,56 @@ def test_gan_trainer_takes_only_its_own_parts():
     )
     trainer.build_discriminator((4, 2, 2), 3)
     assert trainer.discriminator.config.channels == 8 and trainer.ada.p_max == 0.3
+
+
+def test_keep_best_puts_back_the_generator_of_the_check_whose_worst_class_scored_highest(
+    monkeypatch,
+):
+    import torch
+
+    from avalanche_d2l.genifer import monitor as monitor_mod
+    from avalanche_d2l.genifer.fidelity import ProbeSettings
+    from avalanche_d2l.genifer.monitor import ReplayMonitor, StopRule
+
+    scripted = iter([{0: 0.9, 1: 0.3}, {0: 0.7, 1: 0.6}, {0: 1.0, 1: 0.4}])
+    monkeypatch.setattr(monitor_mod, "replay_pool", lambda *a, **k: (None, None))
+    monkeypatch.setattr(monitor_mod, "probe_accuracy", lambda *a, **k: next(scripted))
+    generator = torch.nn.Linear(2, 2)
+    real = (torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))
+
+    def monitor(keep_best):
+        return ReplayMonitor(
+            generator=generator,
+            classifier=torch.nn.Identity(),
+            features=None,
+            classes=[0, 1],
+            replay_classes=[0, 1],
+            active=[0, 1],
+            real_train=real,
+            real_test=real,
+            rule=StopRule(min_steps=0),
+            settings=ProbeSettings(steps=1),
+            seed=0,
+            keep_best=keep_best,
+        )
+
+    m, weights = monitor(True), {}
+    for step in (50, 100, 150):
+        torch.nn.init.constant_(generator.weight, float(step))
+        weights[step] = generator.weight.detach().clone()
+        assert not m(step)  # never passes 0.85 for every class
+    summary = {"steps": 150, "max_steps": 150}
+    m.restore_best(summary)
+    assert summary["kept_check"] == 100  # worst classes 0.3 / 0.6 / 0.4
+    assert torch.equal(generator.weight, weights[100])
+    stopped_early = {"steps": 100, "max_steps": 150}
+    m.restore_best(stopped_early)  # a phase that passed keeps its generator
+    assert "kept_check" not in stopped_early
+    scripted = iter([{0: 0.9, 1: 0.3}, {0: 0.7, 1: 0.6}])
+    plain = monitor(False)
+    for step in (50, 100):
+        plain(step)
+    summary = {"steps": 100, "max_steps": 100}
+    torch.nn.init.constant_(generator.weight, 7.0)
+    plain.restore_best(summary)  # off by default: nothing kept
+    assert "kept_check" not in summary and float(generator.weight[0, 0]) == 7.0

@@ -120,6 +120,9 @@ class GanSettings(ConfigBase):
             :mod:`avalanche_d2l.genifer.fidelity`): ``holdout`` of the experience's images are
             held out of the GAN phase for it; ``probe_steps`` trains each probe.
         after_last: also train the GAN after the last experience of the stream.
+        keep_best: (an experiment, off by default) when a phase ends at its cap, the EMA
+            generator goes back to the check whose worst class scored highest (the figure swings
+            between checks). Not kept across a resume from a mid-phase GAN checkpoint.
     Training:
         batch_size, g_lr, d_lr, adam_betas: Adam settings for G and D.
         optimizer_reset: new Adam optimisers at every GAN phase (reference) instead of keeping
@@ -143,6 +146,8 @@ class GanSettings(ConfigBase):
         mixed_precision: ``"no"``, ``"fp16"`` (CUDA) or ``"bf16"``, through ``accelerate``.
     """
 
+    omitted_at_default = {"keep_best": False}  # records made before it keep their hashes
+
     steps_first: int = 800
     steps: int = 800
     stop: str = "fidelity"
@@ -154,6 +159,7 @@ class GanSettings(ConfigBase):
     holdout: float = 0.2
     probe_steps: int = 120
     after_last: bool = False
+    keep_best: bool = False
     batch_size: int = 64
     g_lr: float = 0.0025
     d_lr: float = 0.0025

@@ -103,6 +103,7 @@ class ReplayMonitor:
         rule: StopRule,
         settings: ProbeSettings,
         seed: int,
+        keep_best: bool = False,
     ):
         self.generator = generator
         self.classifier = classifier
@@ -117,6 +118,8 @@ class ReplayMonitor:
         self.rng = torch.Generator().manual_seed(seed)
         self.trace: list[dict] = []  # one entry per check: step and per-class accuracy
         self.best = -math.inf
+        self.keep_best = keep_best
+        self.best_check: tuple[float, int, dict] | None = None  # (worst class, step, G_ema)
 
     @classmethod
     def for_phase(
@@ -148,6 +151,7 @@ class ReplayMonitor:
             rule=StopRule(settings.threshold, settings.min_delta, settings.min_steps),
             settings=ProbeSettings(steps=settings.probe_steps),
             seed=seed * 7919 + exp_id + 1,
+            keep_best=settings.keep_best,
         )
         return dataset, monitor
 
@@ -171,10 +175,25 @@ class ReplayMonitor:
                 "wall_s": time.perf_counter() - t0,
             }
         )
-        passed = min(acc.values()) >= self.rule.threshold
+        worst = min(acc.values())
+        if self.keep_best and (self.best_check is None or worst > self.best_check[0]):
+            state = {k: v.detach().clone() for k, v in self.generator.state_dict().items()}
+            self.best_check = (worst, int(step), state)
+        passed = worst >= self.rule.threshold
         improving = mean > self.best + self.rule.min_delta
         self.best = max(self.best, mean)
         return passed and not improving
+
+    def restore_best(self, summary: dict[str, Any]) -> None:
+        """With ``keep_best``, after a phase that ended at its cap: the EMA generator as it was
+        at the check whose worst class scored highest, when that was not the last check
+        (``summary["kept_check"]`` names its step)."""
+        if not self.keep_best or self.best_check is None or summary["steps"] < summary["max_steps"]:
+            return
+        _, step, state = self.best_check
+        if self.trace and step != self.trace[-1]["step"]:
+            self.generator.load_state_dict(state)
+            summary["kept_check"] = step
 
     def measure(self):
         """Every fidelity figure of the replay as it is now."""

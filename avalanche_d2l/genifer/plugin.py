@@ -297,6 +297,7 @@ class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
         self.generated_classes = sorted(set(self.generated_classes) | set(new))
         # 3. every fidelity figure of the final replay, while the real images are at hand
         if monitor is not None:
+            monitor.restore_best(summary)
             monitor.replay_classes = list(self.generated_classes)
             summary["fidelity"] = monitor.finish(summary, self.feature_layer)
         return summary
