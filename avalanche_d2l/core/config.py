@@ -26,7 +26,14 @@ import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-__all__ = ["ConfigBase", "check_config_keys", "dataclass_from_dict", "merge_sections", "plain"]
+__all__ = [
+    "ConfigBase",
+    "check_config_keys",
+    "check_keys",
+    "dataclass_from_dict",
+    "merge_sections",
+    "plain",
+]
 
 
 def plain(value: Any) -> Any:
@@ -42,6 +49,17 @@ def plain(value: Any) -> Any:
     return value
 
 
+def check_keys(section: Any, allowed: set[str], where: str) -> dict:
+    """``section`` as a dict; unknown keys are an error listing the valid ones (the one
+    unknown-key message of every config and experiment-file section)."""
+    if not isinstance(section, Mapping):
+        raise ValueError(f"{where} must be a JSON object, got {type(section).__name__}")
+    unknown = sorted(set(section) - allowed)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(allowed)}")
+    return section
+
+
 def check_config_keys(cls: type, data: Any, *, where: str | None = None) -> dict[str, Any]:
     """The keys of ``data`` that are fields of dataclass ``cls``.
 
@@ -55,15 +73,13 @@ def check_config_keys(cls: type, data: Any, *, where: str | None = None) -> dict
         ValueError: ``data`` is not a dict, or holds a key that is not a field (one sentence
             naming the key and listing the valid ones).
     """
-    if not isinstance(data, Mapping):
-        raise ValueError(
-            f"{where or cls.__name__} must be a JSON object, got {type(data).__name__}"
-        )
     names = {f.name for f in dataclasses.fields(cls)}
+    if where:
+        return dict(check_keys(data, names, where))
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{cls.__name__} must be a JSON object, got {type(data).__name__}")
     unknown = sorted(set(data) - names)
     if unknown:
-        if where:
-            raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
         raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys: {sorted(names)}")
     return {k: v for k, v in data.items() if k in names}
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from avalanche_d2l.core.config import ConfigBase, dataclass_from_dict
+from avalanche_d2l.core.config import ConfigBase, check_keys, dataclass_from_dict
 
 __all__ = [
     "RunConfig",
@@ -197,16 +197,6 @@ def build_strategy(
         device=device,
         plugins=plugins,
     )
-
-
-def check_keys(section: Any, allowed: set[str], where: str) -> dict:
-    """``section`` as a dict; unknown keys are an error listing the valid ones."""
-    if not isinstance(section, dict):
-        raise ValueError(f"{where} must be a JSON object, got {type(section).__name__}")
-    unknown = sorted(set(section) - allowed)
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(allowed)}")
-    return section
 
 
 def config_from_dict(cls: type, data: Mapping[str, Any], *, where: str = ""):

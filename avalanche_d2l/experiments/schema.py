@@ -44,8 +44,9 @@ from typing import Any
 
 import torch
 
+from avalanche_d2l.core.config import ConfigBase, check_keys
 from avalanche_d2l.fields import check_value, typed_fields
-from avalanche_d2l.registry import check_keys, config_to_dict, get_strategy, strategy_names
+from avalanche_d2l.registry import config_to_dict, get_strategy, strategy_names
 
 __all__ = [
     "ALIASES",
@@ -76,16 +77,17 @@ _PRECISIONS = ("no", "bf16", "fp16")
 
 
 def _from_fields(cls, section: Any, where: str, required: tuple[str, ...] = ()):
-    names = {f.name for f in dataclasses.fields(cls)}
-    section = check_keys(section, names, where)
+    """``cls.from_dict(section)`` (:class:`ConfigBase`: unknown keys and value types checked,
+    ``where`` naming the section) with the ``required`` keys present."""
+    check_keys(section, {f.name for f in dataclasses.fields(cls)}, where)
     missing = [k for k in required if k not in section]
     if missing:
         raise ValueError(f"{where} lacks {missing}")
-    return cls(**typed_fields(cls, section, where))
+    return cls.from_dict(section, where=where)
 
 
 @dataclass(frozen=True)
-class OptimSpec:
+class OptimSpec(ConfigBase):
     """One optimiser with a step schedule: ``lr * gamma ** (milestones passed)`` per epoch.
 
     Attributes:
@@ -124,10 +126,6 @@ class OptimSpec:
         if float(self.lr) <= 0:
             raise ValueError(f"lr must be a number > 0, got {self.lr}")
 
-    @classmethod
-    def from_dict(cls, d: Any, where: str) -> OptimSpec:
-        return _from_fields(cls, d, where, required=("name", "lr", "epochs"))
-
     def build(self, params) -> torch.optim.Optimizer:
         opt_cls = getattr(torch.optim, _OPTIMIZERS[self.name])
         kw: dict[str, Any] = {"lr": self.lr, "weight_decay": self.weight_decay}
@@ -146,8 +144,12 @@ class OptimSpec:
         return all(getattr(self, k) == getattr(other, k) for k in keys)
 
 
+def _optim(section: Any, where: str) -> OptimSpec:
+    return _from_fields(OptimSpec, section, where, required=("name", "lr", "epochs"))
+
+
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelSpec(ConfigBase):
     """Classifier name, the feature layer the methods read, optional width (CIFAR-style nets)."""
 
     name: str
@@ -156,7 +158,7 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
-class TrainingSpec:
+class TrainingSpec(ConfigBase):
     """Minibatch sizes and the optimiser phases of the classifier."""
 
     optimizer: OptimSpec
@@ -176,16 +178,15 @@ class TrainingSpec:
         return self.first_experience or self.optimizer
 
     @classmethod
-    def from_dict(cls, d: Any) -> TrainingSpec:
+    def from_dict(cls, d: Any, *, where: str | None = "training") -> TrainingSpec:
+        where = where or "training"
         allowed = {f.name for f in dataclasses.fields(cls)}
-        d = typed_fields(cls, dict(check_keys(d, allowed, "training")), "training")
+        d = typed_fields(cls, dict(check_keys(d, allowed, where)), where)
         if "optimizer" not in d:
-            raise ValueError("training needs an 'optimizer' (name, lr, epochs, ...)")
-        d["optimizer"] = OptimSpec.from_dict(d["optimizer"], "training.optimizer")
+            raise ValueError(f"{where} needs an 'optimizer' (name, lr, epochs, ...)")
+        d["optimizer"] = _optim(d["optimizer"], f"{where}.optimizer")
         if d.get("first_experience") is not None:
-            d["first_experience"] = OptimSpec.from_dict(
-                d["first_experience"], "training.first_experience"
-            )
+            d["first_experience"] = _optim(d["first_experience"], f"{where}.first_experience")
         return cls(**d)
 
     def with_epochs(self, epochs: int) -> TrainingSpec:
