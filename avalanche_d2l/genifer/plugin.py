@@ -308,9 +308,14 @@ class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
         return {"replay_fidelity": self.fidelity_results()}
 
     def fidelity_results(self) -> list[dict[str, Any]]:
-        """Per GAN phase: experience, classes, steps and the fidelity figures (for results)."""
+        """Per GAN phase: experience, classes, steps and the fidelity figures (for results);
+        with ``gan.keep_best``, the step of the check whose generator was kept."""
         keys = ("experience", "new_classes", "steps", "max_steps", "wall_s", "fidelity")
-        return [{k: h.get(k) for k in keys} for h in self.history]
+        return [
+            {k: h.get(k) for k in keys}
+            | ({"kept_check": h["kept_check"]} if "kept_check" in h else {})
+            for h in self.history
+        ]
 
     def gan_checkpoint_path(self, experience: int) -> Path | None:
         """Where the mid-phase checkpoint of the GAN phase after ``experience`` is written."""
