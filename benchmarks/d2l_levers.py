@@ -33,6 +33,7 @@ OUT = RESULTS / "levers"
 #: lever -> its ``dream`` section (one change from the default, or a named combination)
 LEVERS: dict[str, dict] = {
     "default": {},
+    "choice8": {"invert_choice_images": 8},
     "sleep0": {"sleep_epochs": 0},
     "sleep_experience": {"sleep_data": "experience"},
     "seen0": {"seen_mass": 0.0},

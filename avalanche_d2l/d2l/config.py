@@ -45,7 +45,7 @@ SLEEP_DATA = ("buffer", "experience")
 #: Fields added after run records, dream caches and checkpoints were made with this config:
 #: left out of ``to_dict`` (and so of ``fingerprint``) at their default value, the behaviour
 #: those were made with, so they stay valid.
-ADDED_AT_DEFAULT = {"sleep_data": "buffer"}
+ADDED_AT_DEFAULT = {"sleep_data": "buffer", "invert_choice_images": None}
 #: Keys of the previous design (one prompt per free head, a reference-network oracle), accepted
 #: and ignored with a warning.
 RETIRED_DREAM_KEYS = frozenset(
@@ -106,6 +106,9 @@ class DreamConfig(ConfigBase):
         invert_steps: textual-inversion steps fitting a new class's prompt to its buffer images
             (the dreamer's denoising loss); ``0`` keeps the best concept of the dreamer.
         invert_lr: Adam learning rate of the inversion.
+        invert_choice_images: choose the inversion's starting concept on at most this many of
+            the class's buffer images (``None``: all of them; the choice is most of an
+            inversion's time, see ``benchmarks/d2l_profile.py``).
         name_template: caption of a class whose name the benchmark knows (Stable Diffusion's
             text encoder then gives the initial prompt).
         num_inference_steps: DDIM steps while optimising (``None``: the dreamer's).
@@ -176,6 +179,7 @@ class DreamConfig(ConfigBase):
     samples_per_class: int = 64
     invert_steps: int = 10
     invert_lr: float = 0.05
+    invert_choice_images: int | None = None
     name_template: str = "a photo of a {}"
     num_inference_steps: int | None = None
     backprop_steps: int | None = None
@@ -228,6 +232,11 @@ class DreamConfig(ConfigBase):
         for name in ("steps", "sleep_epochs", "invert_steps", "min_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"DreamConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.invert_choice_images is not None and self.invert_choice_images < 1:
+            raise ValueError(
+                "DreamConfig.invert_choice_images must be >= 1 or null (all buffer images), "
+                f"got {self.invert_choice_images}"
+            )
         for name in (
             "batch_per_class",
             "samples_per_class",

@@ -7,7 +7,8 @@ prompt kept in the plugin's inventory):
   ``name_template.format(name)``;
 * otherwise textual inversion on ``c``'s buffer images: the dreamer's concept (a row of the
   glyph dreamer's concept table, or an encoded caption) with the lowest denoising loss on those
-  images, then ``invert_steps`` Adam steps on that loss (:meth:`Dreamer.denoising_loss`);
+  images (at most ``invert_choice_images`` of them), then ``invert_steps`` Adam steps on that
+  loss (:meth:`Dreamer.denoising_loss`);
 * ``prompts="random"`` (a control) or an unanchored dream: a random mix of the dreamer's concepts
   (:meth:`Dreamer.random_prompt`).
 
@@ -31,11 +32,12 @@ def _invert(dreamer, anchors: Tensor, config: DreamConfig, g: torch.Generator) -
     x0 = dreamer.encode(anchors)
     concepts = dreamer.concept_embeddings().detach().float()
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
-    scores = []
+    scores, n = [], config.invert_choice_images or x0.shape[0]
     with torch.no_grad():
-        for row in concepts:  # the same timesteps and noise for every concept
-            cond = row.unsqueeze(0).expand(x0.shape[0], -1, -1)
-            loss = dreamer.denoising_loss(x0, cond, generator=torch.Generator().manual_seed(seed))
+        for row in concepts:  # the same images, timesteps and noise for every concept
+            cond = row.unsqueeze(0).expand(min(n, x0.shape[0]), -1, -1)
+            g_choice = torch.Generator().manual_seed(seed)
+            loss = dreamer.denoising_loss(x0[:n], cond, generator=g_choice)
             scores.append(float(loss.mean()))
     prompt = torch.nn.Parameter(concepts[int(torch.tensor(scores).argmin())].clone())
     if config.invert_steps > 0:
