@@ -5,8 +5,10 @@
    engine), in the same process one after the other: wall times, their ratio and Genifer's
    breakdown (GAN phases vs classifier training and evaluation).
 
-2. For the 16 px CPU setting (``GeniferConfig()``) and the 32 px CIFAR reference setting (the
-   ``genifer`` section of the ``genifer_cifar100`` experiment):
+2. For the 16 px CPU setting (``GeniferConfig()``), the same default config on a user's RGB CNN
+   (``genifer_fidelity.UserCNN``, feature layer ``block3``) at 32 and 64 px (``user32``,
+   ``user64``), and the 32 px CIFAR reference setting (the ``genifer`` section of the
+   ``genifer_cifar100`` experiment):
 
 * generator throughput (images/s, no grad, batch 64),
 * GAN training steps/s (one D + one G step, batch ``gan.batch_size``, classifier features at the
@@ -61,6 +63,12 @@ def _setting(name: str, quick: bool):
     if name == "cpu16":
         cfg = GeniferConfig(num_classes=10, generator={"output_range": (0.0, 1.0)}, progress=False)
         return cfg, small_cnn(num_classes=10, in_channels=1), "block3", (1, 16, 16), 10
+    if name in ("user32", "user64"):  # the default config on a user's RGB CNN at 32 / 64 px
+        from genifer_fidelity import UserCNN  # this folder is on sys.path when run as a script
+
+        size = int(name[4:])
+        cfg = GeniferConfig(num_classes=10, generator={"output_range": (0.0, 1.0)}, progress=False)
+        return cfg, UserCNN(3), "block3", (3, size, size), 10
     cfg = load_experiment("genifer_cifar100").method_config("genifer")
     cfg = cfg.merged(
         {"progress": False, "num_classes": 100, "generator": {"output_range": (0.0, 1.0)}}
@@ -308,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         (
             f"Steps measured: {args.steps} (after 2 warm-up steps); quick={args.quick}. "
-            "Configs are in bench_genifer.json."
+            f"Configs are in {args.name}.json."
         ),
     ]
     if naive_cmp is not None:
