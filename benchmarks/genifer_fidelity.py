@@ -110,6 +110,17 @@ def _run(name: str, stream: str, layer: str, seed: int, epochs: int, config: dic
     return record
 
 
+def phase_steps(record: dict) -> str:
+    """The GAN steps of each phase of a run record, ``"150 / 200 / ..."`` (``-`` without phases)."""
+    return " / ".join(str(p["steps"]) for p in record.get("phases") or []) or "-"
+
+
+def phase_column(record: dict, key: str) -> str:
+    """A fidelity figure of each phase of a run record, ``"0.75 / 0.92 / ..."``."""
+    fid = [p.get("fidelity") or {} for p in record.get("phases") or []]
+    return " / ".join(f"{f.get(key, float('nan')):.2f}" for f in fid) or "-"
+
+
 def _markdown(records: list[dict]) -> str:
     lines = [
         "# Genifer with default arguments on a user CNN",
@@ -119,17 +130,12 @@ def _markdown(records: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
-        ph = r.get("phases") or []
-        fid = [p.get("fidelity") or {} for p in ph]
-
-        def col(key: str, fid=fid) -> str:
-            return " / ".join(f"{f.get(key, float('nan')):.2f}" for f in fid) or "-"
-
-        steps = " / ".join(str(p["steps"]) for p in ph) or "-"
+        cols = [phase_column(r, k) for k in ("probe_min", "classifier_mean", "diversity_mean")]
         lines.append(
             f"| {r['stream']} | {r['strategy']} | {r['layer'] or '-'} | {r['seed']} | "
-            f"{r['final_accuracy']:.3f} | {r['wall_s']:.0f} | {steps} | {col('probe_min')} | "
-            f"{col('classifier_mean')} | {col('diversity_mean')} | {col('separability')} |"
+            f"{r['final_accuracy']:.3f} | {r['wall_s']:.0f} | {phase_steps(r)} | "
+            + " | ".join(cols)
+            + f" | {phase_column(r, 'separability')} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -18,8 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results" / "genifer_fidelity"
+from genifer_fidelity import OUT, atomic_write, phase_column, phase_steps  # the runs' script
 
 
 def load_runs(folder: Path) -> list[dict]:
@@ -33,14 +32,6 @@ def load_runs(folder: Path) -> list[dict]:
         for run in data["runs"]:
             rows.append({**run, "variant": variant, "change": overrides, "file": path.name})
     return rows
-
-
-def _phases(run: dict, key) -> str:
-    return " / ".join(key(p) for p in run.get("phases", []))
-
-
-def _fid(phase: dict, key: str) -> str:
-    return f"{phase['fidelity'][key]:.2f}"
 
 
 def table(rows: list[dict], layer: str = "block3") -> str:
@@ -71,19 +62,17 @@ def table(rows: list[dict], layer: str = "block3") -> str:
         lines.append(
             f"| {r['stream']} | {r['seed']} | {r['variant']} | `{change}` | {acc:.3f} "
             f"| {'-' if lwf is None else f'{lwf:.3f}'} | {'-' if rep is None else f'{rep:.3f}'} "
-            f"| {ratio} | {met} | {_phases(r, lambda p: str(p['steps']))} "
-            f"| {_phases(r, lambda p: _fid(p, 'probe_min'))} "
-            f"| {_phases(r, lambda p: _fid(p, 'separability'))} | {r['wall_s']:.0f} |"
+            f"| {ratio} | {met} | {phase_steps(r)} | {phase_column(r, 'probe_min')} "
+            f"| {phase_column(r, 'separability')} | {r['wall_s']:.0f} |"
         )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--folder", type=Path, default=RESULTS)
+    parser.add_argument("--folder", type=Path, default=OUT)
     parser.add_argument("--layer", default="block3")
     args = parser.parse_args(argv)
-    from avalanche_d2l.core.storage import atomic_write
 
     text = (
         "# Genifer's generator, one change at a time (user CNN, feature layer "
