@@ -382,8 +382,15 @@ def _start_processes(device: str) -> int:
 
     world = check_processes(check_device(device))
     if world > 1:
-        print(f"avalanche-d2l: process {process_index()} of {world}", file=sys.stderr)
+        _say(f"avalanche-d2l: process {process_index()} of {world}")
     return world
+
+
+def _say(line: str) -> None:
+    """One line on stderr in a single write: ``print`` writes the text and its newline
+    separately, so two processes sharing the pipe (``torchrun``) could splice their lines."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _is_main() -> bool:
@@ -432,13 +439,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _end_processes()
         return code
     except (ValueError, OSError) as err:
-        print(f"avalanche-d2l: error: {_one_sentence(err)}", file=sys.stderr)
+        _say(f"avalanche-d2l: error: {_one_sentence(err)}")
         return 2
     except KeyboardInterrupt as err:  # Ctrl-C: one line, the conventional exit status 130
-        print(
-            f"avalanche-d2l: {err or 'interrupted; run the same command to resume'}",
-            file=sys.stderr,
-        )
+        _say(f"avalanche-d2l: {err or 'interrupted; run the same command to resume'}")
         return 130
 
 
