@@ -150,6 +150,8 @@ def test_round_trip_through_json_and_fingerprint():
         ({"replay": 3}, "replay must be an object of settings"),
         ({"replay": {"teacher_bn": "frozen"}}, "replay.teacher_bn must be one of"),
         ({"generator": {"output_range": 1.0}}, "generator.output_range must be a list"),
+        ({"gan": {"stop_window": 0}}, "gan.stop_window must be >= 1"),
+        ({"gan": {"class_weight": -0.5}}, "gan.class_weight must be >= 0"),
     ],
 )
 def test_errors_name_the_key_path(section, message):
@@ -232,3 +234,44 @@ def test_keep_best_puts_back_the_generator_of_the_check_whose_worst_class_scored
     torch.nn.init.constant_(generator.weight, 7.0)
     plain.restore_best(summary)  # off by default: nothing kept
     assert "kept_check" not in summary and float(generator.weight[0, 0]) == 7.0
+
+
+def test_stop_window_ends_a_phase_on_checks_that_pass_on_average_not_on_one_lucky_check(
+    monkeypatch,
+):
+    import torch
+
+    from avalanche_d2l.genifer import monitor as monitor_mod
+    from avalanche_d2l.genifer.fidelity import ProbeSettings
+    from avalanche_d2l.genifer.monitor import ReplayMonitor, StopRule
+
+    # a lucky check (both classes pass once), then a real plateau above the threshold
+    script = [{0: 0.6, 1: 0.5}, {0: 0.9, 1: 0.9}, {0: 0.7, 1: 0.8}, {0: 0.9, 1: 0.9}]
+    script += [{0: 0.96, 1: 0.9}, {0: 0.9, 1: 0.95}, {0: 0.9, 1: 0.9}, {0: 0.9, 1: 0.9}]
+    monkeypatch.setattr(monitor_mod, "replay_pool", lambda *a, **k: (None, None))
+    real = (torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))
+
+    def first_stop(window: int) -> int | None:
+        scripted = iter(script)
+        monkeypatch.setattr(monitor_mod, "probe_accuracy", lambda *a, **k: next(scripted))
+        m = ReplayMonitor(
+            generator=torch.nn.Linear(2, 2),
+            classifier=torch.nn.Identity(),
+            features=None,
+            classes=[0, 1],
+            replay_classes=[0, 1],
+            active=[0, 1],
+            real_train=real,
+            real_test=real,
+            rule=StopRule(min_delta=0.5, min_steps=0, window=window),
+            settings=ProbeSettings(steps=1),
+            seed=0,
+        )
+        return next((50 * k for k in range(1, len(script) + 1) if m(50 * k)), None)
+
+    assert first_stop(1) == 100  # the lucky second check ends the phase
+    # averaged over 3 checks: (0.9 + 0.7 + 0.9) / 3 = 0.83 < 0.85 at 200; all pass from 250 on
+    assert first_stop(3) == 250
+    assert GeniferConfig().gan.stop_window == 1
+    assert "stop_window" not in GeniferConfig().to_dict()["gan"]  # older records keep their hash
+    assert GeniferConfig.from_dict({"gan": {"stop_window": 3}}).gan.stop_window == 3

@@ -112,9 +112,11 @@ class GanSettings(ConfigBase):
         stop: ``"fidelity"``: the phase ends when every class's replay passes ``threshold``
             (train-on-replay-test-on-real accuracy, checked every ``check_every`` steps) and the
             mean gains less than ``min_delta`` over the best earlier check, not before
-            ``min_steps`` (the floor). After every phase a fresh probe measures the replay once
-            more; a class below the threshold then is named in a warning and in the phase's
-            summary, whether the phase stopped early or at the cap. ``"fixed"`` (the
+            ``min_steps`` (the floor). With ``stop_window`` > 1 (an experiment, 1 by
+            default), both are judged on each class's accuracy averaged over the last that many
+            checks (one check is noisy). After every phase a fresh probe measures the replay
+            once more; a class below the threshold then is named in a warning and in the
+            phase's summary, whether the phase stopped early or at the cap. ``"fixed"`` (the
             reference): exactly ``steps_first`` / ``steps`` steps.
         measure_fidelity: measure the replay's fidelity after every phase (see
             :mod:`avalanche_d2l.genifer.fidelity`): ``holdout`` of the experience's images are
@@ -136,6 +138,9 @@ class GanSettings(ConfigBase):
         ema_ramp_phase: when set, the half-life instead grows linearly from 0 over this fraction
             of *every* phase (the reference ramps over about the first half).
         distill_weight: self-distillation weight, multiplied by n_old / n_new classes.
+        class_weight: (an experiment, 0 by default) conditioning strength: the frozen
+            classifier's cross-entropy on the replay for the label it was drawn for (over the
+            classes seen so far), added to G's loss with this weight (AC-GAN's generator term).
         distill_std: per-channel std the self-distillation difference is divided by (the
             reference compares in mean/std-normalised space; ``None``: the classifier's input
             space, which is that space when the data is already normalised).
@@ -146,7 +151,8 @@ class GanSettings(ConfigBase):
         mixed_precision: ``"no"``, ``"fp16"`` (CUDA) or ``"bf16"``, through ``accelerate``.
     """
 
-    omitted_at_default = {"keep_best": False}  # records made before it keep their hashes
+    # records made before these fields keep their hashes
+    omitted_at_default = {"keep_best": False, "class_weight": 0.0, "stop_window": 1}
 
     steps_first: int = 800
     steps: int = 800
@@ -155,6 +161,7 @@ class GanSettings(ConfigBase):
     check_every: int = 50
     threshold: float = 0.85
     min_delta: float = 0.01
+    stop_window: int = 1
     measure_fidelity: bool = True
     holdout: float = 0.2
     probe_steps: int = 120
@@ -172,6 +179,7 @@ class GanSettings(ConfigBase):
     ema_rampup: float | None = 0.05
     ema_ramp_phase: float | None = None
     distill_weight: float = 10.0
+    class_weight: float = 0.0
     distill_std: tuple[float, ...] | None = None
     checkpoint_every: int = 0
     real_cache_mb: float = 512.0
@@ -190,6 +198,15 @@ class GanSettings(ConfigBase):
                 "mixed_precision": ("no", "fp16", "bf16"),
             },
         )
+        if self.stop_window < 1:
+            raise ValueError(
+                f"GeniferConfig.gan.stop_window must be >= 1 (1: the latest check alone), "
+                f"got {self.stop_window}"
+            )
+        if self.class_weight < 0:
+            raise ValueError(
+                f"GeniferConfig.gan.class_weight must be >= 0 (0: off), got {self.class_weight}"
+            )
         if self.batch_size < 2:
             raise ValueError(
                 "GeniferConfig.gan.batch_size must be >= 2 (half real, half replayed for t > 0)"

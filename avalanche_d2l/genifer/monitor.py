@@ -41,11 +41,14 @@ class StopRule:
         min_delta: the mean accuracy "stops improving" when it gains less than this over the
             best earlier check.
         min_steps: no stop before this many steps (the floor).
+        window: the checks are judged on each class's accuracy averaged over the last this
+            many checks (1: the latest check alone), so that one lucky probe cannot end a phase.
     """
 
     threshold: float = 0.85
     min_delta: float = 0.01
     min_steps: int = 100
+    window: int = 1
 
 
 def _load(ds, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,7 +151,9 @@ class ReplayMonitor:
             active=active,
             real_train=(real_train[0].to(device), real_train[1].to(device)),
             real_test=(real_test[0].to(device), real_test[1].to(device)),
-            rule=StopRule(settings.threshold, settings.min_delta, settings.min_steps),
+            rule=StopRule(
+                settings.threshold, settings.min_delta, settings.min_steps, settings.stop_window
+            ),
             settings=ProbeSettings(steps=settings.probe_steps),
             seed=seed * 7919 + exp_id + 1,
             keep_best=settings.keep_best,
@@ -179,6 +184,10 @@ class ReplayMonitor:
         if self.keep_best and (self.best_check is None or worst > self.best_check[0]):
             state = {k: v.detach().clone() for k, v in self.generator.state_dict().items()}
             self.best_check = (worst, int(step), state)
+        if self.rule.window > 1:  # each class's mean over the last checks of this phase
+            last = self.trace[-self.rule.window :]
+            acc = {c: sum(t["probe"][str(c)] for t in last) / len(last) for c in acc}
+            mean, worst = sum(acc.values()) / len(acc), min(acc.values())
         passed = worst >= self.rule.threshold
         improving = mean > self.best + self.rule.min_delta
         self.best = max(self.best, mean)

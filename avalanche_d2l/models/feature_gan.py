@@ -303,6 +303,8 @@ class FeatureGANTrainer:
         tap = FeatureTap(classifier, feature_layer)
         real_iter = RealBatches(dataset, n_new, device, self.rng, cfg.real_cache_mb)
         sums = {"loss_d": 0.0, "loss_g": 0.0, "distill": 0.0, "r1": 0.0}
+        if cfg.class_weight > 0:
+            sums["class_ce"] = 0.0
         start = 0
         key = {
             "experience": int(experience),
@@ -323,6 +325,11 @@ class FeatureGANTrainer:
 
         def features(x: torch.Tensor) -> torch.Tensor:
             return tap(classifier, self.ada(x, generator=self.rng))
+
+        seen = sorted(set(new) | set(old))
+        to_seen = torch.full((max(seen) + 1,), -1, dtype=torch.long)
+        to_seen[seen] = torch.arange(len(seen))
+        to_seen = to_seen.to(device)
 
         def step_opt(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
             opt.zero_grad(set_to_none=True)
@@ -356,7 +363,12 @@ class FeatureGANTrainer:
                 noise = G.make_noise(batch, generator=self.rng, device=device)
                 with acc.autocast():
                     fake = G(z, y_real, noise)
-                    f_fake = features(fake)
+                    if cfg.class_weight > 0:  # the whole classifier: its logits as well
+                        f_fake, logits = tap.with_output(
+                            classifier, self.ada(fake, generator=self.rng)
+                        )
+                    else:
+                        f_fake = features(fake)
                     with torch.no_grad():
                         f_real = features(x_real)
                 # 3. discriminator step: softplus(D(fake)) + softplus(-D(real)) (+ lazy R1)
@@ -380,6 +392,10 @@ class FeatureGANTrainer:
                 D.requires_grad_(False)
                 with acc.autocast():
                     loss_g = F.softplus(-D(f_fake, y_real)).mean()
+                    if cfg.class_weight > 0:  # conditioning strength: the label's class
+                        ce = F.cross_entropy(logits[:, seen].float(), to_seen[y_real])
+                        loss_g = loss_g + cfg.class_weight * ce
+                        sums["class_ce"] += float(ce.detach())
                     if old:
                         with torch.no_grad():
                             prev = g_prev(

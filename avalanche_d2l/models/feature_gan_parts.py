@@ -54,11 +54,24 @@ class _StopForward(Exception):
 
 
 class FeatureTap(FeatureHook):
-    """Feature hook that stops the forward pass right after the hooked layer (saves the rest)."""
+    """Feature hook that stops the forward pass right after the hooked layer (saves the rest);
+    :meth:`with_output` runs the whole model and returns its output as well."""
+
+    _stop = True
 
     def _hook(self, module: nn.Module, inputs, output) -> None:
         super()._hook(module, inputs, output)
-        raise _StopForward
+        if self._stop:
+            raise _StopForward
+
+    def with_output(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """The features and the model's own output for ``x`` (one full forward pass)."""
+        self._stop = False
+        try:
+            out = model(x)
+        finally:
+            self._stop = True
+        return self.pop(), out
 
     def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         try:
