@@ -153,14 +153,38 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     path = OUT / f"results_{args.tag}.json"
     records = json.loads(path.read_text())["runs"] if path.exists() else []
-    done = {(r["strategy"], r["stream"], r["layer"], r["seed"]) for r in records}
     config = json.loads(args.config)
+
+    def key(name: str, stream: str, layer: str | None, seed: int, cfg: dict | None) -> tuple:
+        """What made a run: a Genifer run is redone when its resolved config changes (a new
+        default, other overrides), not only when its stream, layer, seed or epochs do."""
+        return (name, stream, layer, seed, args.epochs, json.dumps(cfg, sort_keys=True))
+
+    done = {
+        key(r["strategy"], r["stream"], r["layer"], r["seed"], r.get("config"))
+        for r in records
+        if r.get("epochs", args.epochs) == args.epochs
+    }
     for stream in args.streams:
         for seed in args.seeds:
             for name in args.strategies:
                 for layer in args.layers if name == "genifer" else [None]:
-                    if (name, stream, layer, seed) in done:
+                    resolved = (
+                        GeniferConfig.from_dict(
+                            {**config, "seed": seed, "progress": False}
+                        ).to_dict()
+                        if name == "genifer"
+                        else None
+                    )
+                    if key(name, stream, layer, seed, resolved) in done:
                         continue
+                    # a run made otherwise (an earlier default) is replaced, not kept beside it
+                    records = [
+                        r
+                        for r in records
+                        if (r["strategy"], r["stream"], r["layer"], r["seed"])
+                        != (name, stream, layer, seed)
+                    ]
                     rec = _run(name, stream, layer or "block3", seed, args.epochs, config)
                     records.append(rec)
                     print(json.dumps({k: v for k, v in rec.items() if k != "config"})[:2000])
