@@ -112,12 +112,12 @@ class GanSettings(ConfigBase):
         stop: ``"fidelity"``: the phase ends when every class's replay passes ``threshold``
             (train-on-replay-test-on-real accuracy, checked every ``check_every`` steps) and the
             mean gains less than ``min_delta`` over the best earlier check, not before
-            ``min_steps`` (the floor). With ``stop_window`` > 1 (an experiment, 1 by
-            default), both are judged on each class's accuracy averaged over the last that many
-            checks (one check is noisy). After every phase a fresh probe measures the replay
-            once more; a class below the threshold then is named in a warning and in the
-            phase's summary, whether the phase stopped early or at the cap. ``"fixed"`` (the
-            reference): exactly ``steps_first`` / ``steps`` steps.
+            ``min_steps`` (the floor). Both are judged on each class's accuracy averaged
+            over the last ``stop_window`` checks (one check is noisy: with 1, the rule of
+            earlier versions, phases ended on a lucky check). After every phase a fresh
+            probe measures the replay once more; a class below the threshold then is named in
+            a warning and in the phase's summary, whether the phase stopped early or at the
+            cap. ``"fixed"`` (the reference): exactly ``steps_first`` / ``steps`` steps.
         measure_fidelity: measure the replay's fidelity after every phase (see
             :mod:`avalanche_d2l.genifer.fidelity`): ``holdout`` of the experience's images are
             held out of the GAN phase for it; ``probe_steps`` trains each probe.
@@ -151,7 +151,8 @@ class GanSettings(ConfigBase):
         mixed_precision: ``"no"``, ``"fp16"`` (CUDA) or ``"bf16"``, through ``accelerate``.
     """
 
-    # records made before these fields keep their hashes
+    # records made before these fields keep their hashes (they ran with these values; the
+    # default stop_window is 3 since, so a default config hashes apart from them)
     omitted_at_default = {"keep_best": False, "class_weight": 0.0, "stop_window": 1}
 
     steps_first: int = 800
@@ -161,7 +162,7 @@ class GanSettings(ConfigBase):
     check_every: int = 50
     threshold: float = 0.85
     min_delta: float = 0.01
-    stop_window: int = 1
+    stop_window: int = 3
     measure_fidelity: bool = True
     holdout: float = 0.2
     probe_steps: int = 120
