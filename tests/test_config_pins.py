@@ -159,12 +159,12 @@ def test_committed_run_records_round_trip_through_their_configs():
 @pytest.mark.parametrize(
     "make, fingerprint, dict_digest",
     [
-        (lambda: GeniferConfig(), "63672cacfe8e", "8dd7ab15b46cd691"),
-        (lambda: GeniferConfig().quick(), "62db975ad85a", "a739347f6b982657"),
+        (lambda: GeniferConfig(), "2865c5289f0f", "4c2518fccde2b9ca"),
+        (lambda: GeniferConfig().quick(), "a2a608250d5b", "7668b891f3d84389"),
         (
             lambda: default_experiment("genifer_cifar100").method_config("genifer"),
-            "f6e7a7b0458a",
-            "b26b43e57a1390d1",
+            "05625d3286e9",
+            "57861dee8a74183e",
         ),
     ],
     ids=["default", "quick", "genifer_cifar100"],
@@ -172,7 +172,8 @@ def test_committed_run_records_round_trip_through_their_configs():
 def test_genifer_config_on_the_shared_base_keeps_its_dict_and_fingerprint(
     make, fingerprint, dict_digest
 ):
-    """Values computed before GeniferConfig moved onto ConfigBase."""
+    """Values computed before GeniferConfig moved onto ConfigBase, re-pinned once when
+    ``gan.stop_window`` (3 by default) joined the dict: only a deliberate change moves them."""
     config = make()
     assert config.fingerprint() == fingerprint
     assert _digest(config.to_dict()) == dict_digest

@@ -151,9 +151,9 @@ class GanSettings(ConfigBase):
         mixed_precision: ``"no"``, ``"fp16"`` (CUDA) or ``"bf16"``, through ``accelerate``.
     """
 
-    # records made before these fields keep their hashes (they ran with these values; the
-    # default stop_window is 3 since, so a default config hashes apart from them)
-    omitted_at_default = {"keep_best": False, "class_weight": 0.0, "stop_window": 1}
+    # records made before these fields keep their hashes (stop_window is always written: its
+    # default, 3, differs from the rule those records ran with, so they hash apart)
+    omitted_at_default = {"keep_best": False, "class_weight": 0.0}
 
     steps_first: int = 800
     steps: int = 800
