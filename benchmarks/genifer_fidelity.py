@@ -155,15 +155,14 @@ def main(argv: list[str] | None = None) -> None:
     records = json.loads(path.read_text())["runs"] if path.exists() else []
     config = json.loads(args.config)
 
-    def key(name: str, stream: str, layer: str | None, seed: int, cfg: dict | None) -> tuple:
+    def key(name: str, stream: str, layer: str | None, seed: int, epochs, cfg) -> tuple:
         """What made a run: a Genifer run is redone when its resolved config changes (a new
         default, other overrides), not only when its stream, layer, seed or epochs do."""
-        return (name, stream, layer, seed, args.epochs, json.dumps(cfg, sort_keys=True))
+        return (name, stream, layer, seed, epochs, json.dumps(cfg, sort_keys=True))
 
     done = {
-        key(r["strategy"], r["stream"], r["layer"], r["seed"], r.get("config"))
+        key(r["strategy"], r["stream"], r["layer"], r["seed"], r["epochs"], r.get("config"))
         for r in records
-        if r.get("epochs", args.epochs) == args.epochs
     }
     for stream in args.streams:
         for seed in args.seeds:
@@ -176,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
                         if name == "genifer"
                         else None
                     )
-                    if key(name, stream, layer, seed, resolved) in done:
+                    if key(name, stream, layer, seed, args.epochs, resolved) in done:
                         continue
                     # a run made otherwise (an earlier default) is replaced, not kept beside it
                     records = [

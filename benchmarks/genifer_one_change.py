@@ -36,12 +36,27 @@ def load_runs(folder: Path) -> list[dict]:
     return rows
 
 
+def references(rows: list[dict]) -> dict[tuple, float]:
+    """``(stream, seed, "lwf" | "replay")`` -> final accuracy of the reference runs."""
+    return {
+        (r["stream"], r["seed"], r["strategy"]): r["final_accuracy"]
+        for r in rows
+        if r["strategy"] in ("lwf", "replay")
+    }
+
+
+def bar_met(refs: dict[tuple, float], stream: str, seed: int, acc: float) -> bool | None:
+    """Issue 23's bar: ``acc`` >= LwF + 0.3 and >= 0.8x Replay(200) of the same stream and
+    seed (``None`` without both references)."""
+    lwf, rep = refs.get((stream, seed, "lwf")), refs.get((stream, seed, "replay"))
+    if lwf is None or rep is None:
+        return None
+    return acc >= lwf + 0.3 and acc >= 0.8 * rep
+
+
 def table(rows: list[dict], layer: str = "block3") -> str:
     """The markdown table: one line per (stream, seed, variant) of the Genifer runs at ``layer``."""
-    refs: dict[tuple, float] = {}
-    for r in rows:
-        if r["strategy"] in ("lwf", "replay"):
-            refs[(r["stream"], r["seed"], r["strategy"])] = r["final_accuracy"]
+    refs = references(rows)
     lines = [
         "| stream | seed | variant | change | Genifer | LwF | Replay(200) | × Replay "
         "| bar met | GAN steps per phase | worst-class fidelity per phase "
@@ -55,11 +70,7 @@ def table(rows: list[dict], layer: str = "block3") -> str:
         rep = refs.get((r["stream"], r["seed"], "replay"))
         acc = r["final_accuracy"]
         ratio = f"{acc / rep:.2f}" if rep else "-"
-        met = (
-            "-"
-            if lwf is None or rep is None
-            else ("yes" if acc >= lwf + 0.3 and acc >= 0.8 * rep else "no")
-        )
+        met = {None: "-", True: "yes", False: "no"}[bar_met(refs, r["stream"], r["seed"], acc)]
         change = json.dumps(r["change"], separators=(",", ":")) if r["change"] else "-"
         lines.append(
             f"| {r['stream']} | {r['seed']} | {r['variant']} | `{change}` | {acc:.3f} "
@@ -73,11 +84,7 @@ def table(rows: list[dict], layer: str = "block3") -> str:
 def summary(rows: list[dict], layer: str = "block3") -> str:
     """Per variant and stream: the final accuracy of each seed, their mean, and on how many
     seeds the bar is met (``-`` where the variant was not run on that stream)."""
-    refs = {
-        (r["stream"], r["seed"], r["strategy"]): r["final_accuracy"]
-        for r in rows
-        if r["strategy"] in ("lwf", "replay")
-    }
+    refs = references(rows)
     gen = [r for r in rows if r["strategy"] == "genifer" and r.get("layer") == layer]
     streams = sorted({r["stream"] for r in gen})
     variants = sorted({r["variant"] for r in gen}, key=lambda v: (v != "default", v))
@@ -97,10 +104,10 @@ def summary(rows: list[dict], layer: str = "block3") -> str:
             text = " / ".join(f"{a:.3f}" for _, a in accs)
             cells.append(text + (f" ({sum(a for _, a in accs) / len(accs):.3f})" * (len(accs) > 1)))
             for seed, acc in accs:
-                lwf, rep = refs.get((stream, seed, "lwf")), refs.get((stream, seed, "replay"))
-                if lwf is not None and rep is not None:
+                ok = bar_met(refs, stream, seed, acc)
+                if ok is not None:
                     runs += 1
-                    met += acc >= lwf + 0.3 and acc >= 0.8 * rep
+                    met += ok
         lines.append(f"| {v} | `{change}` | " + " | ".join(cells) + f" | {met} of {runs} |")
     return "\n".join(lines)
 

@@ -184,36 +184,43 @@ def test_gan_trainer_takes_only_its_own_parts():
     assert trainer.discriminator.config.channels == 8 and trainer.ada.p_max == 0.3
 
 
+def _two_class_monitor(generator, rule, keep_best: bool = False):
+    """A replay monitor of classes 0 and 1 on dummy real images (the probe is scripted)."""
+    from avalanche_d2l.genifer.fidelity import ProbeSettings
+    from avalanche_d2l.genifer.monitor import ReplayMonitor
+
+    real = (torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))
+    return ReplayMonitor(
+        generator=generator,
+        classifier=torch.nn.Identity(),
+        features=None,
+        classes=[0, 1],
+        replay_classes=[0, 1],
+        active=[0, 1],
+        real_train=real,
+        real_test=real,
+        rule=rule,
+        settings=ProbeSettings(steps=1),
+        seed=0,
+        keep_best=keep_best,
+    )
+
+
 def test_keep_best_puts_back_the_generator_of_the_check_whose_worst_class_scored_highest(
     monkeypatch,
 ):
     import torch
 
     from avalanche_d2l.genifer import monitor as monitor_mod
-    from avalanche_d2l.genifer.fidelity import ProbeSettings
-    from avalanche_d2l.genifer.monitor import ReplayMonitor, StopRule
+    from avalanche_d2l.genifer.monitor import StopRule
 
     scripted = iter([{0: 0.9, 1: 0.3}, {0: 0.7, 1: 0.6}, {0: 1.0, 1: 0.4}])
     monkeypatch.setattr(monitor_mod, "replay_pool", lambda *a, **k: (None, None))
     monkeypatch.setattr(monitor_mod, "probe_accuracy", lambda *a, **k: next(scripted))
     generator = torch.nn.Linear(2, 2)
-    real = (torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))
 
     def monitor(keep_best):
-        return ReplayMonitor(
-            generator=generator,
-            classifier=torch.nn.Identity(),
-            features=None,
-            classes=[0, 1],
-            replay_classes=[0, 1],
-            active=[0, 1],
-            real_train=real,
-            real_test=real,
-            rule=StopRule(min_steps=0),
-            settings=ProbeSettings(steps=1),
-            seed=0,
-            keep_best=keep_best,
-        )
+        return _two_class_monitor(generator, StopRule(min_steps=0), keep_best=keep_best)
 
     m, weights = monitor(True), {}
     for step in (50, 100, 150):
@@ -243,31 +250,18 @@ def test_stop_window_ends_a_phase_on_checks_that_pass_on_average_not_on_one_luck
     import torch
 
     from avalanche_d2l.genifer import monitor as monitor_mod
-    from avalanche_d2l.genifer.fidelity import ProbeSettings
-    from avalanche_d2l.genifer.monitor import ReplayMonitor, StopRule
+    from avalanche_d2l.genifer.monitor import StopRule
 
     # a lucky check (both classes pass once), then a real plateau above the threshold
     script = [{0: 0.6, 1: 0.5}, {0: 0.9, 1: 0.9}, {0: 0.7, 1: 0.8}, {0: 0.9, 1: 0.9}]
     script += [{0: 0.96, 1: 0.9}, {0: 0.9, 1: 0.95}, {0: 0.9, 1: 0.9}, {0: 0.9, 1: 0.9}]
     monkeypatch.setattr(monitor_mod, "replay_pool", lambda *a, **k: (None, None))
-    real = (torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))
 
     def first_stop(window: int) -> int | None:
         scripted = iter(script)
         monkeypatch.setattr(monitor_mod, "probe_accuracy", lambda *a, **k: next(scripted))
-        m = ReplayMonitor(
-            generator=torch.nn.Linear(2, 2),
-            classifier=torch.nn.Identity(),
-            features=None,
-            classes=[0, 1],
-            replay_classes=[0, 1],
-            active=[0, 1],
-            real_train=real,
-            real_test=real,
-            rule=StopRule(min_delta=0.5, min_steps=0, window=window),
-            settings=ProbeSettings(steps=1),
-            seed=0,
-        )
+        rule = StopRule(min_delta=0.5, min_steps=0, window=window)
+        m = _two_class_monitor(torch.nn.Linear(2, 2), rule)
         return next((50 * k for k in range(1, len(script) + 1) if m(50 * k)), None)
 
     assert first_stop(1) == 100  # the lucky second check ends the phase

@@ -172,7 +172,6 @@ class ReplayMonitor:
         device = self.real_test[0].device
         rx, ry = replay_pool(self.sample, self.classes, self.settings.n_per_class, device)
         acc = probe_accuracy(rx, ry, *self.real_test, self.classes, self.settings, self.rng)
-        mean = sum(acc.values()) / len(acc)
         self.trace.append(
             {
                 "step": int(step),
@@ -180,14 +179,14 @@ class ReplayMonitor:
                 "wall_s": time.perf_counter() - t0,
             }
         )
-        worst = min(acc.values())
-        if self.keep_best and (self.best_check is None or worst > self.best_check[0]):
+        latest_worst = min(acc.values())
+        if self.keep_best and (self.best_check is None or latest_worst > self.best_check[0]):
             state = {k: v.detach().clone() for k, v in self.generator.state_dict().items()}
-            self.best_check = (worst, int(step), state)
-        if self.rule.window > 1:  # each class's mean over the last checks of this phase
-            last = self.trace[-self.rule.window :]
-            acc = {c: sum(t["probe"][str(c)] for t in last) / len(last) for c in acc}
-            mean, worst = sum(acc.values()) / len(acc), min(acc.values())
+            self.best_check = (latest_worst, int(step), state)
+        # the rule judges each class's mean over the last ``window`` checks of this phase
+        last = self.trace[-self.rule.window :]
+        judged = [sum(t["probe"][str(c)] for t in last) / len(last) for c in acc]
+        mean, worst = sum(judged) / len(judged), min(judged)
         passed = worst >= self.rule.threshold
         improving = mean > self.best + self.rule.min_delta
         self.best = max(self.best, mean)
