@@ -80,6 +80,38 @@ def test_fidelity_tells_faithful_from_collapsed_replay():
     assert set(d["probe"]) == {"0", "1"} and d["probe_min"] == min(good.probe.values())
 
 
+@pytest.mark.parametrize(
+    "stream, seed, exp",
+    [("split_digits_28", 1, 3), ("split_color_digits", 2, 4)],
+    ids=["28px", "colour"],
+)
+def test_probe_trained_on_real_images_clears_the_threshold(stream, seed, exp):
+    """The stop's test can be passed: the default probe trained on *real* images (its ceiling)
+    scores >= 0.85 on every class, on the monitor's own split and seeds. Control: the earlier
+    probe (global average pooling, ``pool=1``) falls below on these experiences (0.00 and 0.43
+    on the worst class), so no replay could have passed there."""
+    from avalanche_d2l.genifer.fidelity import probe_accuracy
+    from avalanche_d2l.scenarios import split_color_digits, split_digits
+
+    make = {"split_digits_28": lambda: split_digits(image_size=28, seed=seed)}
+    make["split_color_digits"] = lambda: split_color_digits(seed=seed)
+    torch.set_num_threads(1)
+    experience = make[stream]().train_stream[exp]
+    _, real_train, real_test = monitor_mod.split_holdout(
+        experience.dataset, 0.2, torch.Generator().manual_seed(seed * 7919 + exp)
+    )
+    classes = sorted(int(c) for c in experience.classes_in_this_experience)
+
+    def worst(pool: int) -> float:
+        rng = torch.Generator().manual_seed(seed * 7919 + exp + 1)
+        acc = probe_accuracy(*real_train, *real_test, classes, ProbeSettings(pool=pool), rng)
+        return min(acc.values())
+
+    assert ProbeSettings().pool == GeniferConfig().gan.probe_pool == 4
+    assert worst(4) >= 0.85
+    assert worst(1) < 0.85
+
+
 def test_stop_rule_needs_every_class_to_pass_and_a_plateau(monkeypatch):
     script = iter([{0: 0.9, 1: 0.5}, {0: 0.9, 1: 0.88}, {0: 0.9, 1: 0.885}])
     monkeypatch.setattr(monitor_mod, "probe_accuracy", lambda *a, **k: next(script))

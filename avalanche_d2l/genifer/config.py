@@ -120,7 +120,10 @@ class GanSettings(ConfigBase):
             cap. ``"fixed"`` (the reference): exactly ``steps_first`` / ``steps`` steps.
         measure_fidelity: measure the replay's fidelity after every phase (see
             :mod:`avalanche_d2l.genifer.fidelity`): ``holdout`` of the experience's images are
-            held out of the GAN phase for it; ``probe_steps`` trains each probe.
+            held out of the GAN phase for it; ``probe_steps`` trains each probe; its head sees
+            the feature map pooled to ``probe_pool`` x ``probe_pool`` cells (1: global pooling,
+            the earlier probe, too weak to pass the threshold on real images; see
+            :class:`avalanche_d2l.genifer.fidelity.ProbeSettings`).
         after_last: also train the GAN after the last experience of the stream.
         keep_best: (an experiment, off by default) when a phase ends at its cap, the EMA
             generator goes back to the check whose worst class scored highest (the figure swings
@@ -151,8 +154,8 @@ class GanSettings(ConfigBase):
         mixed_precision: ``"no"``, ``"fp16"`` (CUDA) or ``"bf16"``, through ``accelerate``.
     """
 
-    # records made before these fields keep their hashes (stop_window is always written: its
-    # default, 3, differs from the rule those records ran with, so they hash apart)
+    # records made before these fields keep their hashes (stop_window and probe_pool are always
+    # written: their defaults differ from the rules those records ran with, so they hash apart)
     omitted_at_default = {"keep_best": False, "class_weight": 0.0}
 
     steps_first: int = 800
@@ -166,6 +169,7 @@ class GanSettings(ConfigBase):
     measure_fidelity: bool = True
     holdout: float = 0.2
     probe_steps: int = 120
+    probe_pool: int = 4
     after_last: bool = False
     keep_best: bool = False
     batch_size: int = 64
@@ -203,6 +207,11 @@ class GanSettings(ConfigBase):
             raise ValueError(
                 f"GeniferConfig.gan.stop_window must be >= 1 (1: the latest check alone), "
                 f"got {self.stop_window}"
+            )
+        if self.probe_pool < 1:
+            raise ValueError(
+                f"GeniferConfig.gan.probe_pool must be >= 1 (1: global average pooling), "
+                f"got {self.probe_pool}"
             )
         if self.class_weight < 0:
             raise ValueError(

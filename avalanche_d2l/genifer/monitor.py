@@ -154,7 +154,7 @@ class ReplayMonitor:
             rule=StopRule(
                 settings.threshold, settings.min_delta, settings.min_steps, settings.stop_window
             ),
-            settings=ProbeSettings(steps=settings.probe_steps),
+            settings=ProbeSettings(steps=settings.probe_steps, pool=settings.probe_pool),
             seed=seed * 7919 + exp_id + 1,
             keep_best=settings.keep_best,
         )
