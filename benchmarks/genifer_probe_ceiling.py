@@ -24,7 +24,7 @@ import torch
 from genifer_fidelity import OUT, STREAMS, atomic_write  # the runs' script: same streams
 
 from avalanche_d2l.genifer.fidelity import ProbeSettings, probe_accuracy
-from avalanche_d2l.genifer.monitor import split_holdout
+from avalanche_d2l.genifer.monitor import phase_seeds, split_holdout
 
 
 def ceiling(stream: str, seed: int, pools: list[int], steps: int, holdout: float) -> list[dict]:
@@ -32,9 +32,9 @@ def ceiling(stream: str, seed: int, pools: list[int], steps: int, holdout: float
     rows = []
     for exp in STREAMS[stream](seed).train_stream:
         e = int(exp.current_experience)
-        # the seeds of GeniferMonitor.for_phase: the same split and the same probe draws
+        split_seed, probe_seed = phase_seeds(seed, e)  # the GAN phase's split and probe draws
         _, real_train, real_test = split_holdout(
-            exp.dataset, holdout, torch.Generator().manual_seed(seed * 7919 + e)
+            exp.dataset, holdout, torch.Generator().manual_seed(split_seed)
         )
         classes = sorted(int(c) for c in exp.classes_in_this_experience)
         row = {"stream": stream, "seed": seed, "experience": e, "n_test": len(real_test[1])}
@@ -45,7 +45,7 @@ def ceiling(stream: str, seed: int, pools: list[int], steps: int, holdout: float
                 *real_test,
                 classes,
                 ProbeSettings(steps=steps, pool=pool),
-                torch.Generator().manual_seed(seed * 7919 + e + 1),
+                torch.Generator().manual_seed(probe_seed),
             )
             row[f"pool{pool}"] = min(acc.values())
             row[f"pool{pool}_s"] = time.perf_counter() - t0

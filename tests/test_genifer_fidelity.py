@@ -93,17 +93,19 @@ def test_probe_trained_on_real_images_clears_the_threshold(stream, seed, exp):
     from avalanche_d2l.genifer.fidelity import probe_accuracy
     from avalanche_d2l.scenarios import split_color_digits, split_digits
 
-    make = {"split_digits_28": lambda: split_digits(image_size=28, seed=seed)}
-    make["split_color_digits"] = lambda: split_color_digits(seed=seed)
-    torch.set_num_threads(1)
-    experience = make[stream]().train_stream[exp]
+    if stream == "split_digits_28":
+        bench = split_digits(image_size=28, seed=seed)
+    else:
+        bench = split_color_digits(seed=seed)
+    experience = bench.train_stream[exp]
+    split_seed, probe_seed = monitor_mod.phase_seeds(seed, exp)
     _, real_train, real_test = monitor_mod.split_holdout(
-        experience.dataset, 0.2, torch.Generator().manual_seed(seed * 7919 + exp)
+        experience.dataset, 0.2, torch.Generator().manual_seed(split_seed)
     )
     classes = sorted(int(c) for c in experience.classes_in_this_experience)
 
     def worst(pool: int) -> float:
-        rng = torch.Generator().manual_seed(seed * 7919 + exp + 1)
+        rng = torch.Generator().manual_seed(probe_seed)
         acc = probe_accuracy(*real_train, *real_test, classes, ProbeSettings(pool=pool), rng)
         return min(acc.values())
 

@@ -53,9 +53,8 @@ class ProbeSettings:
         lr: Adam learning rate.
         pool: the probe's head sees its feature map average-pooled to ``pool x pool`` cells
             (1: global average pooling, the probe of earlier versions, which discards where the
-            strokes are: trained on *real* images it scored a class at 0.00 on
-            ``split_digits_28`` and below 0.85 on 7 of 15 experiences of the three offline
-            streams, so no replay could pass the stop's threshold; with 4: 0 of 15).
+            strokes are and, trained on *real* images, often missed the stop's threshold
+            itself; measured by ``benchmarks/genifer_probe_ceiling.py``).
     """
 
     steps: int = 120
@@ -66,7 +65,7 @@ class ProbeSettings:
     pool: int = 4
 
 
-def _probe(channels: int, n_out: int, width: int, pool: int = 4) -> nn.Module:
+def _probe(channels: int, n_out: int, width: int, pool: int) -> nn.Module:
     """Two conv blocks, average pooling to ``pool x pool`` cells and a linear layer: small enough
     to train in a second on CPU, independent of the classifier the generator was trained
     against.

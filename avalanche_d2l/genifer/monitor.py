@@ -29,7 +29,15 @@ from avalanche_d2l.genifer.fidelity import (
 )
 from avalanche_d2l.models.feature_gan_parts import FeatureTap
 
-__all__ = ["ReplayMonitor", "StopRule", "publish_fidelity", "split_holdout"]
+__all__ = ["ReplayMonitor", "StopRule", "phase_seeds", "publish_fidelity", "split_holdout"]
+
+
+def phase_seeds(seed: int, experience: int) -> tuple[int, int]:
+    """``(split, probes)``: the seeds of the held-out split and of the monitor's own draws in the
+    GAN phase after ``experience`` of a run seeded ``seed`` (what :meth:`ReplayMonitor.for_phase`
+    uses; a measurement that must see the same split and probes calls this)."""
+    base = seed * 7919 + experience
+    return base, base + 1
 
 
 @dataclass(frozen=True)
@@ -139,8 +147,8 @@ class ReplayMonitor:
     ):
         """The GAN's dataset (the held-out images removed) and the monitor of the phase after
         ``experience``, with the stop rule and probe settings of the GAN ``settings``."""
-        exp_id = int(experience.current_experience)
-        rng = torch.Generator().manual_seed(seed * 7919 + exp_id)
+        split_seed, probe_seed = phase_seeds(seed, int(experience.current_experience))
+        rng = torch.Generator().manual_seed(split_seed)
         dataset, real_train, real_test = split_holdout(experience.dataset, settings.holdout, rng)
         monitor = cls(
             generator=generator,
@@ -155,7 +163,7 @@ class ReplayMonitor:
                 settings.threshold, settings.min_delta, settings.min_steps, settings.stop_window
             ),
             settings=ProbeSettings(steps=settings.probe_steps, pool=settings.probe_pool),
-            seed=seed * 7919 + exp_id + 1,
+            seed=probe_seed,
             keep_best=settings.keep_best,
         )
         return dataset, monitor
