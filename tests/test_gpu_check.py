@@ -6,6 +6,9 @@ the dry run and Genifer's GAN timing must succeed and write their figures; the 2
 (2 processes, then 1 for comparison, capped at 90 s here) must record what happened: when it ends
 "ok" both runs exited 0 and wrote results; tests/test_distributed.py tests the 2-process training
 itself.
+
+Marked ``slow`` (about 80 s of the 2-core machine, the suite's longest item): run it with
+``python -m pytest -m slow tests/test_gpu_check.py`` before spending a lent GPU's minutes.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
