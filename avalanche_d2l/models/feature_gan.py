@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from avalanche_d2l.augment import AdaptiveAugment
 from avalanche_d2l.models.feature_gan_parts import (
+    ConvStats,
     FeatureTap,
     RealBatches,
     atomic_torch_save,
@@ -301,10 +302,16 @@ class FeatureGANTrainer:
         self.ada.to(device)
         acc = self._accelerator(device)
         tap = FeatureTap(classifier, feature_layer)
+        conv_stats = ConvStats(classifier) if cfg.stats_weight > 0 else None
+        if conv_stats is not None and not conv_stats.layers:
+            conv_stats.remove()
+            conv_stats = None  # no convolution to match (the setting says so in its docstring)
         real_iter = RealBatches(dataset, n_new, device, self.rng, cfg.real_cache_mb)
         sums = {"loss_d": 0.0, "loss_g": 0.0, "distill": 0.0, "r1": 0.0}
         if cfg.class_weight > 0:
             sums["class_ce"] = 0.0
+        if conv_stats is not None:
+            sums["conv_stats"] = 0.0
         start = 0
         key = {
             "experience": int(experience),
@@ -363,14 +370,20 @@ class FeatureGANTrainer:
                 noise = G.make_noise(batch, generator=self.rng, device=device)
                 with acc.autocast():
                     fake = G(z, y_real, noise)
+                    if conv_stats is not None:
+                        conv_stats.active = True
                     if cfg.class_weight > 0:  # the whole classifier: its logits as well
                         f_fake, logits = tap.with_output(
                             classifier, self.ada(fake, generator=self.rng)
                         )
                     else:
                         f_fake = features(fake)
+                    s_fake = conv_stats.take() if conv_stats is not None else None
                     with torch.no_grad():
                         f_real = features(x_real)
+                    if conv_stats is not None:
+                        s_real = conv_stats.take()
+                        conv_stats.active = False
                 # 3. discriminator step: softplus(D(fake)) + softplus(-D(real)) (+ lazy R1)
                 do_r1 = cfg.r1_gamma > 0 and step % cfg.r1_interval == 0
                 if do_r1:
@@ -396,6 +409,10 @@ class FeatureGANTrainer:
                         ce = F.cross_entropy(logits[:, seen].float(), to_seen[y_real])
                         loss_g = loss_g + cfg.class_weight * ce
                         sums["class_ce"] += float(ce.detach())
+                    if conv_stats is not None:  # every conv layer's statistics, not only D's
+                        st = ConvStats.distance(s_fake, s_real)  # type: ignore[arg-type]
+                        loss_g = loss_g + cfg.stats_weight * st
+                        sums["conv_stats"] += float(st.detach())
                     if old:
                         with torch.no_grad():
                             prev = g_prev(
@@ -443,6 +460,8 @@ class FeatureGANTrainer:
         finally:
             bar.close()
             tap.remove()
+            if conv_stats is not None:
+                conv_stats.remove()
             real_iter.close()
         G.eval()
         if ckpt is not None and ckpt.exists():

@@ -16,6 +16,7 @@ from torch import nn
 from avalanche_d2l.utils import FeatureHook
 
 __all__ = [
+    "ConvStats",
     "FeatureTap",
     "RealBatches",
     "atomic_torch_save",
@@ -79,6 +80,58 @@ class FeatureTap(FeatureHook):
         except _StopForward:
             pass
         return self.pop()
+
+
+class ConvStats:
+    """Per-channel mean and standard deviation of every ``nn.Conv2d`` output of a classifier, in
+    the order the convolutions run (those after a :class:`FeatureTap`'s layer never run).
+
+    Collects only between :meth:`take` calls while :attr:`active`; the statistics keep the graph,
+    so a distance between a fake batch's and a real batch's reaches the generator.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.active = False
+        self._stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._handles = [
+            m.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, nn.Conv2d)
+        ]
+
+    @property
+    def layers(self) -> int:
+        return len(self._handles)
+
+    def _hook(self, module: nn.Module, inputs, output) -> None:
+        if self.active:
+            out = output.float()
+            self._stats.append((out.mean(dim=(0, 2, 3)), out.std(dim=(0, 2, 3))))
+
+    def take(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The statistics collected since the last call (and clear them)."""
+        out, self._stats = self._stats, []
+        return out
+
+    @staticmethod
+    def distance(
+        fake: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        real: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """Mean over layers of ``mean_c(|mu_f - mu_r| + |sd_f - sd_r|) / mean_c(sd_r)``: each
+        layer's mismatch in units of its real spread, so no layer's scale dominates."""
+        if len(fake) != len(real) or not fake:
+            raise RuntimeError("ConvStats: the fake and the real pass saw different layers")
+        terms = []
+        for (mu_f, sd_f), (mu_r, sd_r) in zip(fake, real, strict=True):
+            scale = sd_r.detach().mean() + 1e-6
+            terms.append(
+                ((mu_f - mu_r.detach()).abs() + (sd_f - sd_r.detach()).abs()).mean() / scale
+            )
+        return torch.stack(terms).mean()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
 
 def feature_shape(classifier: nn.Module, layer: str, image_shape: Sequence[int]) -> tuple:
