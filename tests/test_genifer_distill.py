@@ -192,3 +192,25 @@ def test_stats_weight_pulls_every_conv_layers_statistics_towards_real():
     on, summary_on = stats_gap(1.0)
     assert "conv_stats" not in summary_off and math.isfinite(summary_on["conv_stats"])
     assert on < 0.5 * off, (on, off)
+
+
+def test_stats_weight_with_the_whole_classifier_pass_and_convs_after_the_feature_layer():
+    """With ``class_weight`` the fake pass runs to the logits, through ``block3``'s conv after
+    the feature layer ``block2``; the real pass stops at ``block2``. Both must see the same
+    convolutions (the earlier version raised "saw different layers" here)."""
+    xtr, ytr, _, _ = _digits16()
+    bench = tensor_benchmark(xtr, ytr, xtr[:8], ytr[:8], n_experiences=2, class_order=[0, 1, 2, 3])
+    seed_everything(0)
+    teacher = frozen_copy(UserCNN())
+    gan = {"steps_first": 3, "stop": "fixed", "measure_fidelity": False, "batch_size": 8}
+    cfg = GeniferConfig(
+        generator={"output_range": (0.0, 1.0)},
+        gan={**gan, "stats_weight": 1.0, "class_weight": 1.0},
+        num_classes=4,
+        progress=False,
+    )
+    plugin = GeniferPlugin(feature_layer="block2", config=cfg)
+    plugin.teacher = teacher
+    plugin.build_models(image_shape=(1, 16, 16), num_classes=4, classifier=teacher)
+    summary = plugin.train_gan(experience=bench.train_stream[0], steps=3)
+    assert math.isfinite(summary["conv_stats"]) and math.isfinite(summary["class_ce"])

@@ -54,6 +54,7 @@ from avalanche_d2l.models.gan import (
     GeneratorConfig,
     StyleGenerator,
 )
+from avalanche_d2l.utils import get_module
 
 if TYPE_CHECKING:  # the settings' types only: the trainer reads them, it does not build them
     from avalanche_d2l.genifer.config import AugmentSettings, DiscriminatorSettings, GanSettings
@@ -301,11 +302,13 @@ class FeatureGANTrainer:
         self.ada.reset()
         self.ada.to(device)
         acc = self._accelerator(device)
+        conv_stats = None
+        if cfg.stats_weight > 0:  # built before the tap: a conv feature layer counts in both passes
+            conv_stats = ConvStats(classifier, until=get_module(classifier, feature_layer))
+            if not conv_stats.layers:
+                conv_stats.remove()
+                conv_stats = None  # no convolution to match (the setting says so in its docstring)
         tap = FeatureTap(classifier, feature_layer)
-        conv_stats = ConvStats(classifier) if cfg.stats_weight > 0 else None
-        if conv_stats is not None and not conv_stats.layers:
-            conv_stats.remove()
-            conv_stats = None  # no convolution to match (the setting says so in its docstring)
         real_iter = RealBatches(dataset, n_new, device, self.rng, cfg.real_cache_mb)
         sums = {"loss_d": 0.0, "loss_g": 0.0, "distill": 0.0, "r1": 0.0}
         if cfg.class_weight > 0:

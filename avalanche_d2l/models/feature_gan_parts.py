@@ -84,31 +84,41 @@ class FeatureTap(FeatureHook):
 
 class ConvStats:
     """Per-channel mean and standard deviation of every ``nn.Conv2d`` output of a classifier, in
-    the order the convolutions run (those after a :class:`FeatureTap`'s layer never run).
+    the order the convolutions run, up to the output of the module ``until`` (the feature layer:
+    a pass that goes on to the logits collects the same layers as one a :class:`FeatureTap`
+    stops there; build this before the tap, so a conv feature layer is counted either way).
 
-    Collects only between :meth:`take` calls while :attr:`active`; the statistics keep the graph,
-    so a distance between a fake batch's and a real batch's reaches the generator.
+    Collects only while :attr:`active`, and from each :meth:`take` until ``until`` has run; the
+    statistics keep the graph, so a distance between a fake batch's and a real batch's reaches
+    the generator.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, until: nn.Module | None = None):
         self.active = False
+        self._past_until = False
         self._stats: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._handles = [
             m.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, nn.Conv2d)
         ]
+        self._until = until.register_forward_hook(self._until_hook) if until is not None else None
+
+    def _until_hook(self, module: nn.Module, inputs, output) -> None:
+        self._past_until = True
 
     @property
     def layers(self) -> int:
+        """The number of convolutions watched (all of the model's; ``until`` may end it sooner)."""
         return len(self._handles)
 
     def _hook(self, module: nn.Module, inputs, output) -> None:
-        if self.active:
+        if self.active and not self._past_until:
             out = output.float()
             self._stats.append((out.mean(dim=(0, 2, 3)), out.std(dim=(0, 2, 3))))
 
     def take(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The statistics collected since the last call (and clear them)."""
         out, self._stats = self._stats, []
+        self._past_until = False
         return out
 
     @staticmethod
@@ -129,9 +139,9 @@ class ConvStats:
         return torch.stack(terms).mean()
 
     def remove(self) -> None:
-        for h in self._handles:
+        for h in [*self._handles, *([self._until] if self._until is not None else [])]:
             h.remove()
-        self._handles = []
+        self._handles, self._until = [], None
 
 
 def feature_shape(classifier: nn.Module, layer: str, image_shape: Sequence[int]) -> tuple:
