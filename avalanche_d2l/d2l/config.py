@@ -322,6 +322,7 @@ def quick_dream_config(seed: int = 0) -> DreamConfig:
         samples_per_class=8,
         backprop_steps=1,
         invert_steps=1,
+        invert_choice_images=2,
         seed=seed,
         progress=False,
     )
