@@ -31,6 +31,7 @@ from avalanche_d2l.experiments import (
     load_experiment,
     run_experiment,
 )
+from avalanche_d2l.experiments.one_run import source_fingerprint
 from avalanche_d2l.models.classifiers import small_cnn
 from avalanche_d2l.scenarios import tensor_benchmark
 
@@ -327,7 +328,25 @@ def test_rerun_reuses_finished_runs_and_reruns_changed_ones(quick_run, tmp_path,
         progress=False,
     )
     assert _metrics(again) == _metrics(before)
-    assert "2 finished run(s) reused" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "2 finished run(s) reused" in out and "other code" not in out
+    # a finished run made by other code is still reused (its settings match) but named
+    assert before["runs"][0]["source"] == source_fingerprint()
+    path = quick_run / "runs" / "replay_seed0_mem100.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "source": "0123456789ab"}))
+    again = run_experiment(
+        exp,
+        out=quick_run,
+        strategies=["naive", "replay"],
+        seeds=[0],
+        quick=True,
+        epochs=3,
+        progress=False,
+    )
+    assert _metrics(again) == _metrics(before)
+    out = capsys.readouterr().out
+    assert "1 of them were made by other code" in out and "replay_seed0_mem100" in out
+    assert "naive_seed0" not in out.split("other code")[1]
     # a changed baseline hyper-parameter re-runs that strategy only, and says so
     data = exp.strategies | {"replay": {}, "lwf": {"alpha": 0.5}}
     changed = run_experiment(

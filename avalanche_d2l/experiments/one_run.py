@@ -52,6 +52,7 @@ __all__ = [
     "build_run",
     "fingerprint",
     "run_settings",
+    "source_fingerprint",
     "train_with_checkpoints",
 ]
 
@@ -161,6 +162,25 @@ def run_settings(exp: Experiment, key: RunKey, opts: RunOptions) -> dict[str, An
 
 def fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_SOURCE_FINGERPRINT: str | None = None
+
+
+def source_fingerprint() -> str:
+    """A hash of the package's Python source (every ``.py`` file under ``avalanche_d2l/``, by
+    relative path and content): recorded beside each run's settings so that a finished run made
+    by other code can be told apart. Not part of the settings' fingerprint: a code change that
+    leaves results alone (most do) must not re-run every committed run."""
+    global _SOURCE_FINGERPRINT
+    if _SOURCE_FINGERPRINT is None:
+        root = Path(__file__).resolve().parents[1]
+        h = hashlib.sha256()
+        for path in sorted(root.rglob("*.py")):
+            h.update(path.relative_to(root).as_posix().encode() + b"\0")
+            h.update(path.read_bytes() + b"\0")
+        _SOURCE_FINGERPRINT = h.hexdigest()[:12]
+    return _SOURCE_FINGERPRINT
 
 
 def build_run(

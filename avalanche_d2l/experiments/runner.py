@@ -60,6 +60,7 @@ from .one_run import (
     build_run,
     fingerprint,
     run_settings,
+    source_fingerprint,
     train_with_checkpoints,
 )
 
@@ -390,13 +391,27 @@ def run_experiment(
         todo.append(key)
     if len(records):
         log(f"{len(records)} finished run(s) reused from {out / 'runs'}; {len(todo)} to run")
+        code = source_fingerprint()
+        other = sorted(k.name for k, r in records.items() if r.get("source") != code)
+        if other:
+            shown = ", ".join(other[:6]) + (", ..." if len(other) > 6 else "")
+            log(
+                f"{len(other)} of them were made by other code than this package's "
+                f"(source {code}): {shown}; their numbers may differ from what this code gives "
+                f"(delete their files in {out / 'runs'} to run them again)"
+            )
     extras = _other_finished_runs(out, full, exp, keys, opts)
 
     main = is_main_process()
 
     def finish(key: RunKey, record: dict) -> None:
         settings = run_settings(exp, key, opts)
-        record = {**record, "fingerprint": fingerprint(settings), "settings": settings}
+        record = {
+            **record,
+            "fingerprint": fingerprint(settings),
+            "settings": settings,
+            "source": source_fingerprint(),
+        }
         records[key] = record
         if main:  # under accelerate launch every process trains; one writes
             atomic_write(out / "runs" / f"{key.name}.json", json.dumps(record, indent=1))
