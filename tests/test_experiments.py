@@ -31,7 +31,7 @@ from avalanche_d2l.experiments import (
     load_experiment,
     run_experiment,
 )
-from avalanche_d2l.experiments.one_run import source_fingerprint
+from avalanche_d2l.experiments.one_run import run_environment, source_fingerprint
 from avalanche_d2l.models.classifiers import small_cnn
 from avalanche_d2l.scenarios import tensor_benchmark
 
@@ -347,6 +347,17 @@ def test_rerun_reuses_finished_runs_and_reruns_changed_ones(quick_run, tmp_path,
     out = capsys.readouterr().out
     assert "1 of them were made by other code" in out and "replay_seed0_mem100" in out
     assert "naive_seed0" not in out.split("other code")[1]
+    # ... and so is one made with other package versions or on another CPU
+    assert before["runs"][0]["environment"] == run_environment()
+    assert {"torch", "avalanche-lib", "numpy", "cpu"} <= set(run_environment())
+    path = quick_run / "runs" / "naive_seed0.json"
+    rec = json.loads(path.read_text())
+    path.write_text(json.dumps({**rec, "environment": {**rec["environment"], "torch": "2.0.0"}}))
+    run_experiment(
+        exp, out=quick_run, strategies=["naive"], seeds=[0], quick=True, epochs=3, progress=False
+    )
+    out = capsys.readouterr().out
+    assert "1 of them were made by other code" in out and "naive_seed0" in out
     # a changed baseline hyper-parameter re-runs that strategy only, and says so
     data = exp.strategies | {"replay": {}, "lwf": {"alpha": 0.5}}
     changed = run_experiment(

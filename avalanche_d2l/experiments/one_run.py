@@ -51,6 +51,7 @@ __all__ = [
     "RunOptions",
     "build_run",
     "fingerprint",
+    "run_environment",
     "run_settings",
     "source_fingerprint",
     "train_with_checkpoints",
@@ -181,6 +182,36 @@ def source_fingerprint() -> str:
             h.update(path.read_bytes() + b"\0")
         _SOURCE_FINGERPRINT = h.hexdigest()[:12]
     return _SOURCE_FINGERPRINT
+
+
+def run_environment() -> dict[str, str]:
+    """What besides the settings and the code can change a run's numbers: the versions of the
+    numerical packages and the CPU (the same code and settings gave LwF 0.165 on one machine and
+    0.102 on another: floating-point kernels differ, and training amplifies the difference).
+    Recorded beside each run, not part of its key."""
+    import platform
+    from importlib import metadata
+
+    env = {"python": platform.python_version(), "machine": platform.machine()}
+    for name in ("torch", "torchvision", "avalanche-lib", "numpy", "scikit-learn", "diffusers"):
+        try:
+            env[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            env[name] = "not installed"
+    env["cpu"] = _cpu_model()
+    return env
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
 
 
 def build_run(

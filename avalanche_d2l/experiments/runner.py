@@ -59,6 +59,7 @@ from .one_run import (
     _worker_init,
     build_run,
     fingerprint,
+    run_environment,
     run_settings,
     source_fingerprint,
     train_with_checkpoints,
@@ -391,14 +392,19 @@ def run_experiment(
         todo.append(key)
     if len(records):
         log(f"{len(records)} finished run(s) reused from {out / 'runs'}; {len(todo)} to run")
-        code = source_fingerprint()
-        other = sorted(k.name for k, r in records.items() if r.get("source") != code)
+        code, env = source_fingerprint(), run_environment()
+        other = sorted(
+            k.name
+            for k, r in records.items()
+            if r.get("source") != code or r.get("environment") != env
+        )
         if other:
             shown = ", ".join(other[:6]) + (", ..." if len(other) > 6 else "")
             log(
-                f"{len(other)} of them were made by other code than this package's "
-                f"(source {code}): {shown}; their numbers may differ from what this code gives "
-                f"(delete their files in {out / 'runs'} to run them again)"
+                f"{len(other)} of them were made by other code (source {code} here) or in "
+                f"another environment (package versions, CPU): {shown}; their numbers may "
+                "differ from what this code gives here (delete their files in "
+                f"{out / 'runs'} to run them again)"
             )
     extras = _other_finished_runs(out, full, exp, keys, opts)
 
@@ -411,6 +417,7 @@ def run_experiment(
             "fingerprint": fingerprint(settings),
             "settings": settings,
             "source": source_fingerprint(),
+            "environment": run_environment(),
         }
         records[key] = record
         if main:  # under accelerate launch every process trains; one writes
