@@ -77,9 +77,9 @@ class LinearDreamer(nn.Module):
         self.encoded.append(images.detach().clone())
         return images * 2 - 1
 
-    def denoising_loss(self, x0, prompt_embeds, *, generator=None):
+    def denoising_loss(self, x0, prompt_embeds, *, generator=None, repeats=1):
         recon = torch.sigmoid(prompt_embeds.flatten(1) @ self.v)
-        return (recon - (x0.flatten(1) + 1) / 2).pow(2).mean(1)
+        return (recon - (x0.flatten(1).repeat(repeats, 1) + 1) / 2).pow(2).mean(1)
 
     def generated(self, prompt_embeds, noise):
         z = torch.cat([prompt_embeds.flatten(1), 0.1 * noise.flatten(1)], 1)
@@ -273,6 +273,56 @@ def test_image_to_image_starts_from_the_anchor_and_gradients_reach_the_prompt(dr
     near.sum().backward()
     assert prompt.grad is not None and prompt.grad.abs().sum() > 0
     assert all(q.grad is None for q in dreamer.parameters())  # frozen dreamer
+
+
+def _seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_inversion_scores_every_concept_on_the_same_noisy_images_in_few_calls(dreamer):
+    """The concept choice of textual inversion: all concepts in one denoiser call per generation
+    batch give each concept the loss that a call of its own (the generator re-seeded, so the same
+    timesteps and noise) gives, and so the same choice."""
+    from avalanche_d2l.d2l.prompts import _invert
+
+    g = torch.Generator().manual_seed(0)
+    x0 = dreamer.encode(torch.rand(3, 1, 16, 16, generator=g))
+    concepts = dreamer.concept_embeddings().detach().float()
+    with torch.no_grad():
+        one_by_one = torch.stack(
+            [
+                dreamer.denoising_loss(
+                    x0, row.expand(3, -1, -1), generator=torch.Generator().manual_seed(7)
+                )
+                for row in concepts
+            ]
+        )
+        together = dreamer.denoising_loss(
+            x0,
+            concepts.repeat_interleave(3, dim=0),
+            generator=torch.Generator().manual_seed(7),
+            repeats=len(concepts),
+        ).view(len(concepts), 3)
+    torch.testing.assert_close(together, one_by_one, rtol=1e-4, atol=1e-6)
+    assert one_by_one.mean(1).std() > 0  # the concepts differ: the choice is not a tie
+    calls = []
+    loss = dreamer.denoising_loss
+    dreamer.denoising_loss = lambda *a, **k: calls.append(k["repeats"]) or loss(*a, **k)
+    try:
+        for per_call in (256, 6):  # all concepts at once, then 2 per call (6 images / 3)
+            calls.clear()
+            cfg_ = cfg(invert_steps=0, generate_batch_size=per_call)
+            p = _invert(dreamer, torch.rand(3, 1, 16, 16, generator=g), cfg_, g)
+            assert calls == ([len(concepts)] if per_call == 256 else [2] * (len(concepts) // 2))
+            assert any(torch.equal(p, c) for c in concepts)
+    finally:
+        del dreamer.denoising_loss
+    anchors = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    chosen = [
+        _invert(dreamer, anchors, cfg(invert_steps=0, generate_batch_size=b), _seeded(5))
+        for b in (256, 3)
+    ]
+    assert torch.equal(chosen[0], chosen[1])  # one concept per call: the same choice
 
 
 def _jobs(model, dreamer, bench, classes, heads):

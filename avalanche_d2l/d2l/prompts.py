@@ -32,14 +32,18 @@ def _invert(dreamer, anchors: Tensor, config: DreamConfig, g: torch.Generator) -
     x0 = dreamer.encode(anchors)
     concepts = dreamer.concept_embeddings().detach().float()
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
-    scores, n = [], config.invert_choice_images or x0.shape[0]
+    xs = x0[: config.invert_choice_images or x0.shape[0]]
+    # the same images, timesteps and noise for every concept, as many concepts per denoiser call
+    # as fit in a generation batch (the dream set's sampling calls, sized to the memory)
+    per_call = max(1, config.generate_batch_size // xs.shape[0])
+    scores = []
     with torch.no_grad():
-        for row in concepts:  # the same images, timesteps and noise for every concept
-            cond = row.unsqueeze(0).expand(min(n, x0.shape[0]), -1, -1)
+        for chunk in concepts.split(per_call):
+            cond = chunk.repeat_interleave(xs.shape[0], dim=0)  # prompt-major: r * n rows
             g_choice = torch.Generator().manual_seed(seed)
-            loss = dreamer.denoising_loss(x0[:n], cond, generator=g_choice)
-            scores.append(float(loss.mean()))
-    prompt = torch.nn.Parameter(concepts[int(torch.tensor(scores).argmin())].clone())
+            loss = dreamer.denoising_loss(xs, cond, generator=g_choice, repeats=chunk.shape[0])
+            scores.append(loss.view(chunk.shape[0], xs.shape[0]).mean(1))
+    prompt = torch.nn.Parameter(concepts[int(torch.cat(scores).argmin())].clone())
     if config.invert_steps > 0:
         opt = torch.optim.Adam([prompt], lr=config.invert_lr)
         with torch.enable_grad():

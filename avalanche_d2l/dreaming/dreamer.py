@@ -392,11 +392,17 @@ class Dreamer(DreamerIO, DreamerPrompts, DreamerReference, nn.Module):
         *,
         generator: torch.Generator | None = None,
         t_range: tuple[float, float] = (0.2, 0.8),
+        repeats: int = 1,
     ) -> Tensor:
         """Per-image diffusion training loss of clean starts ``x0`` (:meth:`encode`) under
         ``prompt_embeds``: noise each to a random timestep in ``t_range`` (a share of the training
         timesteps) and compare the denoiser's prediction with its target (the noise, or the
-        velocity for v-prediction). Textual inversion minimises it over the prompt."""
+        velocity for v-prediction). Textual inversion minimises it over the prompt.
+
+        With ``repeats`` r, ``prompt_embeds`` holds r prompts for each of the n images (r * n
+        rows, prompt-major) and every prompt sees the same timesteps and noise, drawn once for
+        the n images: r prompts scored on the same noisy images in one call (what r calls with
+        the generator re-seeded each time would give)."""
         sched = self.scheduler
         n_train = int(sched.config.num_train_timesteps)
         gdev = generator.device if generator is not None else torch.device("cpu")
@@ -405,7 +411,10 @@ class Dreamer(DreamerIO, DreamerPrompts, DreamerReference, nn.Module):
         t = torch.randint(lo, hi, (x0.shape[0],), generator=generator, device=gdev)
         noise = torch.randn(x0.shape, generator=generator, device=gdev).to(x0.device)
         t = t.to(x0.device)
-        x_t = sched.add_noise(x0.float(), noise, t)
+        x0 = x0.float()
+        if repeats > 1:
+            x0, noise, t = (v.repeat(repeats, *([1] * (v.dim() - 1))) for v in (x0, noise, t))
+        x_t = sched.add_noise(x0, noise, t)
         with self._autocast():
             pred = self.unet(
                 x_t.to(self.dtype),
@@ -415,7 +424,7 @@ class Dreamer(DreamerIO, DreamerPrompts, DreamerReference, nn.Module):
             )[0]
         target = noise
         if sched.config.get("prediction_type", "epsilon") == "v_prediction":
-            target = sched.get_velocity(x0.float(), noise, t)
+            target = sched.get_velocity(x0, noise, t)
         return (pred.float() - target).pow(2).flatten(1).mean(1)
 
     @torch.no_grad()
