@@ -491,7 +491,8 @@ class GeniferConfig(ConfigBase):
         return type(self).from_dict(merge_sections(self.to_dict(), change))
 
     def quick(self) -> GeniferConfig:
-        """A much shorter copy for tests and CI (same architecture, few GAN steps)."""
+        """A much shorter copy for tests and CI (same architecture, few GAN steps of 16
+        images)."""
         g = self.gan
         gan = replace(
             g,
@@ -500,5 +501,6 @@ class GeniferConfig(ConfigBase):
             min_steps=min(g.min_steps, 20),
             check_every=min(g.check_every, 20),
             probe_steps=min(g.probe_steps, 20),
+            batch_size=min(g.batch_size, 16),
         )
         return replace(self, gan=gan, progress=False)
