@@ -361,7 +361,8 @@ def test_rerun_reuses_finished_runs_and_reruns_changed_ones(quick_run, tmp_path,
     assert _metrics(changed)[0] == _metrics(before)[0]
     assert changed["runs"][1]["settings"]["config"] == {"alpha": 0.5, "temperature": 2.0}
     out = capsys.readouterr().out  # naive was reused: its edited environment is named
-    assert "1 of them were made by other code" in out and "naive_seed0" in out.split("other code")[-1]
+    named = out.split("other code")[-1]
+    assert "1 of them were made by other code" in out and "naive_seed0" in named
     changed = run_experiment(
         exp, out=quick_run, strategies=["naive"], seeds=[0], quick=True, epochs=2, progress=False
     )
