@@ -371,6 +371,24 @@ def test_rerun_reuses_finished_runs_and_reruns_changed_ones(quick_run, tmp_path,
     assert changed["runs"][0]["fingerprint"] != before["runs"][0]["fingerprint"]
 
 
+def test_source_fingerprint_follows_the_code_not_its_comments_or_docstrings(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "a.py").write_text('"""Module."""\n\n\ndef f(x):\n    """Doc."""\n    return x + 1\n')
+    first = source_fingerprint(pkg)
+    assert first != source_fingerprint()  # another tree
+    (pkg / "a.py").write_text(
+        '"""Another docstring."""\n# a comment\n\n\ndef f(x):  # why\n    """Other."""\n\n'
+        "    return x + 1\n"
+    )
+    assert source_fingerprint(pkg) == first
+    (pkg / "a.py").write_text('"""Module."""\n\n\ndef f(x):\n    """Doc."""\n    return x + 2\n')
+    assert source_fingerprint(pkg) != first
+    (pkg / "a.py").write_text('"""Module."""\n\n\ndef f(x):\n    """Doc."""\n    return x + 1\n')
+    (pkg / "b.py").write_text("")
+    assert source_fingerprint(pkg) != first  # a new file counts
+
+
 def test_truncated_results_json_names_file_and_backup(tmp_path, capsys):
     args = [
         "compare",

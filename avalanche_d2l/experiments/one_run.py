@@ -168,26 +168,48 @@ def fingerprint(settings: dict) -> str:
 _SOURCE_FINGERPRINT: str | None = None
 
 
-def source_fingerprint() -> str:
-    """A hash of the package's Python source (every ``.py`` file under ``avalanche_d2l/``, by
-    relative path and content): recorded beside each run's settings so that a finished run made
-    by other code can be told apart. Not part of the settings' fingerprint: a code change that
-    leaves results alone (most do) must not re-run every committed run."""
+def source_fingerprint(root: Path | None = None) -> str:
+    """A hash of the package's code (every ``.py`` file under ``avalanche_d2l/``, or under
+    ``root``, by relative path and syntax tree without docstrings): recorded beside each run's
+    settings so that a finished run made by other code can be told apart. Comments, docstrings
+    and layout do not count. Not part of the settings' fingerprint: a code change that leaves
+    results alone (most do) must not re-run every committed run."""
     global _SOURCE_FINGERPRINT
-    if _SOURCE_FINGERPRINT is None:
-        root = Path(__file__).resolve().parents[1]
-        h = hashlib.sha256()
-        for path in sorted(root.rglob("*.py")):
-            h.update(path.relative_to(root).as_posix().encode() + b"\0")
-            h.update(path.read_bytes() + b"\0")
-        _SOURCE_FINGERPRINT = h.hexdigest()[:12]
-    return _SOURCE_FINGERPRINT
+    if root is None and _SOURCE_FINGERPRINT is not None:
+        return _SOURCE_FINGERPRINT
+    base = root if root is not None else Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(base.rglob("*.py")):
+        h.update(path.relative_to(base).as_posix().encode() + b"\0")
+        h.update(_code_only(path.read_text(encoding="utf-8")).encode() + b"\0")
+    digest = h.hexdigest()[:12]
+    if root is None:
+        _SOURCE_FINGERPRINT = digest
+    return digest
+
+
+def _code_only(text: str) -> str:
+    """``text``'s syntax tree without docstrings, as text (comments and layout are not in it)."""
+    import ast
+
+    tree = ast.parse(text)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
 
 
 def run_environment() -> dict[str, str]:
-    """What besides the settings and the code can change a run's numbers: the versions of the
-    numerical packages and the CPU (the same code and settings gave LwF 0.165 on one machine and
-    0.102 on another: floating-point kernels differ, and training amplifies the difference).
+    """What besides the settings and the code can change a run's numbers: the Python and
+    numerical packages' versions and the CPU. The same code and settings gave LwF 0.165 on seed
+    2 when the first table was made and 0.102 here later; which of these changed is not known.
     Recorded beside each run, not part of its key."""
     import platform
     from importlib import metadata
