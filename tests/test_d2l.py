@@ -285,22 +285,20 @@ def test_inversion_scores_every_concept_on_the_same_noisy_images_in_few_calls(dr
     timesteps and noise) gives, and so the same choice."""
     from avalanche_d2l.d2l.prompts import _invert
 
-    g = torch.Generator().manual_seed(0)
+    g = _seeded(0)
     x0 = dreamer.encode(torch.rand(3, 1, 16, 16, generator=g))
     concepts = dreamer.concept_embeddings().detach().float()
     with torch.no_grad():
         one_by_one = torch.stack(
             [
-                dreamer.denoising_loss(
-                    x0, row.expand(3, -1, -1), generator=torch.Generator().manual_seed(7)
-                )
+                dreamer.denoising_loss(x0, row.expand(3, -1, -1), generator=_seeded(7))
                 for row in concepts
             ]
         )
         together = dreamer.denoising_loss(
             x0,
             concepts.repeat_interleave(3, dim=0),
-            generator=torch.Generator().manual_seed(7),
+            generator=_seeded(7),
             repeats=len(concepts),
         ).view(len(concepts), 3)
     torch.testing.assert_close(together, one_by_one, rtol=1e-4, atol=1e-6)
@@ -317,7 +315,7 @@ def test_inversion_scores_every_concept_on_the_same_noisy_images_in_few_calls(dr
             assert any(torch.equal(p, c) for c in concepts)
     finally:
         del dreamer.denoising_loss
-    anchors = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    anchors = torch.rand(3, 1, 16, 16, generator=_seeded(1))
     chosen = [
         _invert(dreamer, anchors, cfg(invert_steps=0, generate_batch_size=b), _seeded(5))
         for b in (256, 3)

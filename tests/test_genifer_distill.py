@@ -142,6 +142,23 @@ def test_new_classes_learn_and_old_kept_with_map_or_pooled_layer(layer):
     assert old >= 0.85, f"old classes forgotten with feature layer {layer}: {old:.2f}"
 
 
+def _gan_phase(teacher, bench, layer: str, gan: dict, steps: int) -> tuple[GeniferPlugin, dict]:
+    """One fixed-length GAN phase (``gan`` on top of a fixed stop, no fidelity measurement) on
+    the frozen ``teacher``'s ``layer``, on the first experience of the 4-class, 16 px ``bench``:
+    the plugin and the phase's summary."""
+    fixed = {"steps_first": steps, "stop": "fixed", "measure_fidelity": False}
+    cfg = GeniferConfig(
+        generator={"output_range": (0.0, 1.0)},
+        gan={**fixed, **gan},
+        num_classes=4,
+        progress=False,
+    )
+    plugin = GeniferPlugin(feature_layer=layer, config=cfg)
+    plugin.teacher = teacher
+    plugin.build_models(image_shape=(1, 16, 16), num_classes=4, classifier=teacher)
+    return plugin, plugin.train_gan(experience=bench.train_stream[0], steps=steps)
+
+
 def test_stats_weight_pulls_every_conv_layers_statistics_towards_real():
     """D reads the pooled vector (64 values): without the term (its control, weight 0) the
     replay's per-channel statistics in the three conv layers stay far from the real images';
@@ -160,17 +177,8 @@ def test_stats_weight_pulls_every_conv_layers_statistics_towards_real():
 
     def stats_gap(weight: float) -> tuple[float, dict]:
         seed_everything(0)
-        gan = {"steps_first": 100, "stop": "fixed", "measure_fidelity": False}
-        cfg = GeniferConfig(
-            generator={"output_range": (0.0, 1.0)},
-            gan={**gan, "batch_size": 32, "stats_weight": weight, "ema_kimg": 0.5},
-            num_classes=4,
-            progress=False,
-        )
-        plugin = GeniferPlugin(feature_layer="pool", config=cfg)
-        plugin.teacher = teacher
-        plugin.build_models(image_shape=(1, 16, 16), num_classes=4, classifier=teacher)
-        summary = plugin.train_gan(experience=bench.train_stream[0], steps=100)
+        gan = {"batch_size": 32, "stats_weight": weight, "ema_kimg": 0.5}
+        plugin, summary = _gan_phase(teacher, bench, "pool", gan, steps=100)
         labels = y[:128]
         fake = plugin.generator_ema.generate(
             len(labels), labels, generator=torch.Generator().manual_seed(1)
@@ -202,15 +210,6 @@ def test_stats_weight_with_the_whole_classifier_pass_and_convs_after_the_feature
     bench = tensor_benchmark(xtr, ytr, xtr[:8], ytr[:8], n_experiences=2, class_order=[0, 1, 2, 3])
     seed_everything(0)
     teacher = frozen_copy(UserCNN())
-    gan = {"steps_first": 3, "stop": "fixed", "measure_fidelity": False, "batch_size": 8}
-    cfg = GeniferConfig(
-        generator={"output_range": (0.0, 1.0)},
-        gan={**gan, "stats_weight": 1.0, "class_weight": 1.0},
-        num_classes=4,
-        progress=False,
-    )
-    plugin = GeniferPlugin(feature_layer="block2", config=cfg)
-    plugin.teacher = teacher
-    plugin.build_models(image_shape=(1, 16, 16), num_classes=4, classifier=teacher)
-    summary = plugin.train_gan(experience=bench.train_stream[0], steps=3)
+    gan = {"batch_size": 8, "stats_weight": 1.0, "class_weight": 1.0}
+    _, summary = _gan_phase(teacher, bench, "block2", gan, steps=3)
     assert math.isfinite(summary["conv_stats"]) and math.isfinite(summary["class_ce"])
