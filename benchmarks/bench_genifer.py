@@ -28,6 +28,7 @@ process CPU time are recorded (CPU time is less disturbed by other users of a sh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -80,7 +81,36 @@ def _setting(name: str, quick: bool):
     return cfg, resnet18_cifar(num_classes=100, width=width), "layer3", (3, 32, 32), 100
 
 
-def bench_setting(name: str, *, device: torch.device, steps: int, quick: bool) -> dict:
+@contextlib.contextmanager
+def compiled_generators():
+    """Inside: every ``StyleGenerator`` runs its forward through ``torch.compile`` (one compiled
+    function per instance, so the previous generator of a phase keeps its own weights)."""
+    from avalanche_d2l.models.gan import StyleGenerator
+
+    plain = StyleGenerator.forward
+    compiled: dict[int, object] = {}
+
+    def forward(self, *args, **kwargs):
+        if id(self) not in compiled:
+            compiled[id(self)] = torch.compile(plain.__get__(self), dynamic=False)
+        return compiled[id(self)](*args, **kwargs)
+
+    StyleGenerator.forward = forward
+    try:
+        yield
+    finally:
+        StyleGenerator.forward = plain
+
+
+def bench_setting(
+    name: str, *, device: torch.device, steps: int, quick: bool, compile_g: bool = False
+) -> dict:
+    """One setting's generator throughput, GAN steps/s and peak memory; ``compile_g``: with the
+    generators compiled (:func:`compiled_generators`), ``first_s`` then includes compiling."""
+    if compile_g:
+        with compiled_generators():
+            return bench_setting(name, device=device, steps=steps, quick=quick)
+    t_first = time.perf_counter()
     seed_everything(0)
     cfg, model, layer, shape, n_classes = _setting(name, quick)
     model = model.to(device)
@@ -113,6 +143,7 @@ def bench_setting(name: str, *, device: torch.device, steps: int, quick: bool) -
     plugin.generated_classes = [0, 1]  # pretend classes 0, 1 were learnt before
     plugin.train_gan(experience=exp, device=device, steps=2)  # warm-up
     sync()
+    first_s = time.perf_counter() - t_first
     summary = plugin.train_gan(experience=exp, device=device, steps=steps)
     sync()
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _peak_rss_mb()
@@ -130,6 +161,7 @@ def bench_setting(name: str, *, device: torch.device, steps: int, quick: bool) -
         "gan_images_per_s": summary["steps_per_s"] * cfg.gan.batch_size,
         "peak_memory_mb": peak,
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_rss",
+        "first_s": first_s,
         "config": cfg.to_dict(),
     }
 
@@ -269,6 +301,11 @@ def main(argv: list[str] | None = None) -> dict:
         help="JSON {name: {genifer key: value}}: Genifer runs to compare (default: one, {})",
     )
     ap.add_argument("--repeats", type=int, default=1, help="times over the variant list")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="measure every setting twice, alternately: plain and with torch.compile'd generators",
+    )
     ap.add_argument("--name", default="bench_genifer", help="file name of the results")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
@@ -277,9 +314,13 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)
     variants = json.loads(args.variants) if args.variants else None
     naive_cmp = compare_naive(args.quick, variants, args.repeats) if args.compare_naive else None
-    rows = [
-        bench_setting(s, device=device, steps=args.steps, quick=args.quick) for s in args.settings
-    ]
+    rows = []
+    for s in args.settings:
+        for compile_g in (False, True) if args.compile else (False,):
+            row = bench_setting(
+                s, device=device, steps=args.steps, quick=args.quick, compile_g=compile_g
+            )
+            rows.append({**row, "compiled": compile_g})
     result = {
         "benchmark": "genifer_speed",
         "device": str(device),
@@ -300,23 +341,26 @@ def main(argv: list[str] | None = None) -> dict:
         f"# Genifer speed ({device}, {torch.get_num_threads()} threads, torch {torch.__version__})",
         "",
         (
-            "| setting | image | G params | D params | G images/s | GAN steps/s | GAN images/s "
-            "| peak MB |"
+            "| setting | G compiled | image | G params | D params | G images/s | GAN steps/s "
+            "| GAN images/s | peak MB | first s |"
         ),
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['setting']} | {'x'.join(map(str, r['image_shape']))} | "
+            f"| {r['setting']} | {'yes' if r['compiled'] else 'no'} "
+            f"| {'x'.join(map(str, r['image_shape']))} | "
             f"{r['generator_params']:,} | {r['discriminator_params']:,} | "
             f"{r['generator_images_per_s']:.0f} | {r['gan_steps_per_s']:.2f} | "
-            f"{r['gan_images_per_s']:.0f} | {r['peak_memory_mb']:.0f} ({r['peak_memory_kind']}) |"
+            f"{r['gan_images_per_s']:.0f} | {r['peak_memory_mb']:.0f} ({r['peak_memory_kind']}) "
+            f"| {r['first_s']:.1f} |"
         )
     lines += [
         "",
         (
             f"Steps measured: {args.steps} (after 2 warm-up steps); quick={args.quick}. "
-            f"Configs are in {args.name}.json."
+            f"Configs are in {args.name}.json. First s: from building the models to the end of "
+            "the warm-up (with a compiled generator: its compilation, in this process)."
         ),
     ]
     if naive_cmp is not None:
