@@ -277,7 +277,17 @@ class ReplaySettings(ConfigBase):
             part being cut to the rest (reference 0.5: batch 32 = 16 real + 16 replayed).
         crop_pad, flip, padding: random crop (pixels of padding; padding with the range minimum,
             ``"constant"``, or the border pixels, ``"edge"``) and flip of replayed images.
+        kd_real: (an experiment, 0 by default: off) weight of a second logit distillation, on
+            the mini-batch's *real* images of the new classes: the teacher in eval mode on them
+            (as LwF does), its softmax over the old classes as the target. Distillation on the
+            replay alone holds the classifier's answers on replay, not on real images, which it
+            learns to tell apart (``benchmarks/genifer_forgetting.py``). The reference code's own
+            default (``out_distill_loss="KD"``) distils over the whole batch; its example
+            configuration uses the replay alone (``"KD_sep"``), as this preset does.
     """
+
+    # records made before this field keep their hashes
+    omitted_at_default = {"kd_real": 0.0}
 
     ce_weight: float = 1.0
     kd_weight: float = 3.0
@@ -290,6 +300,7 @@ class ReplaySettings(ConfigBase):
     crop_pad: int = 2
     flip: bool = False
     padding: str = "constant"
+    kd_real: float = 0.0
 
     def __post_init__(self) -> None:
         _check_choices(
@@ -303,6 +314,10 @@ class ReplaySettings(ConfigBase):
         )
         if self.ratio < 0:
             raise ValueError("GeniferConfig.replay.ratio must be >= 0")
+        if self.kd_real < 0:
+            raise ValueError(
+                f"GeniferConfig.replay.kd_real must be >= 0 (0: off), got {self.kd_real}"
+            )
         if self.split is not None and not 0 < self.split < 1:
             raise ValueError(
                 "GeniferConfig.replay.split must be in (0, 1) (e.g. 0.5 = half of the mini-batch)"

@@ -172,6 +172,9 @@ class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
         # 3. join them to the mini-batch and watch the student's features
         strategy.mbatch = join_batch(mb, xr, labels)
         self._replay = {"n_real": n_real, "t_logits": t_logits, "t_feat": t_feat}
+        if settings.kd_real > 0:  # the teacher's answers on the real images too (eval mode)
+            with torch.no_grad():
+                self._replay["t_real"] = self.teacher(mb[0])  # type: ignore[misc]
         self._hook = FeatureHook(strategy.model, self.feature_layer)
 
     def after_forward(self, strategy, **kwargs) -> None:
@@ -202,6 +205,9 @@ class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
         strategy.loss = (
             strategy.loss + (w.ce_weight - 1.0) * ce + w.kd_weight * kd + w.fd_weight * fd
         )
+        if w.kd_real > 0:  # strategy.mb_output holds the real images' (masked) logits
+            kd_real = self.kd_loss(strategy.mb_output, r["t_real"])
+            strategy.loss = strategy.loss + w.kd_real * kd_real
 
     def kd_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         """:func:`~avalanche_d2l.genifer.losses.kd_loss` over the classes seen so far."""
