@@ -64,22 +64,32 @@ class UserCNN(nn.Module):
         return self.head(self.pool(self.block3(self.block2(self.block1(x)))))
 
 
-def _run(name: str, stream: str, layer: str, seed: int, epochs: int, config: dict) -> dict:
-    bench = STREAMS[stream](seed)
+def user_setup(bench, seed: int, epochs: int) -> tuple[nn.Module, torch.optim.Optimizer, dict]:
+    """The user CNN for ``bench`` (seeded), its Adam optimiser and the strategies' common
+    arguments (also used by ``genifer_forgetting.py``)."""
     seed_everything(seed)
-    channels = bench.train_stream[0].dataset[0][0].shape[0]
-    model = UserCNN(channels)
+    model = UserCNN(bench.train_stream[0].dataset[0][0].shape[0])
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[])
     common = {
         "criterion": nn.CrossEntropyLoss(),
         "train_mb_size": 32,
         "train_epochs": epochs,
         "eval_mb_size": 256,
-        "evaluator": evaluator,
+        "evaluator": EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[]),
     }
+    return model, opt, common
+
+
+def genifer_config(config: dict, seed: int) -> GeniferConfig:
+    """Default arguments with the variant's ``config`` changes, seeded, no progress bars."""
+    return GeniferConfig.from_dict({**config, "seed": seed, "progress": False})
+
+
+def _run(name: str, stream: str, layer: str, seed: int, epochs: int, config: dict) -> dict:
+    bench = STREAMS[stream](seed)
+    model, opt, common = user_setup(bench, seed, epochs)
     if name == "genifer":
-        cfg = GeniferConfig.from_dict({**config, "seed": seed, "progress": False})
+        cfg = genifer_config(config, seed)
         strategy = Genifer(model=model, optimizer=opt, feature_layer=layer, config=cfg, **common)
     elif name == "lwf":
         strategy = LwF(model=model, optimizer=opt, alpha=1.0, temperature=2.0, **common)

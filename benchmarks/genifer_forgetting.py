@@ -30,10 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from avalanche.evaluation.metrics import accuracy_metrics
-from avalanche.training.plugins import EvaluationPlugin
-from genifer_fidelity import OUT, STREAMS, UserCNN  # the runs' script (same folder)
-from torch import nn
+from genifer_fidelity import OUT, STREAMS, genifer_config, user_setup  # the runs' script
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -44,8 +41,7 @@ from avalanche_d2l.genifer.fidelity import (  # noqa: E402
     probe_accuracy,
     replay_pool,
 )
-from avalanche_d2l.strategies import Genifer, GeniferConfig  # noqa: E402
-from avalanche_d2l.utils import seed_everything  # noqa: E402
+from avalanche_d2l.strategies import Genifer  # noqa: E402
 
 
 def _tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,20 +53,9 @@ def follow(stream: str, seed: int, epochs: int, config: dict) -> dict:
     """Train Genifer (user CNN, feature layer ``block3``) on ``stream`` and measure every earlier
     experience after every experience (see the module docstring)."""
     bench = STREAMS[stream](seed)
-    seed_everything(seed)
-    model = UserCNN(bench.train_stream[0].dataset[0][0].shape[0])
-    cfg = GeniferConfig.from_dict({**config, "seed": seed, "progress": False})
-    strategy = Genifer(
-        model=model,
-        optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
-        feature_layer="block3",
-        config=cfg,
-        criterion=nn.CrossEntropyLoss(),
-        train_mb_size=32,
-        train_epochs=epochs,
-        eval_mb_size=256,
-        evaluator=EvaluationPlugin(accuracy_metrics(stream=True), loggers=[]),
-    )
+    model, opt, common = user_setup(bench, seed, epochs)  # as genifer_fidelity.py's runs
+    cfg = genifer_config(config, seed)
+    strategy = Genifer(model=model, optimizer=opt, feature_layer="block3", config=cfg, **common)
     tests = [_tensors(e.dataset) for e in bench.test_stream]
     pairs = [[int(c) for c in e.classes_in_this_experience] for e in bench.train_stream]
     rng = torch.Generator().manual_seed(seed)
