@@ -115,8 +115,9 @@ def test_nested_defaults_equal_the_flat_defaults_key_by_key():
     # every flat key has a place, and every nested setting came from a flat key
     leaves = {f"{part}.{name}" for part, d in cfg.to_dict().items() if isinstance(d, dict)
               for name in d if name != "ops"}  # fmt: skip
-    # settings the flat config did not have (stop on 3 checks, a probe head on 4x4 cells)
-    added_since = {"gan.stop_window", "gan.probe_pool"}
+    # settings the flat config did not have (stop on 3 checks, a probe head on 4x4 cells,
+    # distillation on the real images too)
+    added_since = {"gan.stop_window", "gan.probe_pool", "replay.kd_real"}
     assert leaves - added_since == {v for v in RENAMED_KEYS.values()}
 
 

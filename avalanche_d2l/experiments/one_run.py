@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import signal
 import sys
 import threading
@@ -211,7 +212,6 @@ def run_environment() -> dict[str, str]:
     numerical packages' versions and the CPU. The same code and settings gave LwF 0.165 on seed
     2 when the first table was made and 0.102 here later; which of these changed is not known.
     Recorded beside each run, not part of its key."""
-    import platform
     from importlib import metadata
 
     env = {"python": platform.python_version(), "machine": platform.machine()}
@@ -231,8 +231,6 @@ def _cpu_model() -> str:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
-
     return platform.processor() or "unknown"
 
 
