@@ -424,6 +424,8 @@ def test_corrupt_checkpoint_is_moved_aside_and_run_restarts(tmp_path):
     (tmp_path / "bad" / "checkpoints").mkdir(parents=True)
     ckpt = tmp_path / "bad" / "checkpoints" / "naive_seed0.pkl"
     ckpt.write_bytes(os.urandom(300))
+    record = json.loads((tmp_path / "clean" / "runs" / "naive_seed0.json").read_text())
+    (ckpt.parent / "naive_seed0.settings").write_text(record["fingerprint"] + "\n")
     with pytest.warns(UserWarning, match=f"checkpoint {ckpt} could not be read"):
         bad = run_experiment(exp, out=tmp_path / "bad", **kw)
     assert _metrics(bad) == _metrics(clean)
@@ -507,6 +509,29 @@ def test_sigkill_at_any_point_resumes_to_the_same_numbers(tmp_path, quick_run):
     assert main(args) == 0
     resumed = json.loads((out / "results.json").read_text())
     assert _metrics(resumed) == _metrics(json.loads((quick_run / "results.json").read_text()))
+
+
+def test_a_checkpoint_made_with_other_settings_is_set_aside_not_resumed(
+    tmp_path, quick_run, capsys
+):
+    """A run killed after a checkpoint, then asked for with other settings (here the learning
+    rate; a changed default does the same): resuming would train on with the old settings and
+    record the new ones. The checkpoint is set aside and the run starts again, so it equals the
+    uninterrupted run of the new settings (``quick_run``)."""
+    out = tmp_path / "changed"
+    args = ["compare", "--strategies", "naive", "--seeds", "0", "--quick", "--epochs", "3"]
+    args += ["--no-progress", "--out", str(out)]
+    _kill_when(out, lambda o: any((o / "checkpoints").glob("naive*.pkl")), [*args, "--lr", "0.2"])
+    assert (out / "checkpoints" / "naive_seed0.pkl").exists()
+    assert not (out / "runs" / "naive_seed0.json").exists()
+    capsys.readouterr()
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    assert "naive_seed0: its checkpoint was made with other settings" in said, said
+    assert (out / "checkpoints" / "naive_seed0.pkl.other-settings").exists()
+    again = json.loads((out / "results.json").read_text())
+    reference = json.loads((quick_run / "results.json").read_text())
+    assert _metrics(again) == [m for m in _metrics(reference) if m["strategy"] == "naive"]
 
 
 def test_task_incremental_benchmark_is_refused():

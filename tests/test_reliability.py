@@ -1,6 +1,7 @@
 """Reliability: nothing executes from a planted file, failed writes leave nothing behind, one
 command per output folder, unreadable images are named before any training."""
 
+import json
 import os
 import pickle
 
@@ -69,6 +70,9 @@ def test_compare_sets_a_planted_checkpoint_aside_without_running_it(tmp_path):
     ckpt.parent.mkdir(parents=True)
     marker = tmp_path / "payload_ran"
     ckpt.write_bytes(pickle.dumps(_Payload(str(marker))))
+    # with the settings record of a run of these settings: the digest check is what refuses it
+    record = json.loads((tmp_path / "clean" / "runs" / "naive_seed0.json").read_text())
+    (ckpt.parent / "naive_seed0.settings").write_text(record["fingerprint"] + "\n")
     with pytest.warns(UserWarning, match="was not unpickled"):
         bad = run_experiment(exp, out=tmp_path / "bad", **kw)
     assert not marker.exists()

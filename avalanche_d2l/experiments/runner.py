@@ -6,7 +6,9 @@ Layout of an output folder::
     OUT/results.json.bak  the previous version of results.json
     OUT/results.md, accuracy.png, summary.png
     OUT/runs/<run>.json   every finished run, written as soon as it ends (the durable store)
-    OUT/checkpoints/      per-experience checkpoints of unfinished runs (Avalanche checkpointing)
+    OUT/checkpoints/      per-experience checkpoints of unfinished runs (Avalanche checkpointing),
+                          each with the fingerprint of the settings it was started with
+                          (``<run>.settings``): one made otherwise is set aside, not resumed
     OUT/work/<run>/       files of a run (D2L's dream cache)
 
 Every run records the *resolved* settings that made it (experiment, the strategy's typed config,
@@ -221,6 +223,29 @@ def plan_runs(
     return keys
 
 
+def _checkpoint_settings_path(out: Path, key: RunKey) -> Path:
+    """Beside a run's checkpoint: the fingerprint of the settings the run was started with."""
+    return out / "checkpoints" / f"{key.name}.settings"
+
+
+def _checkpoint_made_otherwise(out: Path, key: RunKey, fp: str) -> bool:
+    """Whether ``key``'s unfinished run has a checkpoint whose recorded settings are not ``fp``
+    (a changed default or experiment file): resuming it would train on with the old settings
+    and record the new ones. A checkpoint without the record counts as made otherwise."""
+    if not (out / "checkpoints" / f"{key.name}.pkl").exists():
+        return False
+    record = _checkpoint_settings_path(out, key)
+    try:
+        return record.read_text().strip() != fp
+    except OSError:
+        return True
+
+
+def _drop_checkpoint(out: Path, key: RunKey) -> None:
+    remove_checkpoint(out / "checkpoints" / f"{key.name}.pkl")
+    _checkpoint_settings_path(out, key).unlink(missing_ok=True)
+
+
 @holds_output_lock
 def run_experiment(
     exp: Experiment,
@@ -387,9 +412,25 @@ def run_experiment(
                 "running it again"
             )
             set_aside(path, "stale")
-            remove_checkpoint(out / "checkpoints" / f"{key.name}.pkl")
+            _drop_checkpoint(out, key)
             shutil.rmtree(out / "work" / key.name, ignore_errors=True)
+        elif _checkpoint_made_otherwise(out, key, fp) and is_main_process():
+            aside = set_aside(out / "checkpoints" / f"{key.name}.pkl", "other-settings")
+            _drop_checkpoint(out, key)
+            shutil.rmtree(out / "work" / key.name, ignore_errors=True)
+            log(
+                f"{key.name}: its checkpoint was made with other settings (or by a version that "
+                f"did not record them): set aside as {aside}; running it from the start"
+            )
         todo.append(key)
+    if is_main_process():  # what a checkpoint written from now on was made with
+        for key in todo:
+            atomic_write(
+                _checkpoint_settings_path(out, key),
+                fingerprint(run_settings(exp, key, opts)) + "\n",
+                what="the checkpoint's settings record",
+            )
+    wait_for_everyone()
     if len(records):
         log(f"{len(records)} finished run(s) reused from {out / 'runs'}; {len(todo)} to run")
         code, env = source_fingerprint(), run_environment()
@@ -423,7 +464,7 @@ def run_experiment(
         if main:  # under accelerate launch every process trains; one writes
             atomic_write(out / "runs" / f"{key.name}.json", json.dumps(record, indent=1))
             _write_results(results_path, _collect(exp, keys, records, extras))
-            remove_checkpoint(out / "checkpoints" / f"{key.name}.pkl")
+            _drop_checkpoint(out, key)
         wait_for_everyone()
 
     # ---- 3. run ---------------------------------------------------------------------------
