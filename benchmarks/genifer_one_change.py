@@ -21,16 +21,24 @@ from pathlib import Path
 
 from genifer_fidelity import OUT, atomic_write, phase_column, phase_steps  # the runs' script
 
-#: Tags whose runs were made with other defaults than today's, shown under a name that says so
-#: (``replay.kd_real`` became 0.3 after the ``default*`` runs, made with 0; the ``kdreal03*``
-#: runs set 0.3 and so hold today's defaults). Every other variant was made on top of the
-#: earlier default (its runs' recorded config holds ``kd_real`` 0).
-RENAMED = {"default": "kd_real 0 (earlier default)", "kdreal03": "default"}
+from avalanche_d2l.genifer.config import GeniferConfig
+
+#: Today's weight of the distillation on real images; the runs of the variants below were made
+#: when it was 0 (their recorded configs say so).
+KD_REAL = GeniferConfig().replay.kd_real
+EARLIER = "kd_real 0 (earlier default)"
+#: Tags of files that hold runs of the defaults: ``default*`` (made while ``kd_real`` was 0) and
+#: ``kdreal03*`` (``--config '{"replay":{"kd_real":0.3}}'``, today's defaults). Their Genifer runs
+#: are named by the ``kd_real`` each was made with, not by the file.
+DEFAULT_TAGS = ("default", "kdreal03")
+#: The files whose LwF and Replay runs are every Genifer run's references (one policy for every
+#: variant: LwF and Replay run again in a later session moved by up to 0.013).
+REFERENCE_TAG = "default"
 
 
 def first(variant: str) -> tuple:
     """Sort key: today's default, the earlier default, then the variants by name."""
-    return (variant != "default", variant != RENAMED["default"], variant)
+    return (variant != "default", variant != EARLIER, variant)
 
 
 def load_runs(folder: Path) -> list[dict]:
@@ -42,36 +50,32 @@ def load_runs(folder: Path) -> list[dict]:
         overrides = data.get("config_overrides") or {}
         # one variant over its files: dch128, dch128_s1, dch128_digits_s2, ... are "dch128"
         variant = re.sub(r"(_(digits|28|s\d+|pool))+$", "", tag)
-        if variant == "default":  # made before kd_real became 0.3: their change from today's
-            overrides = {"replay": {"kd_real": 0.0}}
-        elif variant == "kdreal03":  # {"replay": {"kd_real": 0.3}}: today's defaults
-            overrides = {}
-        variant = RENAMED.get(variant, variant)
         for run in data["runs"]:
-            rows.append({**run, "variant": variant, "change": overrides, "file": path.name})
+            name, change = variant, overrides
+            kd = ((run.get("config") or {}).get("replay") or {}).get("kd_real", 0.0)
+            if run["strategy"] == "genifer" and variant in DEFAULT_TAGS:
+                name, change = (
+                    ("default", {}) if kd == KD_REAL else (EARLIER, {"replay": {"kd_real": kd}})
+                )
+            elif run["strategy"] == "genifer" and kd == KD_REAL:  # run again on today's default
+                name = f"{variant} (kd_real {kd})"
+            rows.append({**run, "variant": name, "change": change, "tag_variant": variant})
     return rows
 
 
 def references(rows: list[dict]) -> dict[tuple, float]:
-    """``(file, stream, seed, "lwf" | "replay")`` -> final accuracy of the reference runs, and
-    ``(None, stream, seed, ...)`` for the earlier default's files. LwF and Replay gave slightly
-    different numbers when run again in a later environment (e.g. Replay 0.891 and 0.904 on the
-    coloured stream, seed 1), so a run is compared with the references of its own file where
-    that file has them."""
-    refs = {}
-    for r in rows:
-        if r["strategy"] in ("lwf", "replay"):
-            refs[(r["file"], r["stream"], r["seed"], r["strategy"])] = r["final_accuracy"]
-            if r["variant"] == RENAMED["default"]:
-                refs[(None, r["stream"], r["seed"], r["strategy"])] = r["final_accuracy"]
-    return refs
+    """``(stream, seed, "lwf" | "replay")`` -> final accuracy of the reference runs (those of
+    the ``REFERENCE_TAG`` files)."""
+    return {
+        (r["stream"], r["seed"], r["strategy"]): r["final_accuracy"]
+        for r in rows
+        if r["strategy"] in ("lwf", "replay") and r["tag_variant"] == REFERENCE_TAG
+    }
 
 
 def reference(refs: dict[tuple, float], run: dict, strategy: str) -> float | None:
-    """LwF's or Replay's final accuracy for ``run``: from its own file, else the earlier
-    default's."""
-    own = refs.get((run["file"], run["stream"], run["seed"], strategy))
-    return own if own is not None else refs.get((None, run["stream"], run["seed"], strategy))
+    """LwF's or Replay's final accuracy on ``run``'s stream and seed."""
+    return refs.get((run["stream"], run["seed"], strategy))
 
 
 def bar_met(refs: dict[tuple, float], run: dict) -> bool | None:
@@ -155,8 +159,8 @@ def main(argv: list[str] | None = None) -> None:
         "files beside it (each made by `python benchmarks/genifer_fidelity.py ... "
         "--config '<change>' --tag <tag>`). "
         "Bar met: final accuracy >= LwF + 0.3 and >= 0.8x Replay(200) of the same stream and seed "
-        "(LwF and Replay from the run's own file where it has them, else from the earlier "
-        "default's). `default`: today's defaults (`replay.kd_real=0.3`, the `kdreal03*` files); "
+        "(LwF and Replay: the runs of the `results_default*` files, for every variant). "
+        "`default`: today's defaults (`replay.kd_real=0.3`, the `kdreal03*` files); "
         "`kd_real 0 (earlier default)`: the defaults before it (the `default*` files, "
         "`replay.kd_real=0`); every other variant is one change on top of the earlier default. "
         "Wall times were taken with two runs sharing the 2 cores: not cost figures.\n\n"

@@ -15,6 +15,10 @@ model, optimiser, epochs and seeds as ``avalanche-d2l run split_digits``) with o
   semantics;
 * ``paper_weights_fixed_head``: the paper's weights with the fixed head.
 
+Every variant also distils on the real images since ``replay.kd_real`` became 0.3; the committed
+results under ``benchmarks/results/genifer_variants/`` were made before, with 0 (and with the
+earlier fixed 4 x 200 GAN steps).
+
 Writes ``<out>/<benchmark>/<variant>/`` (the engine's resumable run folders) and
 ``<out>/results.json`` + ``<out>/results.md`` (mean +- sample std over seeds)::
 

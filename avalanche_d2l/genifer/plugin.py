@@ -12,7 +12,9 @@ below, in the order they run, are the paper's loop:
    frozen teacher's logits and features on them; ``after_forward`` splits the replayed part off
    (the criterion and the training metrics see only real images); ``before_backward`` forms
    ``ce_weight*CE(real) + kd_weight*KD(replayed, old classes) + fd_weight*dist(f_student,
-   f_teacher)`` (:mod:`avalanche_d2l.genifer.losses`; 0.02 / 0.98 / 1.0 in the paper).
+   f_teacher)`` (:mod:`avalanche_d2l.genifer.losses`; 0.02 / 0.98 / 1.0 in the paper)
+   ``+ kd_real*KD(real, old classes)``, the teacher in eval mode on the real images (0.3 by
+   default, 0 in the paper experiment files).
 3. **After an experience** (``after_training_exp``): the teacher is a frozen copy of the trained
    classifier; the GAN phase trains G so that D, reading the teacher's *features* (never pixels),
    cannot tell its images from the experience's (:mod:`avalanche_d2l.models.feature_gan`); it
