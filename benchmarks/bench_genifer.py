@@ -182,12 +182,19 @@ def _genifer_row(strategy) -> dict:
     return row
 
 
-def compare_naive(quick: bool, variants: dict[str, dict] | None = None, repeats: int = 1) -> dict:
-    """Naive and Genifer on split_digits seed 0, one after the other in this process.
+def compare_naive(
+    quick: bool,
+    variants: dict[str, dict] | None = None,
+    repeats: int = 1,
+    seeds: list[int] | tuple[int, ...] = (0,),
+) -> dict:
+    """Naive and Genifer on split_digits (seed 0 by default), one after the other in this process.
 
     ``variants``: named changes to the ``genifer`` section (one run each, after a Naive run,
-    in the order given, ``repeats`` times over), so every Genifer run has a Naive run of the
-    same moment to be divided by (the machine may be shared).
+    in the order given, ``repeats`` times over, for every seed of ``seeds``), so every Genifer
+    run has a Naive run of the same moment to be divided by (the machine may be shared). With
+    several seeds, ``per_variant`` gives each variant's summed Genifer wall time over its
+    Naive runs' (the fidelity stop makes the number of GAN steps vary from seed to seed).
     """
     import tempfile
     from dataclasses import replace as dc_replace
@@ -202,74 +209,112 @@ def compare_naive(quick: bool, variants: dict[str, dict] | None = None, repeats:
     base = load_experiment("split_digits")
     variants = variants or {"default": {}}
     opts = RunOptions(quick=quick, progress=False, threads=torch.get_num_threads())
-    out: dict = {"benchmark": "split_digits", "seed": 0, "quick": quick, "runs": []}
+    out: dict = {
+        "benchmark": "split_digits",
+        "seed": seeds[0],
+        "seeds": list(seeds),
+        "quick": quick,
+        "runs": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        for rep in range(repeats):
-            for vname, change in variants.items():
-                for name in ("naive", "genifer"):
-                    strategies = dict(base.strategies)
-                    strategies["genifer"] = merge_sections(strategies.get("genifer", {}), change)
-                    exp = dc_replace(base, strategies=strategies)
-                    key = RunKey(name, 0, None)
-                    work = Path(tmp) / f"{vname}_{rep}_{name}"
-                    work.mkdir(parents=True)
-                    benchmark, strategy = build_run(exp, key, opts, work_dir=work)
-                    load0 = os.getloadavg()[0]
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    summary = train_with_checkpoints(
-                        strategy, benchmark, seed=0, ckpt=work / "run.pkl"
-                    )
-                    row = {
-                        "strategy": name,
-                        "variant": vname if name == "genifer" else None,
-                        "change": change if name == "genifer" else None,
-                        "repeat": rep,
-                        "wall_s": time.perf_counter() - t0,
-                        # CPU time of this process: less sensitive to other users of the machine
-                        "cpu_s": time.process_time() - c0,
-                        "train_eval_wall_s": summary["wall_s"],
-                        "final_accuracy": summary["final_accuracy"],
-                        "load_average_start_end": [load0, os.getloadavg()[0]],
-                    }
-                    if name == "genifer":
-                        row.update(_genifer_row(strategy))
-                        row["ratio_to_naive"] = row["wall_s"] / out["runs"][-1]["wall_s"]
-                        row["cpu_ratio_to_naive"] = row["cpu_s"] / out["runs"][-1]["cpu_s"]
-                    out["runs"].append(row)
-                    print(json.dumps(row), flush=True)
+        for rep, seed, (vname, change) in (
+            (r, sd, v) for r in range(repeats) for sd in seeds for v in variants.items()
+        ):  # for each: one Naive run, then the variant's Genifer run
+            for name in ("naive", "genifer"):
+                strategies = dict(base.strategies)
+                strategies["genifer"] = merge_sections(strategies.get("genifer", {}), change)
+                exp = dc_replace(base, strategies=strategies)
+                key = RunKey(name, seed, None)
+                work = Path(tmp) / f"{vname}_{rep}_{seed}_{name}"
+                work.mkdir(parents=True)
+                benchmark, strategy = build_run(exp, key, opts, work_dir=work)
+                load0 = os.getloadavg()[0]
+                t0, c0 = time.perf_counter(), time.process_time()
+                summary = train_with_checkpoints(
+                    strategy, benchmark, seed=seed, ckpt=work / "run.pkl"
+                )
+                row = {
+                    "strategy": name,
+                    "seed": seed,
+                    "variant": vname if name == "genifer" else None,
+                    "change": change if name == "genifer" else None,
+                    "repeat": rep,
+                    "wall_s": time.perf_counter() - t0,
+                    # CPU time of this process: less sensitive to other users of the machine
+                    "cpu_s": time.process_time() - c0,
+                    "train_eval_wall_s": summary["wall_s"],
+                    "final_accuracy": summary["final_accuracy"],
+                    "load_average_start_end": [load0, os.getloadavg()[0]],
+                }
+                if name == "genifer":
+                    row.update(_genifer_row(strategy))
+                    row["ratio_to_naive"] = row["wall_s"] / out["runs"][-1]["wall_s"]
+                    row["cpu_ratio_to_naive"] = row["cpu_s"] / out["runs"][-1]["cpu_s"]
+                out["runs"].append(row)
+                print(json.dumps(row), flush=True)
     # the first pair under the names the earlier results used
     out["naive"], out["genifer"] = out["runs"][0], out["runs"][1]
     out["ratio_genifer_to_naive"] = out["genifer"]["ratio_to_naive"]
     g = out["genifer"]
     out["genifer_gan_share"] = g["gan_wall_s"] / g["wall_s"]
+    per: dict[str, dict] = {}
+    runs = out["runs"]
+    for naive, gen in zip(runs[0::2], runs[1::2]):
+        p = per.setdefault(gen["variant"], {"naive_s": 0.0, "genifer_s": 0.0, "steps": 0, "n": 0})
+        p["naive_s"] += naive["wall_s"]
+        p["genifer_s"] += gen["wall_s"]
+        p["steps"] += gen["gan_steps"]
+        p["n"] += 1
+        p.setdefault("final_accuracy", []).append(gen["final_accuracy"])
+    for p in per.values():
+        p["ratio_of_sums"] = p["genifer_s"] / p["naive_s"]
+    out["per_variant"] = per
     return out
 
 
 def _compare_lines(cmp: dict, argv: list[str]) -> list[str]:
     """The Naive / Genifer table of :func:`compare_naive`, one row per run in run order."""
     lines = [
-        "## Genifer against Naive (split_digits, seed 0, same process, runs in this order)",
+        f"## Genifer against Naive (split_digits, seeds {cmp.get('seeds', [0])}, same process, "
+        "runs in this order)",
         "",
-        "| run | variant | wall s | ratio to the Naive run before (wall, CPU) | final acc | GAN "
-        "steps per phase | GAN wall s | checks (n, s) | probe min per phase | load avg start-end |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| run | seed | variant | wall s | ratio to the Naive run before (wall, CPU) | final acc "
+        "| GAN steps per phase | GAN wall s | checks (n, s) | probe min per phase "
+        "| load avg start-end |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(cmp["runs"]):
+        seed = r.get("seed", 0)
         load = "-".join(f"{v:.1f}" for v in r["load_average_start_end"])
         if r["strategy"] == "naive":
             lines.append(
-                f"| {i} naive | - | {r['wall_s']:.1f} | - | {r['final_accuracy']:.3f} "
+                f"| {i} naive | {seed} | - | {r['wall_s']:.1f} | - | {r['final_accuracy']:.3f} "
                 f"| - | - | - | - | {load} |"
             )
             continue
         probes = ", ".join("-" if p is None else f"{p:.2f}" for p in r["probe_min_per_phase"])
         lines.append(
-            f"| {i} genifer | {r['variant']} | {r['wall_s']:.1f} | {r['ratio_to_naive']:.1f}x, "
-            f"{r['cpu_ratio_to_naive']:.1f}x | "
+            f"| {i} genifer | {seed} | {r['variant']} | {r['wall_s']:.1f} | "
+            f"{r['ratio_to_naive']:.1f}x, {r['cpu_ratio_to_naive']:.1f}x | "
             f"{r['final_accuracy']:.3f} | {r['gan_steps_per_phase']} | {r['gan_wall_s']:.1f} | "
             f"{r['check_count']}, {r['check_wall_s']:.1f} | {probes} | {load} |"
         )
     changes = {r["variant"]: r["change"] for r in cmp["runs"] if r["strategy"] == "genifer"}
+    per = cmp.get("per_variant") or {}
+    if any(p["n"] > 1 for p in per.values()):
+        lines += [
+            "",
+            "Per variant over its runs: summed Genifer wall time over the summed wall time of "
+            "the Naive runs before them (GAN steps in all, final accuracies):",
+            "",
+            *(
+                f"- `{k}`: **{p['ratio_of_sums']:.1f}x** ({p['genifer_s']:.0f} s / "
+                f"{p['naive_s']:.0f} s, {p['n']} runs, {p['steps']} GAN steps, "
+                + " / ".join(f"{a:.3f}" for a in p["final_accuracy"])
+                + ")"
+                for k, p in per.items()
+            ),
+        ]
     lines += [
         "",
         "Variants (changes to the experiment's `genifer` section): "
@@ -302,6 +347,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--repeats", type=int, default=1, help="times over the variant list")
     ap.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], help="seeds of --compare-naive's runs"
+    )
+    ap.add_argument(
         "--compile",
         action="store_true",
         help="measure every setting twice, alternately: plain and with torch.compile'd generators",
@@ -313,7 +361,11 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     variants = json.loads(args.variants) if args.variants else None
-    naive_cmp = compare_naive(args.quick, variants, args.repeats) if args.compare_naive else None
+    naive_cmp = (
+        compare_naive(args.quick, variants, args.repeats, args.seeds)
+        if args.compare_naive
+        else None
+    )
     rows = []
     for s in args.settings:
         for compile_g in (False, True) if args.compile else (False,):

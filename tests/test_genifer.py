@@ -812,6 +812,53 @@ def test_replay_matches_real_images(channels, size):
     assert replay.min() < 0.5 * lo.max() or replay.max() > 0.5 * hi.min()  # not in [0, 1] only
 
 
+class ViewCNN(UserCNN):
+    """A user's classifier that flattens with ``.view``: impossible on a channels-last map."""
+
+    def forward(self, x):
+        f = self.features(x)
+        return self.head(f.view(f.size(0), -1))
+
+
+@pytest.mark.parametrize("model_cls,channels_last", [(UserCNN, True), (ViewCNN, False)])
+def test_teacher_layout_on_cpu(model_cls, channels_last):
+    """On CPU the frozen teacher runs in channels-last (faster) only where that gives the same
+    outputs: a model whose forward cannot take it keeps its layout, and Genifer still trains."""
+    bench = _shape_bench(3, 16)
+    model = model_cls(3)
+    plugin = GeniferPlugin(
+        feature_layer="features.2",
+        config=GeniferConfig(
+            gan={"steps_first": 2, "batch_size": 8, "measure_fidelity": False}, progress=False
+        ),
+    )
+    strategy = Naive(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+        train_mb_size=16,
+        train_epochs=1,
+        evaluator=_evaluator(),
+        plugins=[plugin],
+    )
+    strategy.train(bench.train_stream[0])
+    teacher = plugin.teacher
+    conv = teacher.features[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) is channels_last
+    assert not teacher.training and not teacher.features[1].training  # modes restored
+    x = bench.test_stream[0].dataset[0][0][None].repeat(4, 1, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(teacher(x), model.eval()(x), atol=1e-5)
+    model.train()
+    strategy.train(bench.train_stream[1])  # replay and distillation through that teacher
+    assert plugin.seen_classes == [0, 1, 2, 3] and plugin.generated_classes == [0, 1]
+    assert (
+        plugin.teacher.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+        is channels_last
+    )
+    # the probes and our generator follow the CPU layout as well
+    assert plugin.generator.convs[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_unservable_shapes_are_clear_errors():
     plugin = GeniferPlugin(feature_layer="features.2", config=TINY)
     with pytest.raises(ValueError, match="image_shape"):

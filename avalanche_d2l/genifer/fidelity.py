@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from avalanche_d2l.models.feature_gan_parts import channels_last_on_cpu
+
 __all__ = [
     "Fidelity",
     "ProbeSettings",
@@ -93,7 +95,9 @@ def _train_probe(
     """A probe trained with cross-entropy on ``(x, y)`` (``y`` in ``0..n_out-1``)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(2**31, (1,), generator=rng)))
-        probe = _probe(x.shape[1], n_out, settings.width, settings.pool).to(x.device)
+        probe = channels_last_on_cpu(
+            _probe(x.shape[1], n_out, settings.width, settings.pool).to(x.device)
+        )
     opt = torch.optim.Adam(probe.parameters(), lr=settings.lr)
     probe.train()
     for _ in range(settings.steps):

@@ -54,7 +54,7 @@ from avalanche_d2l.genifer.parts import (
 from avalanche_d2l.genifer.replay import join_batch, replay_sizes, sample_replay, teacher_outputs
 from avalanche_d2l.genifer.state import load_plugin_state, plugin_state
 from avalanche_d2l.models.feature_gan import FeatureGANTrainer
-from avalanche_d2l.models.feature_gan_parts import frozen_copy
+from avalanche_d2l.models.feature_gan_parts import channels_last_on_cpu, device_layout, frozen_copy
 from avalanche_d2l.models.gan import FeatureDiscriminator, StyleGenerator
 from avalanche_d2l.utils import FeatureHook, get_module
 
@@ -151,6 +151,7 @@ class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
         if ready:
             self.teacher.to(strategy.device)  # type: ignore[union-attr]
             self.generator_ema.to(strategy.device)  # type: ignore[union-attr]
+            device_layout(self.generator_ema)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ 2. training with replay
     def before_forward(self, strategy, **kwargs) -> None:
@@ -241,7 +242,7 @@ class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
         self.seen_classes = sorted(set(self.seen_classes) | set(new))
         self.active_classes = list(self.seen_classes)
         # 1. C_t: frozen copy of the classifier; teacher of the next experience and D's features
-        self.teacher = frozen_copy(strategy.model)
+        self.teacher = channels_last_on_cpu(frozen_copy(strategy.model), self._example())
         if _is_last_experience(exp) and not self.config.gan.after_last:
             return  # no later experience will replay (set gan.after_last to override)
         # 2. the GAN phase on C_t's features, with the replay's fidelity at its end
@@ -249,6 +250,13 @@ class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
         # 3. the fidelity to the evaluator, whose after_training_exp (after the plugins') hands
         #    it to the loggers
         publish_fidelity(strategy, summary, origin=self)
+
+    def _example(self) -> torch.Tensor | None:
+        """A fixed batch of the images the classifier takes (to check a layout change on)."""
+        if not self.image_shape:
+            return None
+        rng = torch.Generator().manual_seed(0)
+        return torch.rand(4, *self.image_shape, generator=rng)
 
     def train_gan(
         self, *, experience, device: torch.device | str = "cpu", steps: int | None = None

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from avalanche_d2l.models.feature_gan_parts import frozen_copy
+from avalanche_d2l.models.feature_gan_parts import channels_last_on_cpu, frozen_copy
 
 __all__ = ["load_plugin_state", "plugin_state"]
 
@@ -46,6 +46,8 @@ def load_plugin_state(plugin, state: dict[str, Any], *, model: nn.Module | None 
                 )
             plugin.teacher = frozen_copy(model)
         plugin.teacher.load_state_dict(state["teacher"])
+        # the layout the trained plugin's teacher had (same numbers after a round trip)
+        channels_last_on_cpu(plugin.teacher, plugin._example())
     plugin.seen_classes = list(state["seen_classes"])
     plugin.generated_classes = list(state["generated_classes"])
     plugin.active_classes = list(state["active_classes"])

@@ -44,6 +44,7 @@ from avalanche_d2l.models.feature_gan_parts import (
     FeatureTap,
     RealBatches,
     atomic_torch_save,
+    device_layout,
     feature_shape,
     frozen_copy,
     module_fingerprint,
@@ -108,7 +109,7 @@ class FeatureGANTrainer:
 
     # ------------------------------------------------------------------ models / optimisers
     def set_generator(self, generator: StyleGenerator) -> None:
-        self.generator = generator
+        self.generator = device_layout(generator)  # type: ignore[assignment]
         self.generator_ema = frozen_copy(generator)  # type: ignore[assignment]
 
     def build_discriminator(self, feature_shape: Sequence[int], num_classes: int) -> None:
@@ -144,6 +145,7 @@ class FeatureGANTrainer:
             lr=cfg.g_lr,  # type: ignore
             betas=tuple(cfg.adam_betas),
             eps=1e-8,
+            foreach=True,  # one call per step, not one per tensor (the same numbers, bitwise)
         )
         lr_d, betas_d, _ = self.d_adam_settings()
         self.opt_d = torch.optim.Adam(
@@ -151,6 +153,7 @@ class FeatureGANTrainer:
             lr=lr_d,  # type: ignore
             betas=betas_d,
             eps=1e-8,
+            foreach=True,
         )
 
     def _accelerator(self, device: torch.device):
@@ -278,6 +281,8 @@ class FeatureGANTrainer:
         G.to(device).train()
         G_ema.to(device)
         D.to(device).train()
+        device_layout(G)  # channels-last on CPU (D reads small maps: no gain there)
+        device_layout(G_ema)
         if cfg.optimizer_reset or self.opt_g is None or self.opt_d is None:
             self.make_optimizers()  # reference: new Adams every phase
         for opt in (self.opt_g, self.opt_d):  # optimiser state follows the models' device

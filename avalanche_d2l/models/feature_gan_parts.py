@@ -20,6 +20,8 @@ __all__ = [
     "FeatureTap",
     "RealBatches",
     "atomic_torch_save",
+    "channels_last_on_cpu",
+    "device_layout",
     "feature_shape",
     "frozen_copy",
     "module_fingerprint",
@@ -31,6 +33,63 @@ def frozen_copy(module: nn.Module) -> nn.Module:
     copy = deepcopy(module).eval()
     copy.requires_grad_(False)
     return copy
+
+
+def channels_last_on_cpu(module: nn.Module, example: torch.Tensor | None = None) -> nn.Module:
+    """``module`` with its 4-D weights in channels-last memory format when it lives on the CPU
+    (in place; returned for chaining); otherwise, or where the check fails, ``module`` unchanged.
+
+    On CPU with one thread a small CNN's forward and backward in channels-last run about 1.5x
+    faster than in the default layout, max pooling about 13x (``benchmarks/results/genifer_cost``).
+    With ``example`` (a batch the module takes), the module is kept in its layout only if its
+    output there is a tensor and the same within float tolerance; a user's model that, e.g.,
+    calls ``.view`` on a convolution's output (which channels-last cannot give) is left as it
+    was. The check runs in eval mode without gradients; every submodule's mode is restored.
+    """
+    params = list(module.parameters()) + list(module.buffers())
+    if not params or any(p.device.type != "cpu" for p in params):
+        return module
+    if not any(p.dim() == 4 for p in params):
+        return module
+    if example is None:
+        return module.to(memory_format=torch.channels_last)
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        module.eval()
+        with torch.no_grad():
+            try:
+                ref = module(example)
+                module.to(memory_format=torch.channels_last)
+                out = module(example)
+            except Exception:  # noqa: BLE001 - any failure means: keep the default layout
+                ref = out = None
+        same = (
+            torch.is_tensor(ref)
+            and torch.is_tensor(out)
+            and ref.shape == out.shape
+            and torch.allclose(
+                out.float(), ref.float(), rtol=1e-3, atol=1e-4 * max(1.0, float(ref.abs().max()))
+            )
+        )
+        if not same:
+            module.to(memory_format=torch.contiguous_format)
+    finally:
+        for m, training in modes:
+            m.training = training
+    return module
+
+
+def device_layout(module: nn.Module) -> nn.Module:
+    """Our own conv modules (the generator) in the layout measured fastest where they live:
+    channels-last on the CPU (:func:`channels_last_on_cpu`), the default layout elsewhere. In
+    place; returned for chaining. Call it after every move to a device. Anything that is not a
+    module (a stand-in sampler) is returned as it is."""
+    if not isinstance(module, nn.Module):
+        return module
+    params = list(module.parameters())
+    if params and all(p.device.type == "cpu" for p in params):
+        return channels_last_on_cpu(module)
+    return module.to(memory_format=torch.contiguous_format)
 
 
 def module_fingerprint(module: nn.Module) -> str:

@@ -296,7 +296,9 @@ class StyleGenerator(nn.Module):
         if size is not None and tuple(x.shape[-2:]) != size:
             # synthesised at the next power of two, resized to the data's size
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-        return x
+        # in the default layout whatever the generator's own (channels-last on CPU): the images
+        # go to the user's classifier, which may not take a channels-last input
+        return x.contiguous()
 
     def clamp(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` clamped to ``output_range`` (per channel)."""
