@@ -117,8 +117,8 @@ def bench_setting(
     # the GAN step alone: fixed length, no held-out images, no fidelity probes
     cfg = cfg.merged({"gan": {"stop": "fixed", "measure_fidelity": False}})
     plugin = GeniferPlugin(feature_layer=layer, config=cfg)
-    plugin.teacher = frozen_copy(model)
-    plugin.build_models(image_shape=shape, num_classes=n_classes, classifier=plugin.teacher)
+    plugin.build_models(image_shape=shape, num_classes=n_classes, classifier=frozen_copy(model))
+    plugin.freeze_teacher(model)  # as after an experience (channels-last on CPU)
     g = plugin.generator_ema.to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":

@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     model = small_cnn(10, 1)
     plugin = GeniferPlugin(feature_layer="block3", config=cfg)
-    plugin.teacher = frozen_copy(model)
-    plugin.build_models(image_shape=(1, 16, 16), num_classes=10, classifier=plugin.teacher)
+    plugin.build_models(image_shape=(1, 16, 16), num_classes=10, classifier=frozen_copy(model))
+    plugin.freeze_teacher(model)  # as after an experience (channels-last on CPU)
     x = torch.rand(128, 1, 16, 16)
     y = torch.arange(2).repeat_interleave(64) + 2
     exp = tensor_benchmark(x, y, x, y, n_experiences=1).train_stream[0]

@@ -242,7 +242,7 @@ class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
         self.seen_classes = sorted(set(self.seen_classes) | set(new))
         self.active_classes = list(self.seen_classes)
         # 1. C_t: frozen copy of the classifier; teacher of the next experience and D's features
-        self.teacher = channels_last_on_cpu(frozen_copy(strategy.model), self._example())
+        self.freeze_teacher(strategy.model)
         if _is_last_experience(exp) and not self.config.gan.after_last:
             return  # no later experience will replay (set gan.after_last to override)
         # 2. the GAN phase on C_t's features, with the replay's fidelity at its end
@@ -250,6 +250,12 @@ class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
         # 3. the fidelity to the evaluator, whose after_training_exp (after the plugins') hands
         #    it to the loggers
         publish_fidelity(strategy, summary, origin=self)
+
+    def freeze_teacher(self, model: nn.Module) -> nn.Module:
+        """``self.teacher``: a frozen copy of ``model`` (eval mode, no gradients), on CPU in
+        channels-last memory format where that gives the same outputs (faster there)."""
+        self.teacher = channels_last_on_cpu(frozen_copy(model), self._example())
+        return self.teacher
 
     def _example(self) -> torch.Tensor | None:
         """A fixed batch of the images the classifier takes (to check a layout change on)."""
