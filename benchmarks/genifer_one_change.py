@@ -31,6 +31,10 @@ EARLIER = "kd_real 0 (earlier default)"
 #: ``kdreal03*`` (``--config '{"replay":{"kd_real":0.3}}'``, today's defaults). Their Genifer runs
 #: are named by the ``kd_real`` each was made with, not by the file.
 DEFAULT_TAGS = ("default", "kdreal03")
+#: Tag of the runs of today's default made with the code after the CPU layout change (the
+#: generator, teacher and probes in channels-last): the same settings, other float rounding.
+LAYOUT_TAG = "layout"
+LAYOUT = "default, code after the CPU layout change"
 #: The files whose LwF and Replay runs are every Genifer run's references (one policy for every
 #: variant: LwF and Replay run again in a later session moved by up to 0.013).
 REFERENCE_TAG = "default"
@@ -38,7 +42,7 @@ REFERENCE_TAG = "default"
 
 def first(variant: str) -> tuple:
     """Sort key: today's default, the earlier default, then the variants by name."""
-    return (variant != "default", variant != EARLIER, variant)
+    return (variant != "default", variant != LAYOUT, variant != EARLIER, variant)
 
 
 def load_runs(folder: Path) -> list[dict]:
@@ -57,6 +61,8 @@ def load_runs(folder: Path) -> list[dict]:
                 name, change = (
                     ("default", {}) if kd == KD_REAL else (EARLIER, {"replay": {"kd_real": kd}})
                 )
+            elif run["strategy"] == "genifer" and variant == LAYOUT_TAG:
+                name = LAYOUT  # today's default, made again with the code after the layout change
             elif run["strategy"] == "genifer" and kd == KD_REAL:  # run again on today's default
                 name = f"{variant} (kd_real {kd})"
             rows.append({**run, "variant": name, "change": change, "tag_variant": variant})
@@ -163,6 +169,9 @@ def main(argv: list[str] | None = None) -> None:
         "`default`: today's defaults (`replay.kd_real=0.3`, the `kdreal03*` files); "
         "`kd_real 0 (earlier default)`: the defaults before it (the `default*` files, "
         "`replay.kd_real=0`); every other variant is one change on top of the earlier default. "
+        f"`{LAYOUT}`: today's defaults again (the `{LAYOUT_TAG}*` files), made with the code "
+        "that runs the generator, the teacher and the probes in channels-last on CPU (the "
+        "same settings, other float rounding; the other rows predate it). "
         "Wall times were taken with two runs sharing the 2 cores: not cost figures.\n\n"
         + "Per variant: final accuracy on seeds 0 / 1 / 2 of each stream (mean), and the runs "
         "whose bar is met.\n\n"

@@ -127,6 +127,7 @@ def test_flat_keys_are_read_into_their_part_with_a_warning_naming_it():
     assert cfg == GeniferConfig()
     said = " ".join(str(w.message) for w in record)
     assert "'replay_split' -> 'replay.split'" in said and "augment.ops" in said
+    assert "replay.kd_real=0.3" in said  # the default those files did not know is named
     changed = GeniferConfig.from_dict({"kd_weight": 2.0, "gan": {"steps": 7}, "gan_steps_first": 5})
     assert (changed.replay.kd_weight, changed.gan.steps, changed.gan.steps_first) == (2.0, 7, 5)
 

@@ -419,7 +419,9 @@ def _nest_flat_keys(data: Mapping[str, Any]) -> dict[str, Any]:
         warnings.warn(
             "GeniferConfig: flat keys are read into their part ("
             + ", ".join(f"{k!r} -> {RENAMED_KEYS[k]!r}" for k in moved)
-            + "); write them there",
+            + "); write them there. Settings the flat files did not have take this version's "
+            "defaults, among them replay.kd_real=0.3 (a distillation on the real images too; "
+            "set replay.kd_real to 0 for the training of those versions)",
             DeprecationWarning,
             stacklevel=3,
         )
