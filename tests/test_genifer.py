@@ -774,25 +774,31 @@ class _CaptureReplay:
             self.batches.append((strategy.mb_x[:n].clone(), strategy.mb_x[n:].clone()))
 
 
-@pytest.mark.parametrize("channels,size", [(1, 16), (1, 28), (3, 32)])
-def test_replay_matches_real_images(channels, size):
-    bench = _shape_bench(channels, size)
-    model = UserCNN(channels)
+def _user_genifer(model: nn.Module, *spies) -> tuple[GeniferPlugin, Naive]:
+    """Genifer through the public plugin on a user's model (2 GAN steps, no fidelity): the
+    plugin and a Naive strategy carrying it, then one ``spy(plugin)`` per class given."""
     plugin = GeniferPlugin(
         feature_layer="features.2",
         config=GeniferConfig(
             gan={"steps_first": 2, "batch_size": 8, "measure_fidelity": False}, progress=False
         ),
     )
-    capture = _CaptureReplay(plugin)
     strategy = Naive(
         model=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
         train_mb_size=16,
         train_epochs=1,
         evaluator=_evaluator(),
-        plugins=[plugin, capture],
+        plugins=[plugin, *(spy(plugin) for spy in spies)],
     )
+    return plugin, strategy
+
+
+@pytest.mark.parametrize("channels,size", [(1, 16), (1, 28), (3, 32)])
+def test_replay_matches_real_images(channels, size):
+    bench = _shape_bench(channels, size)
+    plugin, strategy = _user_genifer(UserCNN(channels), _CaptureReplay)
+    capture = strategy.plugins[1]
     for exp in bench.train_stream:
         strategy.train(exp)
     assert capture.built_before_training  # G fitted to the data before any training
@@ -826,20 +832,7 @@ def test_teacher_layout_on_cpu(model_cls, channels_last):
     outputs: a model whose forward cannot take it keeps its layout, and Genifer still trains."""
     bench = _shape_bench(3, 16)
     model = model_cls(3)
-    plugin = GeniferPlugin(
-        feature_layer="features.2",
-        config=GeniferConfig(
-            gan={"steps_first": 2, "batch_size": 8, "measure_fidelity": False}, progress=False
-        ),
-    )
-    strategy = Naive(
-        model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
-        train_mb_size=16,
-        train_epochs=1,
-        evaluator=_evaluator(),
-        plugins=[plugin],
-    )
+    plugin, strategy = _user_genifer(model)
     strategy.train(bench.train_stream[0])
     teacher = plugin.teacher
     conv = teacher.features[0].weight
