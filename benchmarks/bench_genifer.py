@@ -47,6 +47,7 @@ from avalanche_d2l.experiments.report import atomic_write
 from avalanche_d2l.genifer.config import merge_sections  # noqa: E402
 from avalanche_d2l.models.classifiers import resnet18_cifar, small_cnn  # noqa: E402
 from avalanche_d2l.models.feature_gan import frozen_copy  # noqa: E402
+from avalanche_d2l.models.feature_gan_parts import device_layout  # noqa: E402
 from avalanche_d2l.scenarios import tensor_benchmark  # noqa: E402
 from avalanche_d2l.strategies.genifer import GeniferConfig, GeniferPlugin  # noqa: E402
 from avalanche_d2l.utils import resolve_device, seed_everything  # noqa: E402
@@ -119,7 +120,7 @@ def bench_setting(
     plugin = GeniferPlugin(feature_layer=layer, config=cfg)
     plugin.build_models(image_shape=shape, num_classes=n_classes, classifier=frozen_copy(model))
     plugin.freeze_teacher(model)  # as after an experience (channels-last on CPU)
-    g = plugin.generator_ema.to(device)
+    g = device_layout(plugin.generator_ema.to(device))  # as in a run: channels-last on CPU only
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -19,8 +19,10 @@ from torch.nn import functional as F
 
 from avalanche_d2l.augment import AdaptiveAugment, AugmentConfig, augment
 from avalanche_d2l.checkpointing import load_strategy, save_strategy
+from avalanche_d2l.genifer import fidelity
 from avalanche_d2l.models.classifiers import small_cnn
 from avalanche_d2l.models.feature_gan import FeatureGANTrainer, frozen_copy
+from avalanche_d2l.models.feature_gan_parts import channels_last_on_cpu
 from avalanche_d2l.models.gan import (
     DiscriminatorConfig,
     EqualConv2d,
@@ -848,8 +850,48 @@ def test_teacher_layout_on_cpu(model_cls, channels_last):
         plugin.teacher.features[0].weight.is_contiguous(memory_format=torch.channels_last)
         is channels_last
     )
-    # the probes and our generator follow the CPU layout as well
+    # our generator follows the CPU layout as well
     assert plugin.generator.convs[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+class _ViewWhenTraining(nn.Module):
+    """Flattens with ``.view`` in train mode only (passes an eval-mode check alone)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        f = self.bn(self.conv(x))
+        return f.view(len(f), -1) if self.training else f.flatten(1)
+
+
+def _channels_last(model: nn.Module) -> bool:
+    """Whether ``model``'s 4-D weights are stored channels-last (not in the default layout)."""
+    return any(p.dim() == 4 and not p.is_contiguous() for p in model.parameters())
+
+
+def test_channels_last_check_leaves_the_module_as_it_was():
+    x = torch.rand(4, 3, 8, 8)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).train()
+    stats = plain[1].running_mean.clone()
+    assert channels_last_on_cpu(plain, x) is plain and _channels_last(plain)
+    assert plain.training and plain[1].training  # modes untouched
+    assert torch.equal(plain[1].running_mean, stats)  # the check ran on a copy
+    # a forward that cannot take channels-last, in either mode, keeps the default layout
+    for model in (ViewCNN(3), _ViewWhenTraining()):
+        assert not _channels_last(channels_last_on_cpu(model, x))
+    # a forward that fails on the example (1 channel expected) changes nothing either
+    assert not _channels_last(channels_last_on_cpu(UserCNN(1), x))
+    # the fidelity probes follow the CPU layout
+    probe = fidelity._train_probe(
+        torch.rand(16, 1, 8, 8),
+        torch.arange(2).repeat(8),
+        2,
+        fidelity.ProbeSettings(steps=1, pool=2),
+        torch.Generator().manual_seed(0),
+    )
+    assert _channels_last(probe)
 
 
 def test_unservable_shapes_are_clear_errors():

@@ -149,7 +149,7 @@ class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
         ready = self.teacher is not None and self.generated_classes
         self._replay_classes = list(self.generated_classes) if ready else []
         if ready:
-            self.teacher.to(strategy.device)  # type: ignore[union-attr]
+            self._teacher_to(strategy.device)
             self.generator_ema.to(strategy.device)  # type: ignore[union-attr]
             device_layout(self.generator_ema)  # type: ignore[arg-type]
 
@@ -257,6 +257,14 @@ class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
         self.teacher = channels_last_on_cpu(frozen_copy(model), self._example())
         return self.teacher
 
+    def _teacher_to(self, device) -> nn.Module:
+        """The teacher on ``device``; off the CPU in the default layout (channels-last was
+        measured on CPU only, and a run resumed from a CPU checkpoint must not carry it)."""
+        teacher = self.teacher.to(device)  # type: ignore[union-attr]
+        if torch.device(device).type != "cpu":
+            teacher.to(memory_format=torch.contiguous_format)
+        return teacher
+
     def _example(self) -> torch.Tensor | None:
         """A fixed batch of the images the classifier takes (to check a layout change on)."""
         if not self.image_shape:
@@ -280,7 +288,7 @@ class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
             )
         gan = self.config.gan
         device = torch.device(device)
-        classifier = self.teacher.to(device)
+        classifier = self._teacher_to(device)
         new = [int(c) for c in experience.classes_in_this_experience]
         old = [c for c in self.generated_classes if c not in new]
         if self.generator is None or self.discriminator is None:

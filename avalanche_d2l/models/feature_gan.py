@@ -511,8 +511,8 @@ class FeatureGANTrainer:
     ) -> int:
         self.load_state_dict(saved["trainer"])
         # load_state_dict keeps the module objects when the configs match: move them back
-        self.generator.to(device).train()  # type: ignore[union-attr]
-        self.generator_ema.to(device)  # type: ignore[union-attr]
+        device_layout(self.generator.to(device).train())  # type: ignore[union-attr]
+        device_layout(self.generator_ema.to(device))  # type: ignore[union-attr]
         self.discriminator.to(device).train()  # type: ignore[union-attr]
         self.ada.to(device)
         for opt in (self.opt_g, self.opt_d):
