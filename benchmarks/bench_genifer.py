@@ -120,7 +120,7 @@ def bench_setting(
     plugin = GeniferPlugin(feature_layer=layer, config=cfg)
     plugin.build_models(image_shape=shape, num_classes=n_classes, classifier=frozen_copy(model))
     plugin.freeze_teacher(model)  # as after an experience (channels-last on CPU)
-    g = device_layout(plugin.generator_ema.to(device))  # as in a run: channels-last on CPU only
+    g = device_layout(plugin.generator_ema, device)  # as in a run: channels-last on CPU only
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -150,8 +150,7 @@ class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
         self._replay_classes = list(self.generated_classes) if ready else []
         if ready:
             self._teacher_to(strategy.device)
-            self.generator_ema.to(strategy.device)  # type: ignore[union-attr]
-            device_layout(self.generator_ema)  # type: ignore[arg-type]
+            device_layout(self.generator_ema, strategy.device)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ 2. training with replay
     def before_forward(self, strategy, **kwargs) -> None:
@@ -251,19 +250,22 @@ class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
         #    it to the loggers
         publish_fidelity(strategy, summary, origin=self)
 
-    def freeze_teacher(self, model: nn.Module) -> nn.Module:
-        """``self.teacher``: a frozen copy of ``model`` (eval mode, no gradients), on CPU in
-        channels-last memory format where that gives the same outputs (faster there)."""
-        self.teacher = channels_last_on_cpu(frozen_copy(model), self._example())
+    def freeze_teacher(self, model: nn.Module, state: dict | None = None) -> nn.Module:
+        """``self.teacher``: a frozen copy of ``model`` (eval mode, no gradients) holding
+        ``state`` when given (a saved teacher's ``state_dict``), on CPU in channels-last memory
+        format where that gives the same outputs (faster there)."""
+        teacher = frozen_copy(model)
+        if state is not None:
+            teacher.load_state_dict(state)
+        self.teacher = channels_last_on_cpu(teacher, self._example())
         return self.teacher
 
     def _teacher_to(self, device) -> nn.Module:
         """The teacher on ``device``; off the CPU in the default layout (channels-last was
         measured on CPU only, and a run resumed from a CPU checkpoint must not carry it)."""
         teacher = self.teacher.to(device)  # type: ignore[union-attr]
-        if torch.device(device).type != "cpu":
-            teacher.to(memory_format=torch.contiguous_format)
-        return teacher
+        # on the CPU the layout freeze_teacher checked; elsewhere device_layout's default one
+        return teacher if torch.device(device).type == "cpu" else device_layout(teacher)
 
     def _example(self) -> torch.Tensor | None:
         """A fixed batch of the images the classifier takes (to check a layout change on)."""

@@ -7,8 +7,6 @@ from typing import Any
 
 from torch import nn
 
-from avalanche_d2l.models.feature_gan_parts import channels_last_on_cpu, frozen_copy
-
 __all__ = ["load_plugin_state", "plugin_state"]
 
 
@@ -44,10 +42,10 @@ def load_plugin_state(plugin, state: dict[str, Any], *, model: nn.Module | None 
                     "this state has a teacher classifier: pass model=<the "
                     "classifier> to load_state_dict so it can be rebuilt"
                 )
-            plugin.teacher = frozen_copy(model)
-        plugin.teacher.load_state_dict(state["teacher"])
-        # the layout the trained plugin's teacher had (same numbers after a round trip)
-        channels_last_on_cpu(plugin.teacher, plugin._example())
+            # the copy, the weights and the layout the trained plugin's teacher had
+            plugin.freeze_teacher(model, state["teacher"])
+        else:
+            plugin.teacher.load_state_dict(state["teacher"])
     plugin.seen_classes = list(state["seen_classes"])
     plugin.generated_classes = list(state["generated_classes"])
     plugin.active_classes = list(state["active_classes"])

@@ -278,11 +278,9 @@ class FeatureGANTrainer:
             raise RuntimeError("build the generator and the discriminator first")
         new = [int(c) for c in new_classes]
         old = [int(c) for c in old_classes]
-        G.to(device).train()
-        G_ema.to(device)
+        device_layout(G, device).train()  # channels-last on CPU (D reads small maps: no gain)
+        device_layout(G_ema, device)
         D.to(device).train()
-        device_layout(G)  # channels-last on CPU (D reads small maps: no gain there)
-        device_layout(G_ema)
         if cfg.optimizer_reset or self.opt_g is None or self.opt_d is None:
             self.make_optimizers()  # reference: new Adams every phase
         for opt in (self.opt_g, self.opt_d):  # optimiser state follows the models' device
@@ -511,8 +509,8 @@ class FeatureGANTrainer:
     ) -> int:
         self.load_state_dict(saved["trainer"])
         # load_state_dict keeps the module objects when the configs match: move them back
-        device_layout(self.generator.to(device).train())  # type: ignore[union-attr]
-        device_layout(self.generator_ema.to(device))  # type: ignore[union-attr]
+        device_layout(self.generator, device).train()  # type: ignore[arg-type]
+        device_layout(self.generator_ema, device)  # type: ignore[arg-type]
         self.discriminator.to(device).train()  # type: ignore[union-attr]
         self.ada.to(device)
         for opt in (self.opt_g, self.opt_d):
