@@ -31,11 +31,11 @@ from torch.nn import functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from genifer_profile import cpu16_phase  # noqa: E402  (beside this file)
+
 from avalanche_d2l.experiments.report import atomic_write  # noqa: E402
-from avalanche_d2l.genifer import GeniferConfig, GeniferPlugin  # noqa: E402
 from avalanche_d2l.models.classifiers import small_cnn  # noqa: E402
 from avalanche_d2l.models.feature_gan import frozen_copy  # noqa: E402
-from avalanche_d2l.scenarios import tensor_benchmark  # noqa: E402
 
 CL = torch.channels_last
 
@@ -85,20 +85,8 @@ def op_timings() -> dict[str, tuple[float, float]]:
 
 def gan_steps(repeats: int, steps: int) -> dict[str, list[float]]:
     """GAN steps/s with the teacher in each layout, alternating, ``repeats`` times."""
-    cfg = GeniferConfig(
-        num_classes=10,
-        generator={"output_range": (0.0, 1.0)},
-        gan={"stop": "fixed", "measure_fidelity": False},
-        progress=False,
-    )
-    model = small_cnn(10, 1)
-    plugin = GeniferPlugin(feature_layer="block3", config=cfg)
-    plugin.build_models(image_shape=(1, 16, 16), num_classes=10, classifier=frozen_copy(model))
-    teachers = {"default layout": frozen_copy(model), "channels-last": plugin.freeze_teacher(model)}
-    x = torch.rand(128, 1, 16, 16)
-    y = torch.arange(2).repeat_interleave(64) + 2
-    exp = tensor_benchmark(x, y, x, y, n_experiences=1).train_stream[0]
-    plugin.generated_classes = [0, 1]  # a phase with old classes (previous G, distillation)
+    plugin, model, exp = cpu16_phase()
+    teachers = {"default layout": frozen_copy(model), "channels-last": plugin.teacher}
     plugin.train_gan(experience=exp, steps=3)  # warm-up
     out: dict[str, list[float]] = {k: [] for k in teachers}
     for _ in range(repeats):

@@ -44,14 +44,11 @@ PARTS = {
 }
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--p", type=float, default=0.5)
-    ap.add_argument("--steps", type=int, default=40)
-    args = ap.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
+def cpu16_phase():
+    """``(plugin, model, experience)``: the CPU preset at 16 px on an untrained ``small_cnn``
+    (teacher from ``freeze_teacher``, as after an experience) and a synthetic experience of two
+    new classes, classes 0 and 1 counted as learnt (a phase with the previous generator and
+    self-distillation); the GAN phase runs ``--steps`` fixed steps, without fidelity checks."""
     cfg = GeniferConfig(
         num_classes=10,
         generator={"output_range": (0.0, 1.0)},
@@ -66,6 +63,18 @@ def main(argv: list[str] | None = None) -> None:
     y = torch.arange(2).repeat_interleave(64) + 2
     exp = tensor_benchmark(x, y, x, y, n_experiences=1).train_stream[0]
     plugin.generated_classes = [0, 1]
+    return plugin, model, exp
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--p", type=float, default=0.5)
+    ap.add_argument("--steps", type=int, default=40)
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    plugin, _, exp = cpu16_phase()
     ada = plugin.gan.ada
     ada.reset = lambda: None  # hold p where it is set
     ada.adjust = lambda: None
