@@ -30,6 +30,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from user_streams import rgb_shapes  # noqa: E402  (this folder is on sys.path as a script)
+
 from avalanche_d2l.experiments.report import atomic_write  # noqa: E402
 from avalanche_d2l.scenarios import split_color_digits, split_digits  # noqa: E402
 from avalanche_d2l.strategies import Genifer, GeniferConfig  # noqa: E402
@@ -40,6 +42,8 @@ STREAMS = {
     "split_digits": lambda seed: split_digits(seed=seed),
     "split_digits_28": lambda seed: split_digits(image_size=28, seed=seed),
     "split_color_digits": lambda seed: split_color_digits(seed=seed),
+    # held out: built as a user builds a stream, added after every default was chosen
+    "rgb_shapes_24": lambda seed: rgb_shapes(seed=seed, size=24),
 }
 
 
@@ -68,7 +72,7 @@ def user_setup(bench, seed: int, epochs: int) -> tuple[nn.Module, torch.optim.Op
     """The user CNN for ``bench`` (seeded), its Adam optimiser and the strategies' common
     arguments (also used by ``genifer_forgetting.py``)."""
     seed_everything(seed)
-    model = UserCNN(bench.train_stream[0].dataset[0][0].shape[0])
+    model = UserCNN(bench.train_stream[0].dataset[0][0].shape[0], bench.n_classes)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     common = {
         "criterion": nn.CrossEntropyLoss(),
