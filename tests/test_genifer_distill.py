@@ -5,7 +5,9 @@ is the classifier update alone: with a feature layer that is a large conv map or
 vector, the new classes are learned and the old ones kept.
 
 Also here, on the same user CNN: ``gan.stats_weight`` pulls the replay's statistics in every conv
-layer towards the real images' when D reads only the pooled vector.
+layer towards the real images' when D reads only the pooled vector; and the classifier update's
+alternatives to the paper's (``replay.trunk_from_replay``, ``fd_on``, ``ce_classes``) do what they
+say, each beside its control.
 """
 
 from __future__ import annotations
@@ -241,3 +243,98 @@ def test_stats_weight_with_the_whole_classifier_pass_and_convs_after_the_feature
     gan = {"batch_size": 8, "stats_weight": 1.0, "class_weight": 1.0}
     _, summary = _gan_phase(teacher, bench, "block2", gan, steps=3)
     assert math.isfinite(summary["conv_stats"]) and math.isfinite(summary["class_ce"])
+
+
+def _replay_update(seed_model: int = 0, **overrides) -> tuple[nn.Module, nn.Module, GeniferPlugin]:
+    """The user CNN before and after one epoch of the second experience with real images as
+    the replay (plain SGD, so a parameter without gradient keeps its value exactly)."""
+    xtr, ytr, xte, yte = _digits16()
+    bench = tensor_benchmark(xtr, ytr, xte, yte, n_experiences=2, class_order=[0, 1, 2, 3])
+    seed_everything(seed_model)
+    model = UserCNN()
+    cfg = GeniferConfig(
+        generator={"output_range": (0.0, 1.0)},
+        gan={"steps_first": 0, "stop": "fixed", "measure_fidelity": False},
+        progress=False,
+    ).merged({"replay": {"crop_pad": 0, **overrides}})
+    plugin = GeniferPlugin(feature_layer="block3", config=cfg)
+    strategy = Naive(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+        train_mb_size=16,
+        train_epochs=1,
+        evaluator=EvaluationPlugin(accuracy_metrics(experience=True), loggers=[]),
+        plugins=[plugin],
+    )
+    strategy.train(bench.train_stream[0])
+    before = frozen_copy(model)
+    plugin.gan.generator_ema = _RealReplay(xtr, ytr)
+    strategy.train(bench.train_stream[1])
+    return before, model, plugin
+
+
+def _changed(before: nn.Module, after: nn.Module, prefix: str) -> bool:
+    b, a = dict(before.named_parameters()), dict(after.named_parameters())
+    return any(not torch.equal(b[n], a[n]) for n in a if n.startswith(prefix))
+
+
+@pytest.mark.parametrize("trunk_from_replay", [True, False])
+def test_trunk_from_replay_false_keeps_the_replay_out_of_the_layers_below_the_feature_layer(
+    trunk_from_replay,
+):
+    """Only the distillation on the replay trains (cross-entropy weight 0, no distillation on
+    real images, no feature distillation): with ``trunk_from_replay=False`` the layers up to the
+    feature layer keep every parameter exactly, the head still learns; the control (``True``)
+    moves both."""
+    before, after, plugin = _replay_update(
+        ce_weight=0.0, kd_real=0.0, fd_weight=0.0, trunk_from_replay=trunk_from_replay
+    )
+    trunk = [_changed(before, after, b) for b in ("block1", "block2", "block3")]
+    assert _changed(before, after, "head")
+    assert all(trunk) if trunk_from_replay else not any(trunk), trunk
+    assert plugin.feature_layer == "block3" and not after.block3._forward_hooks  # none left
+
+
+def test_fd_on_real_distils_the_real_images_features():
+    """``fd_on="real"``: the feature distance compares the student's and the teacher's features
+    of the mini-batch's real images (16 of the 48 rows with two replayed images per real one)."""
+    seen = []
+    original = GeniferPlugin.feature_distance
+
+    def spy(self, student, teacher):
+        seen.append((student.shape[0], teacher.shape[0], student.requires_grad))
+        return original(self, student, teacher)
+
+    GeniferPlugin.feature_distance = spy
+    try:
+        _replay_update(fd_on="real", ratio=2.0)
+        on_real = list(seen)
+        seen.clear()
+        _replay_update(ratio=2.0)
+    finally:
+        GeniferPlugin.feature_distance = original
+    assert on_real[0] == (16, 16, True) and all(s[0] == s[1] for s in on_real)
+    assert seen[0][:2] == (32, 32)  # the paper's: on the replayed rows
+
+
+def test_bad_replay_choices_are_clear_errors():
+    with pytest.raises(ValueError, match=r"set replay.fd_on='real' \(or replay.fd_weight=0\)"):
+        GeniferConfig(replay={"trunk_from_replay": False})
+    with pytest.raises(ValueError, match=r"fd_on must be one of \('replay', 'real'\)"):
+        GeniferConfig(replay={"fd_on": "both"})
+    with pytest.raises(ValueError, match=r"ce_classes must be one of \('seen', 'current'\)"):
+        GeniferConfig(replay={"ce_classes": "all"})
+    assert GeniferConfig(replay={"fd_on": "real"}).fingerprint() != GeniferConfig().fingerprint()
+
+
+@pytest.mark.parametrize("ce_classes", ["seen", "current"])
+def test_ce_classes_current_never_pushes_the_old_classes_down_on_real_images(ce_classes):
+    """Only the criterion on the real images trains (no distillation): over the experience's own
+    classes (``"current"``) it leaves the old classes' output rows exactly as they were; the
+    control (``"seen"``, the paper's) moves them."""
+    before, after, _ = _replay_update(
+        kd_weight=0.0, kd_real=0.0, fd_weight=0.0, ce_classes=ce_classes
+    )
+    old_rows = [torch.equal(before.head.weight[c], after.head.weight[c]) for c in (0, 1)]
+    assert not torch.equal(before.head.weight[2:], after.head.weight[2:])  # new classes learn
+    assert all(old_rows) if ce_classes == "current" else not any(old_rows), old_rows

@@ -286,6 +286,17 @@ class ReplaySettings(ConfigBase):
             final accuracy (README, *Genifer*). The reference code's own default
             (``out_distill_loss="KD"``) distils over the whole batch; its example configuration
             uses the replay alone (``"KD_sep"``), as the paper experiment files do (0).
+        ce_classes: the classes the criterion on the real images ranges over: ``"seen"`` (every
+            class seen so far, paper) or ``"current"``, the experience's own classes (as ER-ACE
+            does for incoming data), so that it never teaches "a real image is not an old
+            class"; the replay's distillation alone separates old from new classes.
+        fd_on: the images of the feature distillation: ``"replay"`` (paper) or ``"real"``, the
+            mini-batch's real images of the new classes (the reference's
+            ``feat_dist_loss_type="onlycurr"``, with ``trunk_from_replay=False``).
+        trunk_from_replay: ``False``: the replayed images' features leave the feature layer
+            detached, so the layers up to it learn from real images only and the replay trains
+            the layers above it, which see the features the GAN matched to real ones (the
+            reference's ``"onlycurr"``; needs ``fd_on="real"`` or ``fd_weight=0``).
     """
 
     ce_weight: float = 1.0
@@ -300,6 +311,12 @@ class ReplaySettings(ConfigBase):
     flip: bool = False
     padding: str = "constant"
     kd_real: float = 0.3
+    ce_classes: str = "seen"
+    fd_on: str = "replay"
+    trunk_from_replay: bool = True
+
+    # added later: left out of the dict (and the hashes) at their defaults
+    omitted_at_default = {"ce_classes": "seen", "fd_on": "replay", "trunk_from_replay": True}
 
     def __post_init__(self) -> None:
         _check_choices(
@@ -309,8 +326,16 @@ class ReplaySettings(ConfigBase):
                 "fd_distance": ("rms", "norm"),
                 "teacher_bn": ("eval", "train"),
                 "padding": ("constant", "edge"),
+                "fd_on": ("replay", "real"),
+                "ce_classes": ("seen", "current"),
             },
         )
+        if not self.trunk_from_replay and self.fd_on == "replay" and self.fd_weight > 0:
+            raise ValueError(
+                "GeniferConfig.replay.trunk_from_replay=False detaches the replayed images' "
+                "features, so a feature distillation on them would do nothing: set "
+                "replay.fd_on='real' (or replay.fd_weight=0)"
+            )
         if self.ratio < 0:
             raise ValueError("GeniferConfig.replay.ratio must be >= 0")
         if self.kd_real < 0:

@@ -14,7 +14,9 @@ below, in the order they run, are the paper's loop:
    ``ce_weight*CE(real) + kd_weight*KD(replayed, old classes) + fd_weight*dist(f_student,
    f_teacher)`` (:mod:`avalanche_d2l.genifer.losses`; 0.02 / 0.98 / 1.0 in the paper)
    ``+ kd_real*KD(real, old classes)``, the teacher in eval mode on the real images (0.3 by
-   default, 0 in the paper experiment files).
+   default, 0 in the paper experiment files). The reference code's ``"onlycurr"`` alternative
+   (``replay.fd_on="real"``, ``replay.trunk_from_replay=False``) distils the real images'
+   features instead and keeps the replay out of the layers up to the feature layer.
 3. **After an experience** (``after_training_exp``): the teacher is a frozen copy of the trained
    classifier; the GAN phase trains G so that D, reading the teacher's *features* (never pixels),
    cannot tell its images from the experience's (:mod:`avalanche_d2l.models.feature_gan`); it
@@ -51,7 +53,13 @@ from avalanche_d2l.genifer.parts import (
     reinit_rows,
     value_range,
 )
-from avalanche_d2l.genifer.replay import join_batch, replay_sizes, sample_replay, teacher_outputs
+from avalanche_d2l.genifer.replay import (
+    ReplayDetach,
+    join_batch,
+    replay_sizes,
+    sample_replay,
+    teacher_outputs,
+)
 from avalanche_d2l.genifer.state import load_plugin_state, plugin_state
 from avalanche_d2l.models.feature_gan import FeatureGANTrainer
 from avalanche_d2l.models.feature_gan_parts import channels_last_on_cpu, device_layout, frozen_copy
@@ -115,8 +123,10 @@ class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
         self.active_classes: list[int] = []  # classes the model may predict now (fresh head)
         # transient, per-iteration state (never pickled)
         self._hook: FeatureHook | None = None
+        self._detach: ReplayDetach | None = None
         self._replay: dict[str, Any] | None = None
         self._replay_classes: list[int] = []
+        self._current_classes: list[int] = []
 
     @property
     def generator(self) -> StyleGenerator | None:
@@ -146,6 +156,7 @@ class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
             head = output_linear(strategy.model, self.config.head_module)
             reinit_rows(head, [c for c in current if c not in self.seen_classes], self.rng)
         self.active_classes = sorted(set(self.seen_classes) | set(current))
+        self._current_classes = current
         ready = self.teacher is not None and self.generated_classes
         self._replay_classes = list(self.generated_classes) if ready else []
         if ready:
@@ -164,19 +175,27 @@ class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
         xr, labels = sample_replay(g, self._replay_classes, n, settings, self.rng)  # type: ignore
         xr = xr.to(mb[0].dtype)
         # 2. the teacher's logits and features on them (train mode: on the mixed batch)
-        t_logits, t_feat = teacher_outputs(
+        fd_real = settings.fd_on == "real"
+        t_logits, t_feat, t_feat_real = teacher_outputs(
             self.teacher,  # type: ignore[arg-type]
             self.feature_layer,
             mb[0],
             xr,
             settings.teacher_bn,
+            real_features=fd_real,
         )
         # 3. join them to the mini-batch and watch the student's features
         strategy.mbatch = join_batch(mb, xr, labels)
-        self._replay = {"n_real": n_real, "t_logits": t_logits, "t_feat": t_feat}
+        self._replay = {
+            "n_real": n_real,
+            "t_logits": t_logits,
+            "t_feat": t_feat_real if fd_real else t_feat,
+        }
         if settings.kd_real > 0:  # the teacher's answers on the real images too (eval mode)
             with torch.no_grad():
                 self._replay["t_real"] = self.teacher(mb[0])  # type: ignore[misc]
+        if not settings.trunk_from_replay:  # registered first: the feature hook sees its output
+            self._detach = ReplayDetach(strategy.model, self.feature_layer, n_real)
         self._hook = FeatureHook(strategy.model, self.feature_layer)
 
     def after_forward(self, strategy, **kwargs) -> None:
@@ -189,9 +208,10 @@ class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
             feats = hook.pop()  # type: ignore[union-attr]
         finally:
             hook.remove()  # type: ignore[union-attr]
+            self._remove_detach()
         n = self._replay["n_real"]
         self._replay["s_logits"] = out[n:]
-        self._replay["s_feat"] = feats[n:]
+        self._replay["s_feat"] = feats[:n] if self.config.replay.fd_on == "real" else feats[n:]
         # the criterion and the training metrics see the real images only
         strategy.mb_output = out[:n]
         strategy.mbatch = [t[:n] for t in strategy.mbatch]
@@ -204,12 +224,25 @@ class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
         ce = strategy.criterion()  # already in strategy.loss with weight 1
         kd = self.kd_loss(r["s_logits"], r["t_logits"])
         fd = self.feature_distance(r["s_feat"], r["t_feat"])
-        strategy.loss = (
-            strategy.loss + (w.ce_weight - 1.0) * ce + w.kd_weight * kd + w.fd_weight * fd
-        )
+        if w.ce_classes == "current":  # the criterion over this experience's classes only
+            logits = strategy.mb_output
+            strategy.mb_output = mask_inactive(logits, self._current_classes)
+            try:
+                ce_current = strategy.criterion()
+            finally:
+                strategy.mb_output = logits
+            strategy.loss = strategy.loss - ce + w.ce_weight * ce_current
+        else:
+            strategy.loss = strategy.loss + (w.ce_weight - 1.0) * ce
+        strategy.loss = strategy.loss + w.kd_weight * kd + w.fd_weight * fd
         if w.kd_real > 0:  # strategy.mb_output holds the real images' (masked) logits
             kd_real = self.kd_loss(strategy.mb_output, r["t_real"])
             strategy.loss = strategy.loss + w.kd_real * kd_real
+
+    def _remove_detach(self) -> None:
+        if self._detach is not None:
+            self._detach.remove()
+            self._detach = None
 
     def kd_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         """:func:`~avalanche_d2l.genifer.losses.kd_loss` over the classes seen so far."""
@@ -235,6 +268,7 @@ class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
         if self._hook is not None:  # an interrupted iteration must not leave a hook behind
             self._hook.remove()
             self._hook = None
+        self._remove_detach()
         self._replay = None
         exp = strategy.experience
         new = [int(c) for c in exp.classes_in_this_experience]
@@ -357,6 +391,7 @@ class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
+        state["_detach"] = None
         state["_hook"] = None  # hook handles and per-batch tensors are not part of the state
         state["_replay"] = None
         return state

@@ -11,9 +11,16 @@ from torch.nn import functional as F
 
 from avalanche_d2l.genifer.config import ReplaySettings
 from avalanche_d2l.models.gan import StyleGenerator
-from avalanche_d2l.utils import FeatureHook, training_mode
+from avalanche_d2l.utils import FeatureHook, get_module, training_mode
 
-__all__ = ["crop_flip", "join_batch", "replay_sizes", "sample_replay", "teacher_outputs"]
+__all__ = [
+    "ReplayDetach",
+    "crop_flip",
+    "join_batch",
+    "replay_sizes",
+    "sample_replay",
+    "teacher_outputs",
+]
 
 
 def replay_sizes(batch: int, settings: ReplaySettings) -> tuple[int, int]:
@@ -50,23 +57,54 @@ def sample_replay(
 
 @torch.no_grad()
 def teacher_outputs(
-    teacher: nn.Module, layer: str, x_real: torch.Tensor, x_replay: torch.Tensor, bn: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's logits and ``layer`` features on ``x_replay``: in eval mode on the replay
-    alone (``bn="eval"``), or in train mode on the whole mixed batch (``"train"``, reference)."""
+    teacher: nn.Module,
+    layer: str,
+    x_real: torch.Tensor,
+    x_replay: torch.Tensor,
+    bn: str,
+    *,
+    real_features: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The teacher's logits and ``layer`` features on ``x_replay``, and with ``real_features``
+    its ``layer`` features on ``x_real`` (else ``None``): in eval mode (``bn="eval"``; on the
+    replay alone unless the real features are asked for), or in train mode on the whole mixed
+    batch (``"train"``, reference)."""
     hook = FeatureHook(teacher, layer)
+    n_real = x_real.shape[0]
     try:
-        if bn == "train":
-            n_real = x_real.shape[0]
-            with training_mode(teacher, True):
+        if bn == "train" or real_features:
+            with training_mode(teacher, bn == "train"):
                 logits = teacher(torch.cat([x_real, x_replay]))[n_real:]
-                feats = hook.pop()[n_real:]
+                feats = hook.pop()
+            feats_real, feats = feats[:n_real], feats[n_real:]
         else:
             logits = teacher(x_replay)
-            feats = hook.pop()
+            feats, feats_real = hook.pop(), None
     finally:
         hook.remove()
-    return logits, feats
+    return logits, feats, feats_real if real_features else None
+
+
+class ReplayDetach:
+    """Forward hook on the feature layer: the rows from ``n_real`` on (the replayed images)
+    leave it detached, so the layers up to it learn from the real images only and the replay
+    trains the layers above it (the reference's ``feat_dist_loss_type="onlycurr"``)."""
+
+    def __init__(self, model: nn.Module, layer: str, n_real: int):
+        self.n_real = n_real
+        self._handle = get_module(model, layer).register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, inputs, output):
+        if not torch.is_tensor(output):
+            raise TypeError(
+                "replay.trunk_from_replay=False needs a feature layer whose output is one "
+                f"tensor, got {type(output).__name__}: choose another feature_layer"
+            )
+        n = self.n_real
+        return torch.cat([output[:n], output[n:].detach()])
+
+    def remove(self) -> None:
+        self._handle.remove()
 
 
 def join_batch(mb: list[torch.Tensor], x: torch.Tensor, labels: torch.Tensor) -> list:
