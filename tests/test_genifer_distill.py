@@ -100,11 +100,19 @@ class _MarkedReplay(_RealReplay):
         return x
 
 
-def _classifier_update(
-    layer: str, epochs: int = 10, replay: type = _RealReplay, **overrides
-) -> tuple[float, float]:
-    """Accuracy on old (0, 1) and new (2, 3) classes after the second experience (the replay:
-    ``replay(x, y)`` over the training images)."""
+def _second_experience(
+    layer: str,
+    *,
+    replay: type = _RealReplay,
+    sgd: bool = False,
+    train_mb_size: int = 32,
+    epochs: int = 10,
+    spies: tuple = (),
+    **overrides,
+) -> tuple[nn.Module, nn.Module, GeniferPlugin, tuple[torch.Tensor, torch.Tensor]]:
+    """The user CNN after the first experience (a frozen copy), after the second with
+    ``replay(x, y)`` over the training images as the replay (Adam, or plain SGD with ``sgd``, so
+    that a parameter without gradient keeps its value exactly), the plugin, the test images."""
     xtr, ytr, xte, yte = _digits16()
     bench = tensor_benchmark(xtr, ytr, xte, yte, n_experiences=2, class_order=[0, 1, 2, 3])
     seed_everything(0)
@@ -116,17 +124,33 @@ def _classifier_update(
         progress=False,
     ).merged({"replay": {"crop_pad": 0, **overrides}})
     plugin = GeniferPlugin(feature_layer=layer, config=cfg)
+    optimizer = (
+        torch.optim.SGD(model.parameters(), lr=0.05)
+        if sgd
+        else torch.optim.Adam(model.parameters(), lr=1e-3)
+    )
     strategy = Naive(
         model=model,
-        optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
-        train_mb_size=32,
+        optimizer=optimizer,
+        train_mb_size=train_mb_size,
         train_epochs=epochs,
         evaluator=EvaluationPlugin(accuracy_metrics(experience=True), loggers=[]),
-        plugins=[plugin],
+        plugins=[plugin, *spies],
     )
     strategy.train(bench.train_stream[0])
+    before = frozen_copy(model)
     plugin.gan.generator_ema = replay(xtr, ytr)
     strategy.train(bench.train_stream[1])
+    return before, model, plugin, (xte, yte)
+
+
+def _classifier_update(
+    layer: str, epochs: int = 10, replay: type = _RealReplay, **overrides
+) -> tuple[float, float]:
+    """Accuracy on old (0, 1) and new (2, 3) classes after the second experience."""
+    _, model, plugin, (xte, yte) = _second_experience(
+        layer, replay=replay, epochs=epochs, **overrides
+    )
     model.eval()
     with torch.no_grad():
         pred = plugin.mask_logits(model(xte)).argmax(1)
@@ -245,32 +269,12 @@ def test_stats_weight_with_the_whole_classifier_pass_and_convs_after_the_feature
     assert math.isfinite(summary["conv_stats"]) and math.isfinite(summary["class_ce"])
 
 
-def _replay_update(seed_model: int = 0, **overrides) -> tuple[nn.Module, nn.Module, GeniferPlugin]:
-    """The user CNN before and after one epoch of the second experience with real images as
-    the replay (plain SGD, so a parameter without gradient keeps its value exactly)."""
-    xtr, ytr, xte, yte = _digits16()
-    bench = tensor_benchmark(xtr, ytr, xte, yte, n_experiences=2, class_order=[0, 1, 2, 3])
-    seed_everything(seed_model)
-    model = UserCNN()
-    cfg = GeniferConfig(
-        generator={"output_range": (0.0, 1.0)},
-        gan={"steps_first": 0, "stop": "fixed", "measure_fidelity": False},
-        progress=False,
-    ).merged({"replay": {"crop_pad": 0, **overrides}})
-    plugin = GeniferPlugin(feature_layer="block3", config=cfg)
-    strategy = Naive(
-        model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
-        train_mb_size=16,
-        train_epochs=1,
-        evaluator=EvaluationPlugin(accuracy_metrics(experience=True), loggers=[]),
-        plugins=[plugin],
+def _replay_update(**overrides) -> tuple[nn.Module, nn.Module, GeniferPlugin]:
+    """The user CNN before and after one epoch of the second experience (SGD, 16 images)."""
+    before, after, plugin, _ = _second_experience(
+        "block3", sgd=True, train_mb_size=16, epochs=1, **overrides
     )
-    strategy.train(bench.train_stream[0])
-    before = frozen_copy(model)
-    plugin.gan.generator_ema = _RealReplay(xtr, ytr)
-    strategy.train(bench.train_stream[1])
-    return before, model, plugin
+    return before, after, plugin
 
 
 def _changed(before: nn.Module, after: nn.Module, prefix: str) -> bool:
