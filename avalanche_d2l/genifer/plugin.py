@@ -126,7 +126,6 @@ class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
         self._detach: ReplayDetach | None = None
         self._replay: dict[str, Any] | None = None
         self._replay_classes: list[int] = []
-        self._current_classes: list[int] = []
 
     @property
     def generator(self) -> StyleGenerator | None:
@@ -156,7 +155,6 @@ class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
             head = output_linear(strategy.model, self.config.head_module)
             reinit_rows(head, [c for c in current if c not in self.seen_classes], self.rng)
         self.active_classes = sorted(set(self.seen_classes) | set(current))
-        self._current_classes = current
         ready = self.teacher is not None and self.generated_classes
         self._replay_classes = list(self.generated_classes) if ready else []
         if ready:
@@ -226,7 +224,8 @@ class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
         fd = self.feature_distance(r["s_feat"], r["t_feat"])
         if w.ce_classes == "current":  # the criterion over this experience's classes only
             logits = strategy.mb_output
-            strategy.mb_output = mask_inactive(logits, self._current_classes)
+            current = [int(c) for c in strategy.experience.classes_in_this_experience]
+            strategy.mb_output = mask_inactive(logits, current)
             try:
                 ce_current = strategy.criterion()
             finally:
