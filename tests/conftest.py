@@ -1,6 +1,8 @@
+import atexit
 import hashlib
 import os
 import pickle
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,6 +15,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 # Tests never read or fill the user's dreamer cache: they pretrain small stand-ins here.
 _CACHE = tempfile.mkdtemp(prefix="avalanche_d2l_test_cache_")
 os.environ["AVALANCHE_D2L_CACHE"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)  # one per test process
 # Tiny models: one thread is much faster than two on a shared, loaded 2-core machine.
 torch.set_num_threads(1)
 

@@ -102,7 +102,11 @@ class RunProgress(InteractiveLogger):
     @property
     def _progress(self):
         if self._pbar is None:
-            self._pbar = tqdm(leave=False, desc=self._label, file=sys.stderr, unit="it")
+            # shown whenever a run asks for progress: not switched off by a TQDM_DISABLE that
+            # happened to be set when tqdm was first imported
+            self._pbar = tqdm(
+                leave=False, desc=self._label, file=sys.stderr, unit="it", disable=False
+            )
         return self._pbar
 
     def before_training_exp(self, strategy, metric_values, **kwargs):
