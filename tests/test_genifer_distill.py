@@ -324,6 +324,8 @@ def test_bad_replay_choices_are_clear_errors():
         GeniferConfig(replay={"fd_on": "both"})
     with pytest.raises(ValueError, match=r"ce_classes must be one of \('seen', 'current'\)"):
         GeniferConfig(replay={"ce_classes": "all"})
+    with pytest.raises(ValueError, match="domain_weight must be >= 0"):
+        GeniferConfig(replay={"domain_weight": -1.0})
     assert GeniferConfig(replay={"fd_on": "real"}).fingerprint() != GeniferConfig().fingerprint()
 
 
@@ -338,3 +340,43 @@ def test_ce_classes_current_never_pushes_the_old_classes_down_on_real_images(ce_
     old_rows = [torch.equal(before.head.weight[c], after.head.weight[c]) for c in (0, 1)]
     assert not torch.equal(before.head.weight[2:], after.head.weight[2:])  # new classes learn
     assert all(old_rows) if ce_classes == "current" else not any(old_rows), old_rows
+
+
+def test_domain_confusion_probe_learns_and_its_gradient_reaches_the_features_reversed():
+    """The probe's own loss falls as its Adam steps; the features receive the negated gradient of
+    that loss (gradient reversal), so the classifier is pushed to confuse the probe."""
+    from avalanche_d2l.genifer.losses import DomainConfusion
+
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(16, 8, 3, 3, generator=gen)
+    feats[8:, 0] += 2.0  # the replayed rows (from row 8 on) differ in one channel
+    dc = DomainConfusion(8, lr=0.05, device="cpu")
+    first = float(dc.loss(feats, n_real=8))
+    for _ in range(20):
+        dc.loss(feats, n_real=8).backward()
+        dc.step()
+    assert float(dc.loss(feats, n_real=8)) < first - 0.1
+    x = feats.clone().requires_grad_(True)
+    dc.loss(x, n_real=8).backward()
+    pooled = feats.flatten(2).mean(2).requires_grad_(True)  # the same loss, without reversal
+    target = torch.cat([torch.zeros(8), torch.ones(8)])
+    F.binary_cross_entropy_with_logits(dc.probe(pooled).squeeze(1), target).backward()
+    direct = pooled.grad[:, :, None, None].expand_as(x) / 9  # the mean over the 3x3 map
+    torch.testing.assert_close(x.grad, -direct)
+
+
+def test_domain_confusion_keeps_old_classes_a_separable_replay_loses_at_the_new_ones_cost():
+    """With a replay the classifier can tell from real images (framed real images) and no other
+    help (``kd_real=0``): the control loses most old classes' real images; a strong domain
+    confusion keeps them, and costs new-class accuracy: in class-incremental learning the replay
+    holds only old classes and the real images only new ones, so "replay or real" is also
+    "old or new", which the term asks the features to forget."""
+    control_old, control_new = _classifier_update(
+        "block3", epochs=5, replay=_MarkedReplay, kd_real=0.0
+    )
+    old, new = _classifier_update(
+        "block3", epochs=5, replay=_MarkedReplay, kd_real=0.0, domain_weight=10.0
+    )
+    assert control_old < 0.5 and control_new >= 0.85, (control_old, control_new)
+    assert old >= control_old + 0.3, f"domain confusion kept {old:.2f}, control {control_old:.2f}"
+    assert new < control_new - 0.15, (new, control_new)

@@ -297,6 +297,12 @@ class ReplaySettings(ConfigBase):
             detached, so the layers up to it learn from real images only and the replay trains
             the layers above it, which see the features the GAN matched to real ones (the
             reference's ``"onlycurr"``; needs ``fd_on="real"`` or ``fd_weight=0``).
+        domain_weight: weight of a domain confusion term (0: off): a linear probe on the
+            feature layer's spatially pooled output learns to tell the mini-batch's replayed
+            rows from its real ones, and its loss reaches the classifier through a gradient
+            reversal, so the classifier's features stop telling them apart (the shortcut of
+            ``benchmarks/genifer_forgetting.py``). The probe starts at zero each experience and
+            has its own Adam (``domain_lr``).
     """
 
     ce_weight: float = 1.0
@@ -314,9 +320,17 @@ class ReplaySettings(ConfigBase):
     ce_classes: str = "seen"
     fd_on: str = "replay"
     trunk_from_replay: bool = True
+    domain_weight: float = 0.0
+    domain_lr: float = 0.001
 
     # added later: left out of the dict (and the hashes) at their defaults
-    omitted_at_default = {"ce_classes": "seen", "fd_on": "replay", "trunk_from_replay": True}
+    omitted_at_default = {
+        "ce_classes": "seen",
+        "fd_on": "replay",
+        "trunk_from_replay": True,
+        "domain_weight": 0.0,
+        "domain_lr": 0.001,
+    }
 
     def __post_init__(self) -> None:
         _check_choices(
@@ -338,6 +352,11 @@ class ReplaySettings(ConfigBase):
             )
         if self.ratio < 0:
             raise ValueError("GeniferConfig.replay.ratio must be >= 0")
+        if self.domain_weight < 0 or self.domain_lr <= 0:
+            raise ValueError(
+                "GeniferConfig.replay.domain_weight must be >= 0 (0: off) and domain_lr > 0, "
+                f"got {self.domain_weight} and {self.domain_lr}"
+            )
         if self.kd_real < 0:
             raise ValueError(
                 f"GeniferConfig.replay.kd_real must be >= 0 (0: off), got {self.kd_real}"

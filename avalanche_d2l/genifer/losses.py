@@ -7,8 +7,10 @@ import math
 from collections.abc import Sequence
 
 import torch
+from torch import nn
+from torch.nn import functional as F
 
-__all__ = ["feature_distance", "kd_loss"]
+__all__ = ["DomainConfusion", "feature_distance", "kd_loss"]
 
 
 def kd_loss(
@@ -42,3 +44,39 @@ def feature_distance(student: torch.Tensor, teacher: torch.Tensor, distance: str
     if distance == "rms":
         dist = dist / math.sqrt(diff.shape[1])
     return dist.mean()
+
+
+class _Reverse(torch.autograd.Function):
+    """Identity forward; the gradient negated on the way back."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+class DomainConfusion:
+    """A linear probe that tells replayed rows from real ones on pooled features, trained by its
+    own Adam; its loss returns through a gradient reversal, so minimising it (probe) also
+    pushes the features towards rows it cannot tell apart (the classifier). Starts at zero."""
+
+    def __init__(self, channels: int, lr: float, device):
+        self.probe = nn.Linear(channels, 1).to(device)
+        nn.init.zeros_(self.probe.weight)
+        nn.init.zeros_(self.probe.bias)
+        self.optimizer = torch.optim.Adam(self.probe.parameters(), lr=lr)
+
+    def loss(self, features: torch.Tensor, n_real: int) -> torch.Tensor:
+        """Binary cross-entropy of replay (rows from ``n_real`` on) against real."""
+        pooled = features.float().flatten(2).mean(2) if features.dim() > 2 else features.float()
+        logits = self.probe(_Reverse.apply(pooled)).squeeze(1)
+        target = torch.zeros_like(logits)
+        target[n_real:] = 1.0
+        return F.binary_cross_entropy_with_logits(logits, target)
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)

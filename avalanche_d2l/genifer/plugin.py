@@ -126,6 +126,7 @@ class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
         self._detach: ReplayDetach | None = None
         self._replay: dict[str, Any] | None = None
         self._replay_classes: list[int] = []
+        self._domain: losses.DomainConfusion | None = None  # per experience (replay.domain_weight)
 
     @property
     def generator(self) -> StyleGenerator | None:
@@ -210,6 +211,8 @@ class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
         n = self._replay["n_real"]
         self._replay["s_logits"] = out[n:]
         self._replay["s_feat"] = feats[:n] if self.config.replay.fd_on == "real" else feats[n:]
+        if self.config.replay.domain_weight > 0:
+            self._replay["s_feat_all"] = feats
         # the criterion and the training metrics see the real images only
         strategy.mb_output = out[:n]
         strategy.mbatch = [t[:n] for t in strategy.mbatch]
@@ -237,6 +240,17 @@ class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
         if w.kd_real > 0:  # strategy.mb_output holds the real images' (masked) logits
             kd_real = self.kd_loss(strategy.mb_output, r["t_real"])
             strategy.loss = strategy.loss + w.kd_real * kd_real
+        if w.domain_weight > 0:
+            feats = r["s_feat_all"]
+            if self._domain is None:
+                self._domain = losses.DomainConfusion(feats.shape[1], w.domain_lr, feats.device)
+            strategy.loss = strategy.loss + w.domain_weight * self._domain.loss(
+                feats, n_real=r["n_real"]
+            )
+
+    def after_backward(self, strategy, **kwargs) -> None:
+        if self._domain is not None and strategy.is_training:
+            self._domain.step()
 
     def _remove_detach(self) -> None:
         if self._detach is not None:
@@ -269,6 +283,7 @@ class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
             self._hook = None
         self._remove_detach()
         self._replay = None
+        self._domain = None
         exp = strategy.experience
         new = [int(c) for c in exp.classes_in_this_experience]
         self.seen_classes = sorted(set(self.seen_classes) | set(new))
