@@ -300,9 +300,12 @@ class ReplaySettings(ConfigBase):
         domain_weight: weight of a domain confusion term (0: off): a linear probe on the
             feature layer's spatially pooled output learns to tell the mini-batch's replayed
             rows from its real ones, and its loss reaches the classifier through a gradient
-            reversal, so the classifier's features stop telling them apart (the shortcut of
-            ``benchmarks/genifer_forgetting.py``). The probe starts at zero each experience and
-            has its own Adam (``domain_lr``).
+            reversal, which pushes the features to stop telling them apart (the shortcut of
+            ``benchmarks/genifer_forgetting.py``). The replay holds only old classes and the
+            real images only new ones, so it also pushes old and new classes together: a strong
+            weight keeps old classes and loses new ones (README, *Genifer*; not adopted). The
+            probe starts at zero each experience and has its own Adam (``domain_lr``); under
+            several processes each keeps its own probe.
     """
 
     ce_weight: float = 1.0
