@@ -12,6 +12,7 @@ say, each beside its control.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -143,6 +144,7 @@ def _second_experience(
     return before, model, plugin, (xte, yte)
 
 
+@functools.cache  # the same control serves several tests (deterministic: seeded inside)
 def _classifier_update(
     layer: str, epochs: int = 10, replay: type = _RealReplay, **overrides
 ) -> tuple[float, float]:

@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from avalanche_d2l.models.feature_gan_parts import channels_last_on_cpu
+from avalanche_d2l.models.heads import pool_features
 
 __all__ = [
     "Fidelity",
@@ -173,7 +174,7 @@ def diversity_ratio(
     same figure for the real images (feature maps are averaged over space first)."""
 
     def spread(f: torch.Tensor) -> float:
-        f = f.float().flatten(2).mean(2) if f.dim() > 2 else f.float()
+        f = pool_features(f.float())
         return float((f - f.mean(0)).square().sum(1).mean())
 
     out = {}

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from avalanche_d2l.models.heads import pool_features
+
 __all__ = ["DomainConfusion", "feature_distance", "kd_loss"]
 
 
@@ -71,8 +73,7 @@ class DomainConfusion:
 
     def loss(self, features: torch.Tensor, n_real: int) -> torch.Tensor:
         """Binary cross-entropy of replay (rows from ``n_real`` on) against real."""
-        pooled = features.float().flatten(2).mean(2) if features.dim() > 2 else features.float()
-        logits = self.probe(_Reverse.apply(pooled)).squeeze(1)
+        logits = self.probe(_Reverse.apply(pool_features(features.float()))).squeeze(1)
         target = torch.zeros_like(logits)
         target[n_real:] = 1.0
         return F.binary_cross_entropy_with_logits(logits, target)

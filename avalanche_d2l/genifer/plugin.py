@@ -249,7 +249,7 @@ class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
             )
 
     def after_backward(self, strategy, **kwargs) -> None:
-        if self._domain is not None and strategy.is_training:
+        if self._domain is not None:  # only while training with replay
             self._domain.step()
 
     def _remove_detach(self) -> None:
