@@ -1169,9 +1169,12 @@ def test_gan_checkpoint_loads_with_weights_only(tmp_path, monkeypatch):
     assert saved["next_step"] == 2 and set(saved["trainer"]) >= {"generator", "discriminator"}
 
 
-def test_killed_gan_phase_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("image_weight", [0.0, 1.0])
+def test_killed_gan_phase_resumes_exactly(tmp_path, image_weight):
+    """Also with the image discriminator (``gan.image_weight``): it and its optimiser are in the
+    checkpoint."""
     data = _phase_data()
-    cfg = SMALL_GAN.merged({"gan": {"checkpoint_every": 2}})
+    cfg = SMALL_GAN.merged({"gan": {"checkpoint_every": 2, "image_weight": image_weight}})
     kw = dict(feature_layer="block2", dataset=data, new_classes=[2, 3], old_classes=[0, 1], steps=6)
     ref, classifier = _trainer(cfg)
     ref.history.append({})
@@ -1204,6 +1207,16 @@ def test_killed_gan_phase_resumes_exactly(tmp_path):
         ref.discriminator.state_dict().values(), resumed.discriminator.state_dict().values()
     ):
         assert torch.equal(a, b)
+    if image_weight:
+        ref_di, res_di = ref.image_discriminator, resumed.image_discriminator
+        assert ref_di is not None and res_di is not None
+        for a, b in zip(ref_di.state_dict().values(), res_di.state_dict().values()):
+            assert torch.equal(a, b)
+        assert resumed.opt_di is not None and resumed.opt_di.state
+        pickled = dill.loads(dill.dumps(resumed))  # as a strategy checkpoint stores the trainer
+        assert pickled.opt_di is not None and len(pickled.opt_di.state) == len(resumed.opt_di.state)
+    else:
+        assert resumed.image_discriminator is None and "opt_di" not in resumed.state_dict()
 
 
 @pytest.mark.parametrize("content", ["truncated", "planted"])

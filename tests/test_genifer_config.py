@@ -157,6 +157,7 @@ def test_round_trip_through_json_and_fingerprint():
         ({"gan": {"stop_window": 0}}, "gan.stop_window must be >= 1"),
         ({"gan": {"class_weight": -0.5}}, "gan.class_weight must be >= 0"),
         ({"gan": {"stats_weight": -1}}, "gan.stats_weight must be >= 0"),
+        ({"gan": {"image_weight": -1}}, "gan.image_weight must be >= 0"),
     ],
 )
 def test_errors_name_the_key_path(section, message):

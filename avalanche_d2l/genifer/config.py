@@ -153,6 +153,12 @@ class GanSettings(ConfigBase):
             images of the experience instead of batch-norm running statistics. A model without
             ``nn.Conv2d`` layers gets no such term. Measured in the README's one-change table
             (tag ``stats1``): it raises the 28 px and coloured streams, lowers ``split_digits``.
+        image_weight: (an experiment, 0 by default: off) a second discriminator, of D's
+            architecture, reads the augmented *images* (real and replayed, with their labels),
+            trained with D's loss, optimiser and lazy R1; its generator loss is added to G's with
+            this weight. It aims at the replay's separability from real images, which D on the
+            classifier's features leaves high. Genifer's D never reads pixels; this one does, so
+            with it the method is no longer purely feature-driven.
         distill_std: per-channel std the self-distillation difference is divided by (the
             reference compares in mean/std-normalised space; ``None``: the classifier's input
             space, which is that space when the data is already normalised).
@@ -165,7 +171,12 @@ class GanSettings(ConfigBase):
 
     # records made before these fields keep their hashes (stop_window and probe_pool are always
     # written: their defaults differ from the rules those records ran with, so they hash apart)
-    omitted_at_default = {"keep_best": False, "class_weight": 0.0, "stats_weight": 0.0}
+    omitted_at_default = {
+        "keep_best": False,
+        "class_weight": 0.0,
+        "stats_weight": 0.0,
+        "image_weight": 0.0,
+    }
 
     steps_first: int = 800
     steps: int = 800
@@ -195,6 +206,7 @@ class GanSettings(ConfigBase):
     distill_weight: float = 10.0
     class_weight: float = 0.0
     stats_weight: float = 0.0
+    image_weight: float = 0.0
     distill_std: tuple[float, ...] | None = None
     checkpoint_every: int = 0
     real_cache_mb: float = 512.0
@@ -226,6 +238,10 @@ class GanSettings(ConfigBase):
         if self.stats_weight < 0:
             raise ValueError(
                 f"GeniferConfig.gan.stats_weight must be >= 0 (0: off), got {self.stats_weight}"
+            )
+        if self.image_weight < 0:
+            raise ValueError(
+                f"GeniferConfig.gan.image_weight must be >= 0 (0: off), got {self.image_weight}"
             )
         if self.class_weight < 0:
             raise ValueError(

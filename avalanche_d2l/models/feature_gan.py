@@ -13,6 +13,10 @@ optimisers and the adaptive augmentation, and runs one *GAN phase* after an expe
    ``gan.distill_weight * n_old / n_new * L1(G(z, y_old) - G_prev(z, y_old))`` (same z, noise);
 5. EMA of G; 6. adaptation of the augmentation probability.
 
+With ``gan.image_weight > 0`` (an experiment, off by default) a second discriminator of D's
+architecture reads the augmented images themselves (step 3 trains it the same way, step 4 adds
+its generator loss with that weight): Genifer's own D never reads pixels.
+
 A phase can write a checkpoint every ``gan.checkpoint_every`` steps (atomically) and resumes from
 it exactly when it is started again with the same checkpoint path (the file is removed when the
 phase ends).
@@ -98,8 +102,11 @@ class FeatureGANTrainer:
         self.generator: StyleGenerator | None = None
         self.generator_ema: StyleGenerator | None = None
         self.discriminator: FeatureDiscriminator | None = None
+        # gan.image_weight > 0 (an experiment): a second D on the augmented images themselves
+        self.image_discriminator: FeatureDiscriminator | None = None
         self.opt_g: torch.optim.Optimizer | None = None
         self.opt_d: torch.optim.Optimizer | None = None
+        self.opt_di: torch.optim.Optimizer | None = None
         self.ada_interval = augment.interval
         self.ada = AdaptiveAugment(
             config=augment.ops, target=augment.target, p_max=augment.p_max, kimg=augment.kimg
@@ -113,10 +120,13 @@ class FeatureGANTrainer:
         self.generator_ema = frozen_copy(generator)  # type: ignore[assignment]
 
     def build_discriminator(self, feature_shape: Sequence[int], num_classes: int) -> None:
+        self.discriminator = self._new_discriminator(feature_shape, num_classes)
+
+    def _new_discriminator(self, shape: Sequence[int], num_classes: int) -> FeatureDiscriminator:
         d = self.discriminator_settings
-        self.discriminator = FeatureDiscriminator(
+        return FeatureDiscriminator(
             config=DiscriminatorConfig(
-                feature_shape=tuple(feature_shape),
+                feature_shape=tuple(shape),
                 num_classes=num_classes,
                 channels=d.channels,
                 mbstd_group=d.mbstd_group,
@@ -147,9 +157,15 @@ class FeatureGANTrainer:
             eps=1e-8,
             foreach=True,  # one call per step, not one per tensor (the same numbers, bitwise)
         )
+        self.opt_d = self._d_adam(self.discriminator)
+        self.opt_di = None
+        if self.image_discriminator is not None:
+            self.opt_di = self._d_adam(self.image_discriminator)
+
+    def _d_adam(self, discriminator: nn.Module) -> torch.optim.Optimizer:
         lr_d, betas_d, _ = self.d_adam_settings()
-        self.opt_d = torch.optim.Adam(
-            self.discriminator.parameters(),
+        return torch.optim.Adam(
+            discriminator.parameters(),
             lr=lr_d,  # type: ignore
             betas=betas_d,
             eps=1e-8,
@@ -174,15 +190,16 @@ class FeatureGANTrainer:
         state = self.__dict__.copy()
         # torch optimisers do not always survive dill (a sentinel in torch's step wrapper):
         # keep their state_dicts and rebuild them in __setstate__
-        for name in ("opt_g", "opt_d"):
-            opt = state.pop(name)
+        for name in ("opt_g", "opt_d", "opt_di"):
+            opt = state.pop(name, None)
             state[f"_{name}_state"] = None if opt is None else opt.state_dict()
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        opt_states = {n: state.pop(f"_{n}_state", None) for n in ("opt_g", "opt_d")}
+        opt_states = {n: state.pop(f"_{n}_state", None) for n in ("opt_g", "opt_d", "opt_di")}
+        state.setdefault("image_discriminator", None)  # pickled before the field existed
         self.__dict__.update(state)
-        self.opt_g = self.opt_d = None
+        self.opt_g = self.opt_d = self.opt_di = None
         if (
             opt_states["opt_g"] is not None
             and self.generator is not None
@@ -191,6 +208,8 @@ class FeatureGANTrainer:
             self.make_optimizers()
             self.opt_g.load_state_dict(opt_states["opt_g"])  # type: ignore[union-attr]
             self.opt_d.load_state_dict(opt_states["opt_d"])  # type: ignore[union-attr]
+            if self.opt_di is not None and opt_states["opt_di"] is not None:
+                self.opt_di.load_state_dict(opt_states["opt_di"])
 
     def state_dict(self) -> dict[str, Any]:
         def sd(m):
@@ -206,6 +225,16 @@ class FeatureGANTrainer:
             "discriminator": sd(self.discriminator),
             "opt_g": sd(self.opt_g),
             "opt_d": sd(self.opt_d),
+            # only with gan.image_weight > 0: earlier states keep their keys
+            **(
+                {}
+                if self.image_discriminator is None
+                else {
+                    "image_discriminator_config": asdict(self.image_discriminator.config),
+                    "image_discriminator": sd(self.image_discriminator),
+                    "opt_di": sd(self.opt_di),
+                }
+            ),
             "ada": self.ada.state_dict(),
             "gan_nimg": self.gan_nimg,
             "history": deepcopy(self.history),
@@ -223,11 +252,19 @@ class FeatureGANTrainer:
                 config=DiscriminatorConfig(**state["discriminator_config"])
             )
             self.discriminator.load_state_dict(state["discriminator"])
-        self.opt_g = self.opt_d = None
+        self.image_discriminator = None
+        if state.get("image_discriminator_config") is not None:
+            self.image_discriminator = FeatureDiscriminator(
+                config=DiscriminatorConfig(**state["image_discriminator_config"])
+            )
+            self.image_discriminator.load_state_dict(state["image_discriminator"])
+        self.opt_g = self.opt_d = self.opt_di = None
         if state["opt_g"] is not None:
             self.make_optimizers()
             self.opt_g.load_state_dict(state["opt_g"])  # type: ignore[union-attr]
             self.opt_d.load_state_dict(state["opt_d"])  # type: ignore[union-attr]
+            if self.opt_di is not None and state.get("opt_di") is not None:
+                self.opt_di.load_state_dict(state["opt_di"])
         self.ada.load_state_dict(state["ada"])
         self.gan_nimg = int(state["gan_nimg"])
         self.history = deepcopy(state["history"])
@@ -281,9 +318,23 @@ class FeatureGANTrainer:
         device_layout(G, device).train()  # channels-last on CPU (D reads small maps: no gain)
         device_layout(G_ema, device)
         D.to(device).train()
+        fresh_di = cfg.image_weight > 0 and self.image_discriminator is None
+        if fresh_di:  # built from the generator's image shape, its weights from the trainer's rng
+            gc = G.config
+            shape = (gc.img_channels, *(gc.output_size or (gc.resolution, gc.resolution)))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(torch.randint(2**31, (1,), generator=self.rng)))
+                self.image_discriminator = self._new_discriminator(shape, gc.num_classes)
+        DI = self.image_discriminator if cfg.image_weight > 0 else None
+        if DI is not None:
+            DI.to(device).train()
         if cfg.optimizer_reset or self.opt_g is None or self.opt_d is None:
             self.make_optimizers()  # reference: new Adams every phase
-        for opt in (self.opt_g, self.opt_d):  # optimiser state follows the models' device
+        elif fresh_di:  # switched on after an earlier phase: G's and D's Adams are kept
+            self.opt_di = self._d_adam(DI)  # type: ignore[arg-type]
+        for opt in (self.opt_g, self.opt_d, self.opt_di):  # optimiser state follows the device
+            if opt is None:
+                continue
             for st in opt.state.values():  # type: ignore[union-attr]
                 for k, v in st.items():
                     if torch.is_tensor(v) and k != "step":
@@ -318,6 +369,9 @@ class FeatureGANTrainer:
             sums["class_ce"] = 0.0
         if conv_stats is not None:
             sums["conv_stats"] = 0.0
+        if DI is not None:
+            sums["loss_d_image"] = 0.0
+            sums["r1_image"] = 0.0
         start = 0
         key = {
             "experience": int(experience),
@@ -333,11 +387,9 @@ class FeatureGANTrainer:
                 start = self._restore_checkpoint(saved, g_prev, real_iter, device)
                 sums = saved["sums"]
                 G, G_ema, D = self.generator, self.generator_ema, self.discriminator
+                DI = self.image_discriminator if cfg.image_weight > 0 else None
         t0 = time.perf_counter()
         done = start
-
-        def features(x: torch.Tensor) -> torch.Tensor:
-            return tap(classifier, self.ada(x, generator=self.rng))
 
         seen = sorted(set(new) | set(old))
         to_seen = torch.full((max(seen) + 1,), -1, dtype=torch.long)
@@ -378,15 +430,15 @@ class FeatureGANTrainer:
                     fake = G(z, y_real, noise)
                     if conv_stats is not None:
                         conv_stats.active = True
+                    aug_fake = self.ada(fake, generator=self.rng)
                     if cfg.class_weight > 0:  # the whole classifier: its logits as well
-                        f_fake, logits = tap.with_output(
-                            classifier, self.ada(fake, generator=self.rng)
-                        )
+                        f_fake, logits = tap.with_output(classifier, aug_fake)
                     else:
-                        f_fake = features(fake)
+                        f_fake = tap(classifier, aug_fake)
                     s_fake = conv_stats.take() if conv_stats is not None else None
                     with torch.no_grad():
-                        f_real = features(x_real)
+                        aug_real = self.ada(x_real, generator=self.rng)
+                        f_real = tap(classifier, aug_real)
                     if conv_stats is not None:
                         s_real = conv_stats.take()
                         conv_stats.active = False
@@ -406,11 +458,31 @@ class FeatureGANTrainer:
                     sums["r1"] += float(r1.detach())
                 self.ada.accumulate(d_real)
                 step_opt(self.opt_d, loss_d)  # type: ignore[arg-type]
+                if DI is not None:  # the same loss and lazy R1 on the (augmented) images
+                    x_r = aug_real.detach().float()
+                    if do_r1:
+                        x_r = x_r.requires_grad_(True)
+                    with acc.autocast():
+                        di_fake = DI(aug_fake.detach(), y_real)
+                    with nullcontext() if do_r1 else acc.autocast():
+                        di_real = DI(x_r, y_real)
+                    loss_di = F.softplus(di_fake).mean() + F.softplus(-di_real).mean()
+                    if do_r1:
+                        (grad,) = torch.autograd.grad(di_real.float().sum(), x_r, create_graph=True)
+                        r1_i = grad.square().flatten(1).sum(1).mean()
+                        loss_di = loss_di + r1_i * (cfg.r1_gamma / 2) * r1_factor
+                        sums["r1_image"] += float(r1_i.detach())
+                    step_opt(self.opt_di, loss_di)  # type: ignore[arg-type]
+                    sums["loss_d_image"] += float(loss_di.detach())
+                    DI.requires_grad_(False)
                 # 4. generator step: fool the updated D through the frozen classifier, plus
                 #    L1 self-distillation to the previous generator on old classes (same z, noise)
                 D.requires_grad_(False)
                 with acc.autocast():
                     loss_g = F.softplus(-D(f_fake, y_real)).mean()
+                    if DI is not None:  # ... and the image discriminator
+                        g_img = F.softplus(-DI(aug_fake, y_real)).mean()
+                        loss_g = loss_g + cfg.image_weight * g_img
                     if cfg.class_weight > 0:  # conditioning strength: the label's class
                         ce = F.cross_entropy(logits[:, seen].float(), to_seen[y_real])
                         loss_g = loss_g + cfg.class_weight * ce
@@ -434,6 +506,8 @@ class FeatureGANTrainer:
                         sums["distill"] += float(distill.detach())
                 step_opt(self.opt_g, loss_g)  # type: ignore[arg-type]
                 D.requires_grad_(True)
+                if DI is not None:
+                    DI.requires_grad_(True)
                 # 5. EMA of G
                 self.gan_nimg += batch
                 beta = self.ema_beta(step, steps, batch)
@@ -512,8 +586,12 @@ class FeatureGANTrainer:
         device_layout(self.generator, device).train()  # type: ignore[arg-type]
         device_layout(self.generator_ema, device)  # type: ignore[arg-type]
         self.discriminator.to(device).train()  # type: ignore[union-attr]
+        if self.image_discriminator is not None:
+            self.image_discriminator.to(device).train()
         self.ada.to(device)
-        for opt in (self.opt_g, self.opt_d):
+        for opt in (self.opt_g, self.opt_d, self.opt_di):
+            if opt is None:
+                continue
             for st in opt.state.values():  # type: ignore[union-attr]
                 for k, v in st.items():
                     if torch.is_tensor(v) and k != "step":
