@@ -158,6 +158,7 @@ def test_round_trip_through_json_and_fingerprint():
         ({"gan": {"class_weight": -0.5}}, "gan.class_weight must be >= 0"),
         ({"gan": {"stats_weight": -1}}, "gan.stats_weight must be >= 0"),
         ({"gan": {"image_weight": -1}}, "gan.image_weight must be >= 0"),
+        ({"gan": {"max_separability": 0.3}}, "gan.max_separability must be between 0.5"),
     ],
 )
 def test_errors_name_the_key_path(section, message):
@@ -277,3 +278,35 @@ def test_stop_window_ends_a_phase_on_checks_that_pass_on_average_not_on_one_luck
     earlier = GeniferConfig.from_dict({"gan": {"stop_window": 1}})
     assert GeniferConfig.from_dict(earlier.to_dict()).gan.stop_window == 1
     assert earlier.fingerprint() != GeniferConfig().fingerprint()
+
+
+def test_max_separability_keeps_a_phase_going_until_the_replay_is_hard_to_tell_from_real(
+    monkeypatch,
+):
+    """Every class passes from the first check on; the separability probe (scripted) falls
+    1.0, 0.95, 0.8, 0.7, 0.6. Without ``max_separability`` (the control) the phase ends at the
+    second check (the first always improves on nothing); with 0.75 only once a check measures
+    0.75 or less (one-check window), and the trace records the figure."""
+    import torch
+
+    from avalanche_d2l.genifer import monitor as monitor_mod
+    from avalanche_d2l.genifer.monitor import StopRule
+
+    monkeypatch.setattr(monitor_mod, "replay_pool", lambda *a, **k: (None, None))
+    monkeypatch.setattr(monitor_mod, "probe_accuracy", lambda *a, **k: {0: 0.95, 1: 0.95})
+
+    def first_stop(max_sep: float | None) -> tuple[int | None, object]:
+        seps = iter([1.0, 0.95, 0.8, 0.7, 0.6])
+        monkeypatch.setattr(monitor_mod, "separability", lambda *a, **k: next(seps))
+        rule = StopRule(min_delta=1.0, min_steps=0, max_separability=max_sep)
+        m = _two_class_monitor(torch.nn.Linear(2, 2), rule)
+        stop = next((50 * k for k in range(1, 6) if m(50 * k)), None)
+        return stop, m.trace
+
+    stop, trace = first_stop(None)
+    assert stop == 100 and "separability" not in trace[0]
+    stop, trace = first_stop(0.75)
+    assert stop == 200 and [t["separability"] for t in trace] == [1.0, 0.95, 0.8, 0.7]
+    assert GeniferConfig().gan.max_separability is None
+    asked = GeniferConfig.from_dict({"gan": {"max_separability": 0.75}})
+    assert asked.fingerprint() != GeniferConfig().fingerprint()

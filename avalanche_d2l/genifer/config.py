@@ -118,6 +118,12 @@ class GanSettings(ConfigBase):
             probe measures the replay once more; a class below the threshold then is named in
             a warning and in the phase's summary, whether the phase stopped early or at the
             cap. ``"fixed"`` (the reference): exactly ``steps_first`` / ``steps`` steps.
+        max_separability: (an experiment, ``None`` by default: not asked) with
+            ``stop="fidelity"``, every check also trains a probe to tell the replay from real
+            images (balanced accuracy on held-out images, 0.5 = indistinguishable), and the phase
+            may end only when that figure, averaged over the same ``stop_window`` checks, is at
+            most this. The fidelity test alone passes long before the replay stops being
+            separable (``benchmarks/genifer_separability.py``).
         measure_fidelity: measure the replay's fidelity after every phase (see
             :mod:`avalanche_d2l.genifer.fidelity`): ``holdout`` of the experience's images are
             held out of the GAN phase for it; ``probe_steps`` trains each probe; its head sees
@@ -176,6 +182,7 @@ class GanSettings(ConfigBase):
         "class_weight": 0.0,
         "stats_weight": 0.0,
         "image_weight": 0.0,
+        "max_separability": None,
     }
 
     steps_first: int = 800
@@ -186,6 +193,7 @@ class GanSettings(ConfigBase):
     threshold: float = 0.85
     min_delta: float = 0.01
     stop_window: int = 3
+    max_separability: float | None = None
     measure_fidelity: bool = True
     holdout: float = 0.2
     probe_steps: int = 120
@@ -229,6 +237,11 @@ class GanSettings(ConfigBase):
             raise ValueError(
                 f"GeniferConfig.gan.stop_window must be >= 1 (1: the latest check alone), "
                 f"got {self.stop_window}"
+            )
+        if self.max_separability is not None and not 0.5 <= self.max_separability <= 1.0:
+            raise ValueError(
+                "GeniferConfig.gan.max_separability must be between 0.5 (replay and real images "
+                f"indistinguishable) and 1.0, or null (not asked), got {self.max_separability}"
             )
         if self.probe_pool < 1:
             raise ValueError(

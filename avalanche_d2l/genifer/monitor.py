@@ -26,6 +26,7 @@ from avalanche_d2l.genifer.fidelity import (
     measure_fidelity,
     probe_accuracy,
     replay_pool,
+    separability,
 )
 from avalanche_d2l.models.feature_gan_parts import FeatureTap
 
@@ -51,12 +52,16 @@ class StopRule:
         min_steps: no stop before this many steps (the floor).
         window: the checks are judged on each class's accuracy averaged over the last this
             many checks (1: the latest check alone), so that one lucky probe cannot end a phase.
+        max_separability: (``None``: not asked) every check also measures how well a probe
+            tells the replay from real images; the phase may end only when that figure,
+            averaged over the same window, is at most this.
     """
 
     threshold: float = 0.85
     min_delta: float = 0.01
     min_steps: int = 100
     window: int = 1
+    max_separability: float | None = None
 
 
 def _load(ds, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,7 +165,11 @@ class ReplayMonitor:
             real_train=(real_train[0].to(device), real_train[1].to(device)),
             real_test=(real_test[0].to(device), real_test[1].to(device)),
             rule=StopRule(
-                settings.threshold, settings.min_delta, settings.min_steps, settings.stop_window
+                settings.threshold,
+                settings.min_delta,
+                settings.min_steps,
+                settings.stop_window,
+                settings.max_separability,
             ),
             settings=ProbeSettings(steps=settings.probe_steps, pool=settings.probe_pool),
             seed=probe_seed,
@@ -180,13 +189,15 @@ class ReplayMonitor:
         device = self.real_test[0].device
         rx, ry = replay_pool(self.sample, self.classes, self.settings.n_per_class, device)
         acc = probe_accuracy(rx, ry, *self.real_test, self.classes, self.settings, self.rng)
-        self.trace.append(
-            {
-                "step": int(step),
-                "probe": {str(c): a for c, a in acc.items()},
-                "wall_s": time.perf_counter() - t0,
-            }
-        )
+        check: dict[str, Any] = {"step": int(step), "probe": {str(c): a for c, a in acc.items()}}
+        if self.rule.max_separability is not None:  # replay against real, on held-out images
+            n_test = max(1, len(self.real_test[1]) // len(self.classes))
+            rx2, _ = replay_pool(self.sample, self.classes, n_test, device)
+            check["separability"] = separability(
+                rx, self.real_train[0], rx2, self.real_test[0], self.settings, self.rng
+            )
+        check["wall_s"] = time.perf_counter() - t0
+        self.trace.append(check)
         latest_worst = min(acc.values())
         if self.keep_best and (self.best_check is None or latest_worst > self.best_check[0]):
             state = {k: v.detach().clone() for k, v in self.generator.state_dict().items()}
@@ -196,6 +207,9 @@ class ReplayMonitor:
         judged = [sum(t["probe"][str(c)] for t in last) / len(last) for c in acc]
         mean, worst = sum(judged) / len(judged), min(judged)
         passed = worst >= self.rule.threshold
+        if self.rule.max_separability is not None:
+            sep = sum(t["separability"] for t in last) / len(last)
+            passed = passed and sep <= self.rule.max_separability
         improving = mean > self.best + self.rule.min_delta
         self.best = max(self.best, mean)
         return passed and not improving
