@@ -215,10 +215,9 @@ def _gan_phase(teacher, bench, layer: str, gan: dict, steps: int) -> tuple[Genif
     return plugin, plugin.train_gan(experience=bench.train_stream[0], steps=steps)
 
 
-def test_stats_weight_pulls_every_conv_layers_statistics_towards_real():
-    """D reads the pooled vector (64 values): without the term (its control, weight 0) the
-    replay's per-channel statistics in the three conv layers stay far from the real images';
-    with ``gan.stats_weight=1`` they come much closer after the same 100 steps and seed."""
+def _first_classes_teacher():
+    """The 4-class, 16 px digits stream, the user CNN trained on its classes 0 and 1 (80 Adam
+    steps, seed 0) and frozen, and those classes' training images and labels."""
     xtr, ytr, _, _ = _digits16()
     bench = tensor_benchmark(xtr, ytr, xtr[:8], ytr[:8], n_experiences=2, class_order=[0, 1, 2, 3])
     seed_everything(0)
@@ -229,16 +228,29 @@ def test_stats_weight_pulls_every_conv_layers_statistics_towards_real():
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
-    teacher = frozen_copy(model)
+    return bench, frozen_copy(model), x, y
+
+
+def _pooled_d_replay(teacher, bench, labels: torch.Tensor, **gan) -> tuple[torch.Tensor, dict]:
+    """The replay of ``labels`` after a 100-step phase (seed 0) with D on the pooled vector and
+    ``gan`` on top of a batch of 32, and the phase's summary."""
+    seed_everything(0)
+    gan = {"batch_size": 32, "ema_kimg": 0.5, **gan}
+    plugin, summary = _gan_phase(teacher, bench, "pool", gan, steps=100)
+    fake = plugin.generator_ema.generate(
+        len(labels), labels, generator=torch.Generator().manual_seed(1)
+    )
+    return fake, summary
+
+
+def test_stats_weight_pulls_every_conv_layers_statistics_towards_real():
+    """D reads the pooled vector (64 values): without the term (its control, weight 0) the
+    replay's per-channel statistics in the three conv layers stay far from the real images';
+    with ``gan.stats_weight=1`` they come much closer after the same 100 steps and seed."""
+    bench, teacher, x, y = _first_classes_teacher()
 
     def stats_gap(weight: float) -> tuple[float, dict]:
-        seed_everything(0)
-        gan = {"batch_size": 32, "stats_weight": weight, "ema_kimg": 0.5}
-        plugin, summary = _gan_phase(teacher, bench, "pool", gan, steps=100)
-        labels = y[:128]
-        fake = plugin.generator_ema.generate(
-            len(labels), labels, generator=torch.Generator().manual_seed(1)
-        )
+        fake, summary = _pooled_d_replay(teacher, bench, y[:128], stats_weight=weight)
         stats = ConvStats(teacher)
         try:
             stats.active = True
@@ -390,26 +402,10 @@ def test_image_weight_pulls_the_replays_pixels_towards_real_images():
     their pixels differ. ``gan.image_weight=1`` adds a discriminator on the images: after the
     same 100 steps and seed, the replay's per-pixel mean and spread are closer to the real
     images' than without it (the control, weight 0), and the summary reports its loss."""
-    xtr, ytr, _, _ = _digits16()
-    bench = tensor_benchmark(xtr, ytr, xtr[:8], ytr[:8], n_experiences=2, class_order=[0, 1, 2, 3])
-    seed_everything(0)
-    model = UserCNN()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x, y = xtr[ytr < 2], ytr[ytr < 2]
-    for _ in range(80):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    teacher = frozen_copy(model)
+    bench, teacher, x, y = _first_classes_teacher()
 
     def pixel_gap(weight: float) -> tuple[float, dict]:
-        seed_everything(0)
-        gan = {"batch_size": 32, "image_weight": weight, "ema_kimg": 0.5}
-        plugin, summary = _gan_phase(teacher, bench, "pool", gan, steps=100)
-        labels = y[:256]
-        fake = plugin.generator_ema.generate(
-            len(labels), labels, generator=torch.Generator().manual_seed(1)
-        )
+        fake, summary = _pooled_d_replay(teacher, bench, y[:256], image_weight=weight)
         real = x[:256]
         gap = (fake.mean(0) - real.mean(0)).abs().mean() + (fake.std(0) - real.std(0)).abs().mean()
         return float(gap), summary

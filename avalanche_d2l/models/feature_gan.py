@@ -405,6 +405,22 @@ class FeatureGANTrainer:
             else:
                 opt.step()
 
+        def d_loss(disc: nn.Module, fake_in, real_in, labels, do_r1: bool):
+            """``disc``'s loss on a fake and a real batch, with the lazy R1 penalty on the real
+            inputs when ``do_r1``: ``(loss, D(real), R1 or None)``."""
+            if do_r1:
+                real_in = real_in.detach().float().requires_grad_(True)
+            with acc.autocast():
+                d_fake = disc(fake_in.detach(), labels)
+            with nullcontext() if do_r1 else acc.autocast():
+                d_real = disc(real_in, labels)
+            loss = F.softplus(d_fake).mean() + F.softplus(-d_real).mean()
+            if not do_r1:
+                return loss, d_real, None
+            (grad,) = torch.autograd.grad(d_real.float().sum(), real_in, create_graph=True)
+            r1 = grad.square().flatten(1).sum(1).mean()
+            return loss + r1 * (cfg.r1_gamma / 2) * r1_factor, d_real, r1.detach()
+
         bar = tqdm(
             range(start, steps),
             desc=f"Genifer GAN (classes {new})",
@@ -444,34 +460,15 @@ class FeatureGANTrainer:
                         conv_stats.active = False
                 # 3. discriminator step: softplus(D(fake)) + softplus(-D(real)) (+ lazy R1)
                 do_r1 = cfg.r1_gamma > 0 and step % cfg.r1_interval == 0
-                if do_r1:
-                    f_real = f_real.detach().float().requires_grad_(True)
-                with acc.autocast():
-                    d_fake = D(f_fake.detach(), y_real)
-                with nullcontext() if do_r1 else acc.autocast():
-                    d_real = D(f_real, y_real)
-                loss_d = F.softplus(d_fake).mean() + F.softplus(-d_real).mean()
-                if do_r1:
-                    (grad,) = torch.autograd.grad(d_real.float().sum(), f_real, create_graph=True)
-                    r1 = grad.square().flatten(1).sum(1).mean()
-                    loss_d = loss_d + r1 * (cfg.r1_gamma / 2) * r1_factor
-                    sums["r1"] += float(r1.detach())
+                loss_d, d_real, r1 = d_loss(D, f_fake, f_real, y_real, do_r1)
+                if r1 is not None:
+                    sums["r1"] += float(r1)
                 self.ada.accumulate(d_real)
                 step_opt(self.opt_d, loss_d)  # type: ignore[arg-type]
                 if DI is not None:  # the same loss and lazy R1 on the (augmented) images
-                    x_r = aug_real.detach().float()
-                    if do_r1:
-                        x_r = x_r.requires_grad_(True)
-                    with acc.autocast():
-                        di_fake = DI(aug_fake.detach(), y_real)
-                    with nullcontext() if do_r1 else acc.autocast():
-                        di_real = DI(x_r, y_real)
-                    loss_di = F.softplus(di_fake).mean() + F.softplus(-di_real).mean()
-                    if do_r1:
-                        (grad,) = torch.autograd.grad(di_real.float().sum(), x_r, create_graph=True)
-                        r1_i = grad.square().flatten(1).sum(1).mean()
-                        loss_di = loss_di + r1_i * (cfg.r1_gamma / 2) * r1_factor
-                        sums["r1_image"] += float(r1_i.detach())
+                    loss_di, _, r1_i = d_loss(DI, aug_fake, aug_real, y_real, do_r1)
+                    if r1_i is not None:
+                        sums["r1_image"] += float(r1_i)
                     step_opt(self.opt_di, loss_di)  # type: ignore[arg-type]
                     sums["loss_d_image"] += float(loss_di.detach())
                     DI.requires_grad_(False)
