@@ -297,7 +297,7 @@ def test_max_separability_keeps_a_phase_going_until_the_replay_is_hard_to_tell_f
 
     def first_stop(max_sep: float | None) -> tuple[int | None, object]:
         seps = iter([1.0, 0.95, 0.8, 0.7, 0.6])
-        monkeypatch.setattr(monitor_mod, "separability", lambda *a, **k: next(seps))
+        monkeypatch.setattr(monitor_mod, "replay_separability", lambda *a, **k: next(seps))
         rule = StopRule(min_delta=1.0, min_steps=0, max_separability=max_sep)
         m = _two_class_monitor(torch.nn.Linear(2, 2), rule)
         stop = next((50 * k for k in range(1, 6) if m(50 * k)), None)

@@ -37,6 +37,7 @@ __all__ = [
     "diversity_ratio",
     "measure_fidelity",
     "probe_accuracy",
+    "replay_separability",
     "separability",
 ]
 
@@ -269,6 +270,22 @@ def measure_fidelity(
         f_real = features(real_train[0][:2048])
     div = diversity_ratio(f_replay, ry, f_real, real_train[1][:2048])
     # 4. can a probe tell replay from real? (trained on GAN-phase images, tested on held-out)
-    rx2, _ = replay_pool(sample, classes, max(1, len(real_test[1]) // len(classes)), device)
-    sep = separability(rx, real_train[0], rx2, real_test[0], settings, rng)
+    sep = replay_separability(sample, rx, real_train, real_test, classes, settings, rng)
     return Fidelity(probe, probe_real, cls_acc, div, sep)
+
+
+def replay_separability(
+    sample: Sampler,
+    replay: torch.Tensor,
+    real_train: tuple[torch.Tensor, torch.Tensor],
+    real_test: tuple[torch.Tensor, torch.Tensor],
+    classes: Sequence[int],
+    settings: ProbeSettings,
+    rng: torch.Generator,
+) -> float:
+    """:func:`separability` of the generator's replay: a probe trained on ``replay`` (drawn for
+    the GAN-phase images) against ``real_train``, tested on fresh replay of ``classes`` (as many
+    per class as the held-out images allow) against ``real_test``."""
+    n_test = max(1, len(real_test[1]) // len(classes))
+    rx2, _ = replay_pool(sample, classes, n_test, real_test[0].device)
+    return separability(replay, real_train[0], rx2, real_test[0], settings, rng)

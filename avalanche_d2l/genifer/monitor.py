@@ -26,7 +26,7 @@ from avalanche_d2l.genifer.fidelity import (
     measure_fidelity,
     probe_accuracy,
     replay_pool,
-    separability,
+    replay_separability,
 )
 from avalanche_d2l.models.feature_gan_parts import FeatureTap
 
@@ -191,10 +191,14 @@ class ReplayMonitor:
         acc = probe_accuracy(rx, ry, *self.real_test, self.classes, self.settings, self.rng)
         check: dict[str, Any] = {"step": int(step), "probe": {str(c): a for c, a in acc.items()}}
         if self.rule.max_separability is not None:  # replay against real, on held-out images
-            n_test = max(1, len(self.real_test[1]) // len(self.classes))
-            rx2, _ = replay_pool(self.sample, self.classes, n_test, device)
-            check["separability"] = separability(
-                rx, self.real_train[0], rx2, self.real_test[0], self.settings, self.rng
+            check["separability"] = replay_separability(
+                self.sample,
+                rx,
+                self.real_train,
+                self.real_test,
+                self.classes,
+                self.settings,
+                self.rng,
             )
         check["wall_s"] = time.perf_counter() - t0
         self.trace.append(check)

@@ -530,7 +530,8 @@ class FeatureGANTrainer:
                 # 7. stop when the monitor (the replay's fidelity) says the replay is good
                 if monitor is not None and monitor_every and done % monitor_every == 0:
                     G.eval()
-                    stop = monitor(done)
+                    with tap.passing():  # the monitor may run the whole classifier
+                        stop = monitor(done)
                     G.train()
                     if stop:
                         break

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
+from contextlib import contextmanager
 from copy import deepcopy
 from typing import Any
 
@@ -127,14 +128,22 @@ class FeatureTap(FeatureHook):
         if self._stop:
             raise _StopForward
 
-    def with_output(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """The features and the model's own output for ``x`` (one full forward pass)."""
+    @contextmanager
+    def passing(self):
+        """While inside, forward passes run the whole model (the tap still records); the
+        recorded output is dropped on the way out."""
         self._stop = False
         try:
-            out = model(x)
+            yield self
         finally:
             self._stop = True
-        return self.pop(), out
+            self.output = None
+
+    def with_output(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """The features and the model's own output for ``x`` (one full forward pass)."""
+        with self.passing():
+            out = model(x)
+            return self.pop(), out
 
     def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         try:
