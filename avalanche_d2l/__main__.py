@@ -1,5 +1,5 @@
 """``python -m avalanche_d2l ...`` (e.g. under ``accelerate launch -m avalanche_d2l run ...``)."""
 
-from avalanche_d2l.cli import main
+from avalanche_d2l.cli import entry
 
-raise SystemExit(main())
+raise SystemExit(entry())

@@ -42,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout, installed or not
 
+from avalanche_d2l.core.allocator import reuse_freed_memory  # noqa: E402
 from avalanche_d2l.experiments import load_experiment  # noqa: E402
 from avalanche_d2l.experiments.report import atomic_write
 from avalanche_d2l.genifer.config import merge_sections  # noqa: E402
@@ -230,6 +231,7 @@ def compare_naive(
                 work.mkdir(parents=True)
                 benchmark, strategy = build_run(exp, key, opts, work_dir=work)
                 load0 = os.getloadavg()[0]
+                faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 t0, c0 = time.perf_counter(), time.process_time()
                 summary = train_with_checkpoints(
                     strategy, benchmark, seed=seed, ckpt=work / "run.pkl"
@@ -243,6 +245,7 @@ def compare_naive(
                     "wall_s": time.perf_counter() - t0,
                     # CPU time of this process: less sensitive to other users of the machine
                     "cpu_s": time.process_time() - c0,
+                    "page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0,
                     "train_eval_wall_s": summary["wall_s"],
                     "final_accuracy": summary["final_accuracy"],
                     "load_average_start_end": [load0, os.getloadavg()[0]],
@@ -281,16 +284,17 @@ def _compare_lines(cmp: dict, argv: list[str]) -> list[str]:
         "",
         "| run | seed | variant | wall s | ratio to the Naive run before (wall, CPU) | final acc "
         "| GAN steps per phase | GAN wall s | checks (n, s) | probe min per phase "
-        "| load avg start-end |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| page faults | load avg start-end |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(cmp["runs"]):
         seed = r.get("seed", 0)
         load = "-".join(f"{v:.1f}" for v in r["load_average_start_end"])
+        faults = f"{r['page_faults']:,}" if "page_faults" in r else "-"
         if r["strategy"] == "naive":
             lines.append(
                 f"| {i} naive | {seed} | - | {r['wall_s']:.1f} | - | {r['final_accuracy']:.3f} "
-                f"| - | - | - | - | {load} |"
+                f"| - | - | - | - | {faults} | {load} |"
             )
             continue
         probes = ", ".join("-" if p is None else f"{p:.2f}" for p in r["probe_min_per_phase"])
@@ -298,7 +302,7 @@ def _compare_lines(cmp: dict, argv: list[str]) -> list[str]:
             f"| {i} genifer | {seed} | {r['variant']} | {r['wall_s']:.1f} | "
             f"{r['ratio_to_naive']:.1f}x, {r['cpu_ratio_to_naive']:.1f}x | "
             f"{r['final_accuracy']:.3f} | {r['gan_steps_per_phase']} | {r['gan_wall_s']:.1f} | "
-            f"{r['check_count']}, {r['check_wall_s']:.1f} | {probes} | {load} |"
+            f"{r['check_count']}, {r['check_wall_s']:.1f} | {probes} | {faults} | {load} |"
         )
     changes = {r["variant"]: r["change"] for r in cmp["runs"] if r["strategy"] == "genifer"}
     per = cmp.get("per_variant") or {}
@@ -355,9 +359,17 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="measure every setting twice, alternately: plain and with torch.compile'd generators",
     )
+    ap.add_argument(
+        "--malloc",
+        choices=("reuse", "default"),
+        default="reuse",
+        help="reuse: keep freed memory, as the avalanche-d2l command does (default); "
+        "default: glibc's own settings",
+    )
     ap.add_argument("--name", default="bench_genifer", help="file name of the results")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
+    allocator = reuse_freed_memory() if args.malloc == "reuse" else {"allocator": "glibc defaults"}
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -382,6 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
         "quick": args.quick,
         "torch": torch.__version__,
         "platform": platform.platform(),
+        "allocator": allocator,
         "seed": 0,
         "rows": rows,
         "compare_naive": naive_cmp,
@@ -392,6 +405,8 @@ def main(argv: list[str] | None = None) -> dict:
     atomic_write(out / f"{args.name}.json", json.dumps(result, indent=2) + "\n")
     lines = [
         f"# Genifer speed ({device}, {torch.get_num_threads()} threads, torch {torch.__version__})",
+        "",
+        f"CPU allocator: {json.dumps(allocator)}.",
         "",
         (
             "| setting | G compiled | image | G params | D params | G images/s | GAN steps/s "

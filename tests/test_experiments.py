@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import platform
 import shutil
 import signal
 import subprocess
@@ -335,7 +336,12 @@ def test_rerun_reuses_finished_runs_and_reruns_changed_ones(quick_run, tmp_path,
     # still reused (its settings match) but named
     assert before["runs"][0]["source"] == source_fingerprint()
     assert before["runs"][0]["environment"] == run_environment()
-    assert {"torch", "avalanche-lib", "numpy", "cpu"} <= set(run_environment())
+    env = run_environment()
+    assert {"torch", "avalanche-lib", "numpy", "cpu", "torch_cpu_capability"} <= set(env)
+    # what tells two machines of one CPU name apart: torch's kernel family and the CPU's flags
+    assert env["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    if Path("/proc/cpuinfo").exists() and platform.machine() == "x86_64":
+        assert "avx" in env["cpu_vector_flags"].split()
     path = quick_run / "runs" / "replay_seed0_mem100.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "source": "0123456789ab"}))
     again = run_experiment(

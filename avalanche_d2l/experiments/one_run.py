@@ -213,7 +213,8 @@ def _code_only(text: str) -> str:
 
 def run_environment() -> dict[str, str]:
     """What besides the settings and the code can change a run's numbers: the Python and
-    numerical packages' versions and the CPU. The same code and settings gave LwF 0.165 on seed
+    numerical packages' versions and the CPU (its name, torch's kernel family for it, its vector
+    instructions). The same code and settings gave LwF 0.165 on seed
     2 when the first table was made and 0.102 here later; which of these changed is not known.
     Recorded beside each run, not part of its key."""
     from importlib import metadata
@@ -225,17 +226,62 @@ def run_environment() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             env[name] = "not installed"
     env["cpu"] = _cpu_model()
+    # two machines with one CPU name gave other float rounding: record which kernels torch
+    # dispatches to and the vector instructions the CPU offers (what picks oneDNN's kernels)
+    env["torch_cpu_capability"] = _torch_cpu_capability()
+    env["cpu_vector_flags"] = " ".join(_cpu_flags(VECTOR_FLAGS)) or "none"
     return env
 
 
-def _cpu_model() -> str:
+#: The CPU flags recorded beside a run (``/proc/cpuinfo`` names).
+VECTOR_FLAGS = (
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "asimd",
+    "sve",
+)
+
+
+def _cpuinfo() -> list[str]:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        return Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
+        return []
+
+
+def _cpu_model() -> str:
+    for line in _cpuinfo():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown"
+
+
+def _cpu_flags(names: tuple[str, ...]) -> list[str]:
+    """Those of ``names`` that the first CPU's ``flags`` (x86) or ``Features`` (Arm) line lists."""
+    for line in _cpuinfo():
+        if line.startswith(("flags", "Features")):
+            have = set(line.split(":", 1)[1].split())
+            return [n for n in names if n in have]
+    return []
+
+
+def _torch_cpu_capability() -> str:
+    import torch
+
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):
+        return "unknown"
 
 
 def build_run(
@@ -427,8 +473,12 @@ def _worker(payload: tuple) -> dict:
 
 
 def _worker_init() -> None:
-    """Pool workers ignore the terminal's Ctrl-C (the parent stops them) and die with the parent,
-    even when it is killed with SIGKILL (Linux: the parent-death signal)."""
+    """Pool workers ignore the terminal's Ctrl-C (the parent stops them), die with the parent,
+    even when it is killed with SIGKILL (Linux: the parent-death signal), and keep freed CPU
+    memory for reuse (:mod:`avalanche_d2l.core.allocator`: a worker lives for its runs only)."""
+    from avalanche_d2l.core.allocator import reuse_freed_memory
+
+    reuse_freed_memory()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         import ctypes
