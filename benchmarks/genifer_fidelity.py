@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from user_streams import rgb_shapes  # noqa: E402  (this folder is on sys.path as a script)
 
+from avalanche_d2l.core.allocator import reuse_freed_memory  # noqa: E402
 from avalanche_d2l.experiments.report import atomic_write  # noqa: E402
 from avalanche_d2l.scenarios import split_color_digits, split_digits  # noqa: E402
 from avalanche_d2l.strategies import Genifer, GeniferConfig  # noqa: E402
@@ -163,7 +164,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--config", default="{}", help="JSON GeniferConfig overrides (a variant)")
     p.add_argument("--tag", default="default", help="results file suffix")
+    p.add_argument(
+        "--malloc",
+        choices=("default", "reuse"),
+        default="default",
+        help="default: glibc's own settings, as in a user's script (the default); reuse: keep "
+        "freed memory, as the avalanche-d2l command does",
+    )
     args = p.parse_args(argv)
+    allocator = reuse_freed_memory() if args.malloc == "reuse" else {"allocator": "glibc defaults"}
     torch.set_num_threads(1)
     path = OUT / f"results_{args.tag}.json"
     records = json.loads(path.read_text())["runs"] if path.exists() else []
@@ -201,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
                     rec = _run(name, stream, layer or "block3", seed, args.epochs, config)
                     records.append(rec)
                     print(json.dumps({k: v for k, v in rec.items() if k != "config"})[:2000])
-                    payload = {"config_overrides": config, "runs": records}
+                    payload = {"config_overrides": config, "allocator": allocator, "runs": records}
                     atomic_write(path, json.dumps(payload, indent=1))
                     atomic_write(path.with_suffix(".md"), _markdown(records))
 
