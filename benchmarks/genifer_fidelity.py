@@ -118,11 +118,27 @@ def _run(name: str, stream: str, layer: str, seed: int, epochs: int, config: dic
         "final_accuracy": float(res["Top1_Acc_Stream/eval_phase/test_stream/Task000"]),
         "wall_s": wall,
     }
+    record["final_per_class"] = _per_class_accuracy(strategy, bench)
     if name == "genifer":
         record["phases"] = strategy.genifer.fidelity_results()
         record["config"] = cfg.to_dict()
         record["warnings"] = [str(w.message) for w in caught if "Genifer" in str(w.message)]
     return record
+
+
+@torch.no_grad()
+def _per_class_accuracy(strategy, bench) -> dict[str, float]:
+    """Final accuracy of each class on the test stream (Genifer's logits masked as in its
+    evaluation): which classes a run lost."""
+    model = strategy.model.eval()
+    mask = getattr(getattr(strategy, "genifer", None), "mask_logits", lambda z: z)
+    hits: dict[int, list[int]] = {}
+    for exp in bench.test_stream:
+        for x, y, *_ in torch.utils.data.DataLoader(exp.dataset, batch_size=256):
+            pred = mask(model(x)).argmax(1)
+            for label, ok in zip(torch.as_tensor(y).tolist(), (pred == y).tolist()):
+                hits.setdefault(int(label), []).append(int(ok))
+    return {str(c): sum(v) / len(v) for c, v in sorted(hits.items())}
 
 
 def phase_steps(record: dict) -> str:

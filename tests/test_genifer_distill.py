@@ -198,6 +198,48 @@ def test_kd_on_real_images_keeps_old_classes_that_a_separable_replay_loses():
     assert old >= control_old + 0.15, f"kd_real kept {old:.2f}, control {control_old:.2f}"
 
 
+def test_kd_real_softmax_old_is_lwf_and_leaves_new_classes_to_the_cross_entropy():
+    """``replay.kd_real_softmax="old"``: the student's softmax over the old classes only, so the
+    term gives the new classes' logits no gradient and equals Avalanche's ``LwF`` distillation
+    up to a constant (the same gradient); the default ``"all"`` pushes the new classes down."""
+    from avalanche.training.regularization import LearningWithoutForgetting
+
+    from avalanche_d2l.genifer import losses
+
+    torch.manual_seed(0)
+    teacher = torch.randn(8, 4)
+    old = [0, 1]
+    grads = {}
+    for form in ("all", "old"):
+        student = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+        student[:, 2:] += 3.0  # real images of the new classes 2 and 3: the student says so
+        student.requires_grad_(True)
+        losses.kd_loss(student, teacher, old, 2.0, form).backward()
+        grads[form] = student.grad
+    assert bool((grads["all"][:, 2:] > 0).all()), "'all' should push the new classes down"
+    assert bool((grads["old"][:, 2:] == 0).all())
+    lwf = LearningWithoutForgetting(alpha=1.0, temperature=2.0)
+    student = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    student[:, 2:] += 3.0
+    student.requires_grad_(True)
+    (lwf._distillation_loss(student, teacher, old) * 4.0).backward()  # x T^2, as kd_loss
+    assert torch.allclose(student.grad, grads["old"], atol=1e-6)
+    with pytest.raises(ValueError, match="kd_real_softmax"):
+        GeniferConfig(replay={"kd_real_softmax": "new"})
+
+
+def test_a_strong_kd_on_real_images_blocks_new_classes_unless_over_the_old_classes_only():
+    """The mechanism in a learner: distilling on the real new-class images with the student's
+    softmax over all outputs (the default form) at weight 1 keeps the new classes from being
+    learned (the control); over the old classes only, the same weight lets them be learned."""
+    _, control_new = _classifier_update("block3", epochs=5, replay=_MarkedReplay, kd_real=1.0)
+    old, new = _classifier_update(
+        "block3", epochs=5, replay=_MarkedReplay, kd_real=1.0, kd_real_softmax="old"
+    )
+    assert control_new < 0.5, f"the control learned its new classes ({control_new:.2f})"
+    assert new >= 0.85, f"new classes not learned with kd_real_softmax='old' ({new:.2f})"
+
+
 def _gan_phase(teacher, bench, layer: str, gan: dict, steps: int) -> tuple[GeniferPlugin, dict]:
     """One fixed-length GAN phase (``gan`` on top of a fixed stop, no fidelity measurement) on
     the frozen ``teacher``'s ``layer``, on the first experience of the 4-class, 16 px ``bench``:

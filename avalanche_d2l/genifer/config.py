@@ -315,6 +315,10 @@ class ReplaySettings(ConfigBase):
             final accuracy (README, *Genifer*). The reference code's own default
             (``out_distill_loss="KD"``) distils over the whole batch; its example configuration
             uses the replay alone (``"KD_sep"``), as the paper experiment files do (0).
+        kd_real_softmax: the student's softmax in that distillation: ``"all"`` its outputs
+            (as on the replay), which also pushes a real new-class image's probability to the
+            old classes, against the cross-entropy; ``"old"`` the old classes only (LwF's form,
+            as Avalanche's ``LwF``), which leaves the new classes to the cross-entropy.
         ce_classes: the classes the criterion on the real images ranges over: ``"seen"`` (every
             class seen so far, paper) or ``"current"``, the experience's own classes (as ER-ACE
             does for incoming data), so that it never teaches "a real image is not an old
@@ -349,6 +353,7 @@ class ReplaySettings(ConfigBase):
     flip: bool = False
     padding: str = "constant"
     kd_real: float = 0.3
+    kd_real_softmax: str = "all"
     ce_classes: str = "seen"
     fd_on: str = "replay"
     trunk_from_replay: bool = True
@@ -357,6 +362,7 @@ class ReplaySettings(ConfigBase):
 
     # added later: left out of the dict (and the hashes) at their defaults
     omitted_at_default = {
+        "kd_real_softmax": "all",
         "ce_classes": "seen",
         "fd_on": "replay",
         "trunk_from_replay": True,
@@ -374,6 +380,7 @@ class ReplaySettings(ConfigBase):
                 "padding": ("constant", "edge"),
                 "fd_on": ("replay", "real"),
                 "ce_classes": ("seen", "current"),
+                "kd_real_softmax": ("all", "old"),
             },
         )
         if not self.trunk_from_replay and self.fd_on == "replay" and self.fd_weight > 0:

@@ -20,15 +20,23 @@ def kd_loss(
     teacher_logits: torch.Tensor,
     old_classes: Sequence[int],
     temperature: float,
+    student_softmax: str = "all",
 ) -> torch.Tensor:
     """``-sum_{c in old} softmax(teacher/T)_c * log_softmax(student/T)_c`` (times T^2).
 
     The teacher's softmax runs over its old classes only (a grown IncrementalClassifier head, or
-    a fixed head with unused units); the student's over all its (unmasked) outputs.
+    a fixed head with unused units). The student's runs over all its (unmasked) outputs
+    (``student_softmax="all"``), so the term also pushes probability from the other classes
+    to the old ones; with ``"old"`` over the old classes only (LwF's form, as in Avalanche's
+    ``LwF``), so it holds the old classes' answers relative to each other and leaves the
+    competition with new classes to the cross-entropy.
     """
     old = torch.as_tensor(list(old_classes), device=teacher_logits.device)
     p_t = torch.softmax(teacher_logits.index_select(1, old).float() / temperature, dim=1)
-    log_s = torch.log_softmax(student_logits.float() / temperature, dim=1).index_select(1, old)
+    if student_softmax == "old":
+        log_s = torch.log_softmax(student_logits.index_select(1, old).float() / temperature, 1)
+    else:
+        log_s = torch.log_softmax(student_logits.float() / temperature, dim=1).index_select(1, old)
     return -(p_t * log_s).sum(dim=1).mean() * temperature * temperature
 
 

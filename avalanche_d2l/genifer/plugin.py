@@ -238,7 +238,7 @@ class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
             strategy.loss = strategy.loss + (w.ce_weight - 1.0) * ce
         strategy.loss = strategy.loss + w.kd_weight * kd + w.fd_weight * fd
         if w.kd_real > 0:  # strategy.mb_output holds the real images' (masked) logits
-            kd_real = self.kd_loss(strategy.mb_output, r["t_real"])
+            kd_real = self.kd_loss(strategy.mb_output, r["t_real"], w.kd_real_softmax)
             strategy.loss = strategy.loss + w.kd_real * kd_real
         if w.domain_weight > 0:
             feats = r["s_feat_all"]
@@ -257,10 +257,15 @@ class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
             self._detach.remove()
             self._detach = None
 
-    def kd_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        """:func:`~avalanche_d2l.genifer.losses.kd_loss` over the classes seen so far."""
+    def kd_loss(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, student: str = "all"
+    ) -> torch.Tensor:
+        """:func:`~avalanche_d2l.genifer.losses.kd_loss` over the classes seen so far (the
+        student's softmax over all outputs, or over those classes with ``student="old"``)."""
         temperature = self.config.replay.kd_temperature
-        return losses.kd_loss(student_logits, teacher_logits, self.seen_classes, temperature)
+        return losses.kd_loss(
+            student_logits, teacher_logits, self.seen_classes, temperature, student
+        )
 
     def feature_distance(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         """:func:`~avalanche_d2l.genifer.losses.feature_distance` (``replay.fd_distance``)."""
