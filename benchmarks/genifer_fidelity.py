@@ -34,6 +34,7 @@ from user_streams import rgb_shapes  # noqa: E402  (this folder is on sys.path a
 
 from avalanche_d2l.core.allocator import reuse_freed_memory  # noqa: E402
 from avalanche_d2l.experiments.report import atomic_write  # noqa: E402
+from avalanche_d2l.genifer.fidelity import classifier_accuracy  # noqa: E402
 from avalanche_d2l.scenarios import split_color_digits, split_digits  # noqa: E402
 from avalanche_d2l.strategies import Genifer, GeniferConfig  # noqa: E402
 from avalanche_d2l.utils import seed_everything  # noqa: E402
@@ -126,19 +127,19 @@ def _run(name: str, stream: str, layer: str, seed: int, epochs: int, config: dic
     return record
 
 
-@torch.no_grad()
 def _per_class_accuracy(strategy, bench) -> dict[str, float]:
     """Final accuracy of each class on the test stream (Genifer's logits masked as in its
     evaluation): which classes a run lost."""
     model = strategy.model.eval()
     mask = getattr(getattr(strategy, "genifer", None), "mask_logits", lambda z: z)
-    hits: dict[int, list[int]] = {}
-    for exp in bench.test_stream:
-        for x, y, *_ in torch.utils.data.DataLoader(exp.dataset, batch_size=256):
-            pred = mask(model(x)).argmax(1)
-            for label, ok in zip(torch.as_tensor(y).tolist(), (pred == y).tolist()):
-                hits.setdefault(int(label), []).append(int(ok))
-    return {str(c): sum(v) / len(v) for c, v in sorted(hits.items())}
+    batches = [
+        (x, torch.as_tensor(y))
+        for exp in bench.test_stream
+        for x, y, *_ in torch.utils.data.DataLoader(exp.dataset, batch_size=256)
+    ]
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    acc = classifier_accuracy(lambda z: mask(model(z)), x, y, range(bench.n_classes))
+    return {str(c): a for c, a in sorted(acc.items())}
 
 
 def phase_steps(record: dict) -> str:

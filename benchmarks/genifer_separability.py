@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import warnings
 
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         trace = _phase_trace(args.stream, args.seed, args.steps, args.every, change, args.epochs)
         data["runs"][name] = {"change": change, "steps": args.steps, "trace": trace}
         data["command"] = "python benchmarks/genifer_separability.py " + " ".join(
-            argv if argv is not None else __import__("sys").argv[1:]
+            argv if argv is not None else sys.argv[1:]
         )
         atomic_write(path, json.dumps(data, indent=1))
         print(name, trace)

@@ -209,19 +209,21 @@ def test_kd_real_softmax_old_is_lwf_and_leaves_new_classes_to_the_cross_entropy(
     torch.manual_seed(0)
     teacher = torch.randn(8, 4)
     old = [0, 1]
-    grads = {}
-    for form in ("all", "old"):
+
+    def new_student() -> torch.Tensor:
         student = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
         student[:, 2:] += 3.0  # real images of the new classes 2 and 3: the student says so
-        student.requires_grad_(True)
+        return student.requires_grad_(True)
+
+    grads = {}
+    for form in ("all", "old"):
+        student = new_student()
         losses.kd_loss(student, teacher, old, 2.0, form).backward()
         grads[form] = student.grad
     assert bool((grads["all"][:, 2:] > 0).all()), "'all' should push the new classes down"
     assert bool((grads["old"][:, 2:] == 0).all())
     lwf = LearningWithoutForgetting(alpha=1.0, temperature=2.0)
-    student = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
-    student[:, 2:] += 3.0
-    student.requires_grad_(True)
+    student = new_student()
     (lwf._distillation_loss(student, teacher, old) * 4.0).backward()  # x T^2, as kd_loss
     assert torch.allclose(student.grad, grads["old"], atol=1e-6)
     with pytest.raises(ValueError, match="kd_real_softmax"):

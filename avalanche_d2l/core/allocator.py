@@ -51,10 +51,10 @@ def reuse_freed_memory(mmap_threshold_mb: int = 256, trim_threshold_mb: int = 51
             "reuse_freed_memory: give both thresholds in MiB between 1 and 2047 (mallopt takes "
             f"an int of bytes), got {mmap_threshold_mb} and {trim_threshold_mb}"
         )
+    if _applied is not None:  # already set in this process (mallopt cannot be undone here)
+        return dict(_applied)
     if os.environ.get(ENV_VAR, "").strip().lower() == "default":
         return {"allocator": "unchanged", "reason": f"{ENV_VAR}=default"}
-    if _applied is not None:
-        return dict(_applied)
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return {"allocator": "unchanged", "reason": "not glibc"}
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

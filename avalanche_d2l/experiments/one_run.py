@@ -5,6 +5,7 @@ comparison builds it, training with a checkpoint after every experience, and the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -252,11 +253,13 @@ VECTOR_FLAGS = (
 )
 
 
-def _cpuinfo() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> tuple[str, ...]:
+    """The lines of ``/proc/cpuinfo`` (read once per process; none where it does not exist)."""
     try:
-        return Path("/proc/cpuinfo").read_text().splitlines()
+        return tuple(Path("/proc/cpuinfo").read_text().splitlines())
     except OSError:
-        return []
+        return ()
 
 
 def _cpu_model() -> str:
@@ -276,8 +279,6 @@ def _cpu_flags(names: tuple[str, ...]) -> list[str]:
 
 
 def _torch_cpu_capability() -> str:
-    import torch
-
     try:
         return str(torch.backends.cpu.get_cpu_capability())
     except (AttributeError, RuntimeError):

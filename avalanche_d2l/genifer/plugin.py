@@ -258,13 +258,16 @@ class GeniferPlugin(SupervisedPlugin, supports_distributed=True):
             self._detach = None
 
     def kd_loss(
-        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, student: str = "all"
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        student_softmax: str = "all",
     ) -> torch.Tensor:
         """:func:`~avalanche_d2l.genifer.losses.kd_loss` over the classes seen so far (the
-        student's softmax over all outputs, or over those classes with ``student="old"``)."""
+        student's softmax over all outputs, or over those classes with ``"old"``)."""
         temperature = self.config.replay.kd_temperature
         return losses.kd_loss(
-            student_logits, teacher_logits, self.seen_classes, temperature, student
+            student_logits, teacher_logits, self.seen_classes, temperature, student_softmax
         )
 
     def feature_distance(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
